@@ -1,0 +1,13 @@
+"""Qwen3-8B-Base, MEL (GRPO + meta-experience NLL), DAPO-Math-17k, 128 questions x G=8, lr 1e-6.
+
+Set the model folder and data paths for your machine, e.g.
+  meljax train --config=configs/qwen3_8b_mel.py --workdir=gs://BUCKET/runs/qwen3-8b-mel \
+    --config.model.path=~/models/Qwen3-8B-Base
+All fields and their meaning: meljax/config.py; the shared paper settings: meljax/paper.py.
+"""
+
+from meljax.paper import paper_config
+
+
+def get_config():
+    return paper_config("8b", mel=True)

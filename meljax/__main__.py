@@ -1,0 +1,3 @@
+from meljax.cli import run
+
+run()

@@ -1,0 +1,43 @@
+"""The ``meljax`` command line: ``meljax <command> [--flags]``.
+
+Each command lives in ``meljax.commands.<name>``, defines its own absl flags and a
+``main(argv)``; only the chosen command's module is imported, so flags never clash.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "MEL / GRPO training (no flags: the embedded CPU demo)",
+    "eval": "Pass@1 / Avg@k / Pass@k on benchmark files",
+    "sample": "sample completions from a model",
+    "convert": "GGUF, HF folder or training checkpoint -> Hugging Face folder",
+    "report": "plot a run's curves to a PNG and print a summary",
+}
+
+
+def usage() -> str:
+    lines = ["usage: meljax <command> [--flags]   (meljax <command> --help for its flags)", ""]
+    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    name = argv[1]
+    if name not in COMMANDS:
+        print(f"meljax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    from absl import app
+
+    module = importlib.import_module(f"meljax.commands.{name}")
+    app.run(module.main, argv=[f"meljax {name}"] + argv[2:])
+
+
+if __name__ == "__main__":
+    run()

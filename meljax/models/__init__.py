@@ -1,0 +1,41 @@
+"""Decoder-only models (Llama / SmolLM2 / Qwen2 / Qwen3) and their checkpoint I/O."""
+
+from meljax.models.checkpoint_io import (
+    abstract_model,
+    build_model,
+    from_pretrained,
+    iter_hf_weights,
+    save_pretrained,
+    weight_specs,
+)
+from meljax.models.config import ModelConfig, resolve_dtype
+from meljax.models.gguf_import import convert_gguf, demo_gguf_path, demo_model_dir
+from meljax.models.tokenizer import load_tokenizer, resolve_model_path
+from meljax.models.transformer import (
+    Cache,
+    Transformer,
+    cache_bytes,
+    default_positions,
+    init_cache,
+)
+
+__all__ = [
+    "Cache",
+    "ModelConfig",
+    "Transformer",
+    "abstract_model",
+    "build_model",
+    "cache_bytes",
+    "convert_gguf",
+    "default_positions",
+    "demo_gguf_path",
+    "demo_model_dir",
+    "from_pretrained",
+    "init_cache",
+    "iter_hf_weights",
+    "load_tokenizer",
+    "resolve_dtype",
+    "resolve_model_path",
+    "save_pretrained",
+    "weight_specs",
+]

@@ -1,0 +1,145 @@
+"""Device mesh and logical-axis sharding.
+
+Every weight of the model carries *logical* axis names (e.g. ``("embed", "mlp")``) in its
+``nnx.Param`` metadata under ``logical_axes``. A small rule table maps each logical axis onto
+zero or more *mesh* axes. The default mesh has three axes:
+
+- ``data``:   pure data parallelism (the batch is split, weights are replicated),
+- ``fsdp``:   the batch is split *and* weights are sharded (ZeRO-3 style),
+- ``tensor``: Megatron-style tensor parallelism inside each layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes. ``None`` means replicated along that dimension.
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "norm": None,
+    "seq": None,
+}
+
+
+def make_mesh(
+    shape: Mapping[str, int] | Sequence[int] | None = None,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    axis_names: Sequence[str] = MESH_AXES,
+) -> Mesh:
+    """Builds a device mesh.
+
+    Args:
+      shape: sizes per axis, e.g. ``{"data": 1, "fsdp": 8, "tensor": 1}`` or ``(1, 8, 1)``. One
+        entry may be ``-1`` (it takes all remaining devices). ``None`` puts every device on ``fsdp``.
+      devices: devices to use (default: all of ``jax.devices()``).
+      axis_names: mesh axis names, in order.
+
+    Raises:
+      ValueError: the sizes do not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if shape is None:
+        sizes = [n if a == "fsdp" else 1 for a in axis_names]
+    elif isinstance(shape, Mapping):
+        unknown = set(shape) - set(axis_names)
+        if unknown:
+            raise ValueError(f"mesh: unknown axis names {sorted(unknown)}; known: {axis_names}")
+        sizes = [int(shape.get(a, 1)) for a in axis_names]
+    else:
+        sizes = [int(s) for s in shape]
+        if len(sizes) != len(axis_names):
+            raise ValueError(f"mesh: shape {sizes} has {len(sizes)} entries, axes {axis_names}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+    if -1 in sizes:
+        rest = math.prod(s for s in sizes if s != -1)
+        if rest <= 0 or n % rest:
+            raise ValueError(f"mesh: {sizes} does not divide the {n} devices")
+        sizes[sizes.index(-1)] = n // rest
+    if any(s < 1 for s in sizes) or math.prod(sizes) != n:
+        raise ValueError(
+            f"mesh: axis sizes {dict(zip(axis_names, sizes, strict=True))} multiply to "
+            f"{math.prod(sizes)}, but there are {n} devices"
+        )
+    try:
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except Exception:  # non-TPU topologies or odd shapes: plain reshape is fine
+        arr = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(arr, tuple(axis_names))
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None] | None,
+    rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
+    mesh: Mesh | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """Maps logical axis names to a ``PartitionSpec``.
+
+    A mesh axis is used at most once per array; an axis of size 1 is dropped; when ``shape`` and
+    ``mesh`` are given, a dimension not divisible by its mesh axes is left replicated (so odd
+    vocabularies or head counts never fail to shard).
+    """
+    if not logical_axes:
+        return PartitionSpec()
+    rules = DEFAULT_RULES if rules is None else rules
+    used: set[str] = set()
+    out: list[str | tuple[str, ...] | None] = []
+    for dim, name in enumerate(logical_axes):
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+            if shape is not None and axes:
+                if shape[dim] % math.prod(mesh.shape[a] for a in axes):
+                    axes = ()
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def param_shardings(abstract_state, mesh: Mesh, rules=None):
+    """A pytree of ``NamedSharding`` for an ``nnx.State`` whose leaves carry ``logical_axes``."""
+    from flax import nnx
+
+    def one(var):
+        axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+        shape = getattr(var, "shape", None) if not isinstance(var, nnx.Variable) else var.shape
+        return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
+    """Sharding for a batch-major array ``[batch, ...]``: batch over the data axes."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh, rules=None) -> int:
+    """How many ways the batch is split (product of the mesh axes that ``batch`` maps onto)."""
+    rules = DEFAULT_RULES if rules is None else rules
+    target = rules.get("batch")
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)

@@ -1,0 +1,185 @@
+"""Model parity with transformers (torch), checkpoint round trips, GGUF import, sharding."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from meljax import sharding as shd
+from meljax.models import (
+    ModelConfig,
+    Transformer,
+    default_positions,
+    from_pretrained,
+    save_pretrained,
+)
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
+
+CASES = {
+    "llama_untied": (transformers.LlamaConfig, dict(TINY, tie_word_embeddings=False)),
+    "llama_tied_llama3rope": (
+        transformers.LlamaConfig,
+        dict(TINY, tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    ),
+    "qwen2": (transformers.Qwen2Config, dict(TINY, tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(TINY, head_dim=12, tie_word_embeddings=False)),
+}
+
+
+def torch_model(name: str, path: str):
+    cls, kw = CASES[name]
+    torch.manual_seed(0)
+    cfg = cls(**kw)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval().float()
+    with torch.no_grad():  # random biases/norms so that those code paths are really compared
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+def padded_batch(vocab: int):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, vocab, size=(3, 11)).astype(np.int32)
+    mask = np.ones_like(tokens, dtype=bool)
+    mask[1, :4] = False  # left padding
+    mask[2, 8:] = False  # right padding
+    return tokens, mask
+
+
+def torch_logits(model, tokens, mask):
+    pos = np.asarray(default_positions(jnp.asarray(mask)))
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        )
+    return out.logits.numpy()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_logits_match_transformers(tmp_path, name):
+    ref = torch_model(name, str(tmp_path))
+    model = from_pretrained(str(tmp_path))
+    tokens, mask = padded_batch(model.cfg.vocab_size)
+    ours = np.asarray(model(jnp.asarray(tokens), kv_mask=jnp.asarray(mask)))
+    theirs = torch_logits(ref, tokens, mask)
+    assert ours.shape == (3, 11, model.cfg.vocab_size)
+    np.testing.assert_array_less(np.abs(ours - theirs)[mask].max(), 1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama_tied_llama3rope", "qwen3"])
+def test_save_pretrained_round_trip(tmp_path, name):
+    torch_model(name, str(tmp_path / "src"))
+    model = from_pretrained(str(tmp_path / "src"))
+    save_pretrained(model, str(tmp_path / "out"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    tokens, mask = padded_batch(model.cfg.vocab_size)
+    ours = np.asarray(model(jnp.asarray(tokens), kv_mask=jnp.asarray(mask)))
+    np.testing.assert_array_less(np.abs(ours - torch_logits(reloaded, tokens, mask))[mask].max(), 1e-4)
+    again = from_pretrained(str(tmp_path / "out"))
+    np.testing.assert_array_equal(ours, np.asarray(again(jnp.asarray(tokens), kv_mask=jnp.asarray(mask))))
+
+
+def test_bf16_params_and_sharded_checkpoint(tmp_path):
+    torch_model("qwen2", str(tmp_path / "src"))
+    model = from_pretrained(str(tmp_path / "src"), dtype="bfloat16")
+    assert model.embed[...].dtype == jnp.bfloat16
+    save_pretrained(model, str(tmp_path / "out"), max_shard_bytes=4096)
+    files = os.listdir(tmp_path / "out")
+    assert "model.safetensors.index.json" in files
+    again = from_pretrained(str(tmp_path / "out"), dtype="bfloat16")
+    np.testing.assert_array_equal(
+        np.asarray(model.embed[...], np.float32), np.asarray(again.embed[...], np.float32)
+    )
+
+
+def test_kv_cache_decode_matches_full_forward():
+    cfg = ModelConfig(model_type="qwen3", vocab_size=50, hidden_size=32, num_heads=4,
+                      num_kv_heads=2, head_dim=8, qk_norm=True)
+    model = Transformer(cfg, rngs=nnx.Rngs(1))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 9)), jnp.int32)
+    mask = jnp.ones((2, 9), bool).at[0, :3].set(False)
+    full = model(tokens, kv_mask=mask)
+    pos = default_positions(mask)
+    cache = model.init_cache(2, 12)
+    kv = jnp.zeros((2, 12), bool).at[:, :6].set(mask[:, :6])
+    h, cache = model.forward_hidden(tokens[:, :6], pos[:, :6], kv, cache, 0)
+    steps = [model.project(h)]
+    for t in range(6, 9):
+        kv = kv.at[:, t].set(mask[:, t])
+        h, cache = model.forward_hidden(tokens[:, t : t + 1], pos[:, t : t + 1], kv, cache, t)
+        steps.append(model.project(h))
+    inc = jnp.concatenate(steps, axis=1)
+    np.testing.assert_allclose(np.asarray(inc)[np.asarray(mask)], np.asarray(full)[np.asarray(mask)], atol=1e-5)
+
+
+def test_sharded_model_matches_single_device(tmp_path):
+    torch_model("llama_untied", str(tmp_path))
+    single = from_pretrained(str(tmp_path))
+    mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    sharded = from_pretrained(str(tmp_path), mesh=mesh)
+    q = sharded.layers[0].attn.q_proj[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (8, 2, 8)
+    tokens, mask = padded_batch(single.cfg.vocab_size)
+    tokens, mask = np.concatenate([tokens] * 4)[:8], np.concatenate([mask] * 4)[:8]
+    graphdef, params = nnx.split(sharded)
+
+    @jax.jit
+    def fwd(params, tokens, mask):
+        return nnx.merge(graphdef, params)(tokens, kv_mask=mask)
+
+    batch = shd.batch_sharding(mesh, 2)
+    out = fwd(params, jax.device_put(tokens, batch), jax.device_put(mask, batch))
+    ref = single(jnp.asarray(tokens), kv_mask=jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        from_pretrained(str(tmp_path / "nope"))
+    torch_model("llama_untied", str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=48)))
+    with pytest.raises(ValueError, match=r"mlp\.gate_proj\.weight has shape \(64, 32\)"):
+        from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=False)))
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        from_pretrained(str(tmp_path))
+
+
+def test_mesh_errors():
+    with pytest.raises(ValueError, match="multiply to 6"):
+        shd.make_mesh({"data": 3, "fsdp": 2})
+    assert shd.make_mesh({"data": 2, "fsdp": -1}).shape["fsdp"] == 4
