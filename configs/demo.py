@@ -31,6 +31,8 @@ def get_config():
     c.mel.analysis_temperature = 0.6
     c.mel.replay_max_new_tokens = 48
     c.mel.replay_temperature = 0.6
+    c.mel.nll_bucketed = True  # NLL rows sized to what was kept: bounds the update's memory
+    c.algorithm.num_microbatches = 4  # 4 answers per micro-batch keep the update in a few GB
     c.optim.learning_rate = 2e-6
     c.mesh.fsdp = 1  # one CPU device
     c.checkpoint.every_steps = 5

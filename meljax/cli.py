@@ -33,9 +33,14 @@ def run(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"meljax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    from absl import app
+    from absl import app, flags
 
     module = importlib.import_module(f"meljax.commands.{name}")
+    if any(a in ("-h", "--help", "-help") for a in argv[2:]):
+        # absl's own --help lists only the __main__ module's flags; show the command's.
+        print(f"meljax {name}: {COMMANDS[name]}\n{(module.__doc__ or '').strip()}\n")
+        print(flags.FLAGS.module_help(module))
+        sys.exit(0)
     app.run(module.main, argv=[f"meljax {name}"] + argv[2:])
 
 

@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mel.analysis_top_p = 1.0  # nucleus sampling of the analysis pass
     c.mel.replay_max_new_tokens = 256  # replay answer length limit
     c.mel.replay_temperature = 1.0  # sampling temperature of the replay pass
+    c.mel.nll_bucketed = (
+        False  # True: NLL batch sized to the kept rows (more compiles, less memory)
+    )
     c.mel.filter_leaks = True  # drop meta-experiences that contain the ground-truth answer
     c.mel.analysis_template = ""  # "" = built-in; else template text or a path to a file
     c.mel.replay_template = ""  # "" = built-in; else template text or a path to a file
@@ -158,12 +161,22 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
             _fail(f"{key}={value!r} is not one of {allowed}")
     if cfg.rollout.group_size < 2:
         _fail(f"rollout.group_size={cfg.rollout.group_size}: GRPO needs at least 2 answers")
-    for key in ("total_steps", "rollout.num_questions", "rollout.max_new_tokens",
-                "mel.max_pairs_per_query", "mel.analysis_max_new_tokens",
-                "mel.replay_max_new_tokens", "algorithm.num_passes",
-                "algorithm.num_microbatches", "checkpoint.every_steps",
-                "checkpoint.max_to_keep", "data.max_prompt_tokens"):
-        value = cfg[key.split(".")[0]] if "." not in key else cfg[key.split(".")[0]][key.split(".")[1]]
+    for key in (
+        "total_steps",
+        "rollout.num_questions",
+        "rollout.max_new_tokens",
+        "mel.max_pairs_per_query",
+        "mel.analysis_max_new_tokens",
+        "mel.replay_max_new_tokens",
+        "algorithm.num_passes",
+        "algorithm.num_microbatches",
+        "checkpoint.every_steps",
+        "checkpoint.max_to_keep",
+        "data.max_prompt_tokens",
+    ):
+        value = (
+            cfg[key.split(".")[0]] if "." not in key else cfg[key.split(".")[0]][key.split(".")[1]]
+        )
         if value < 1:
             _fail(f"{key}={value} must be at least 1")
     if cfg.optim.learning_rate < 0:

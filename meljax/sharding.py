@@ -108,9 +108,8 @@ def logical_to_spec(
         axes = tuple(a for a in axes if a not in used)
         if mesh is not None:
             axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
-            if shape is not None and axes:
-                if shape[dim] % math.prod(mesh.shape[a] for a in axes):
-                    axes = ()
+            if shape is not None and axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+                axes = ()
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*out)
@@ -143,3 +142,20 @@ def data_parallel_size(mesh: Mesh, rules=None) -> int:
     target = rules.get("batch")
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
+def to_host(tree):
+    """Fetches a pytree of (possibly multi-host sharded) arrays as numpy arrays.
+
+    Arrays spread over several processes are all-gathered first, so every process gets the
+    whole global value.
+    """
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)

@@ -36,8 +36,9 @@ def test_greedy_next_tokens_match_transformers_gguf_loader(demo_dir):
     tok = load_tokenizer(demo_dir)
     prompts = ["What is 3 plus 5?", "Name the capital of France.", "Write a haiku about rain."]
     for p in prompts:
-        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                       add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
         ids = tok(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             theirs = ref(torch.tensor([ids])).logits[0].numpy()

@@ -102,9 +102,13 @@ def test_save_pretrained_round_trip(tmp_path, name):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     tokens, mask = padded_batch(model.cfg.vocab_size)
     ours = np.asarray(model(jnp.asarray(tokens), kv_mask=jnp.asarray(mask)))
-    np.testing.assert_array_less(np.abs(ours - torch_logits(reloaded, tokens, mask))[mask].max(), 1e-4)
+    np.testing.assert_array_less(
+        np.abs(ours - torch_logits(reloaded, tokens, mask))[mask].max(), 1e-4
+    )
     again = from_pretrained(str(tmp_path / "out"))
-    np.testing.assert_array_equal(ours, np.asarray(again(jnp.asarray(tokens), kv_mask=jnp.asarray(mask))))
+    np.testing.assert_array_equal(
+        ours, np.asarray(again(jnp.asarray(tokens), kv_mask=jnp.asarray(mask)))
+    )
 
 
 def test_bf16_params_and_sharded_checkpoint(tmp_path):
@@ -121,8 +125,15 @@ def test_bf16_params_and_sharded_checkpoint(tmp_path):
 
 
 def test_kv_cache_decode_matches_full_forward():
-    cfg = ModelConfig(model_type="qwen3", vocab_size=50, hidden_size=32, num_heads=4,
-                      num_kv_heads=2, head_dim=8, qk_norm=True)
+    cfg = ModelConfig(
+        model_type="qwen3",
+        vocab_size=50,
+        hidden_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        qk_norm=True,
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(1))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 9)), jnp.int32)
     mask = jnp.ones((2, 9), bool).at[0, :3].set(False)
@@ -137,7 +148,9 @@ def test_kv_cache_decode_matches_full_forward():
         h, cache = model.forward_hidden(tokens[:, t : t + 1], pos[:, t : t + 1], kv, cache, t)
         steps.append(model.project(h))
     inc = jnp.concatenate(steps, axis=1)
-    np.testing.assert_allclose(np.asarray(inc)[np.asarray(mask)], np.asarray(full)[np.asarray(mask)], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(inc)[np.asarray(mask)], np.asarray(full)[np.asarray(mask)], atol=1e-5
+    )
 
 
 def test_sharded_model_matches_single_device(tmp_path):

@@ -63,7 +63,10 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
         specs += [
             WeightSpec(p + ("input_norm",), n + "input_layernorm.weight", np.asarray, np.asarray),
             WeightSpec(
-                p + ("post_attn_norm",), n + "post_attention_layernorm.weight", np.asarray, np.asarray
+                p + ("post_attn_norm",),
+                n + "post_attention_layernorm.weight",
+                np.asarray,
+                np.asarray,
             ),
             WeightSpec(p + ("attn", "q_proj"), n + "self_attn.q_proj.weight", *proj_in(h)),
             WeightSpec(p + ("attn", "k_proj"), n + "self_attn.k_proj.weight", *proj_in(kv)),
@@ -82,7 +85,9 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
             for name, heads in (("q", h), ("k", kv), ("v", kv)):
                 specs.append(
                     WeightSpec(
-                        p + ("attn", f"{name}_bias"), n + f"self_attn.{name}_proj.bias", *bias(heads)
+                        p + ("attn", f"{name}_bias"),
+                        n + f"self_attn.{name}_proj.bias",
+                        *bias(heads),
                     )
                 )
         if cfg.qk_norm:
@@ -123,9 +128,7 @@ def build_model(
     """Assembles a model from host weights given by ``get_weight(spec, expected_shape)``."""
     graphdef, abstract = abstract_model(cfg)
     flat = dict(nnx.to_flat_state(abstract))
-    shardings = (
-        dict(nnx.to_flat_state(shd.param_shardings(abstract, mesh, rules))) if mesh else {}
-    )
+    shardings = dict(nnx.to_flat_state(shd.param_shardings(abstract, mesh, rules))) if mesh else {}
     specs = weight_specs(cfg)
     expected = {s.path for s in specs}
     if expected != set(flat):

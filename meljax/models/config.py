@@ -46,6 +46,8 @@ class ModelConfig:
       qk_norm: RMSNorm over ``head_dim`` on queries and keys before RoPE (Qwen3).
       tie_word_embeddings: the output projection is the transposed input embedding.
       dtype: compute dtype of activations; param_dtype: storage dtype of weights.
+      remat: recompute each block's activations in the backward pass (cache-free forward
+        only), so training memory grows with one layer's activations, not all of them.
     """
 
     model_type: str = "llama"
@@ -69,6 +71,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = True
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -166,7 +169,11 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict:
         """The ``config.json`` that transformers reads back (4.x and 5.x keys both written)."""
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        arch = {
+            "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+        }
         arch["mistral"] = "MistralForCausalLM"
         out = {
             "architectures": [arch[self.model_type]],

@@ -59,9 +59,7 @@ class SafetensorsFolder:
             files = [SINGLE_FILE]
             weight_map = None
         else:
-            raise FileNotFoundError(
-                f"no {SINGLE_FILE} or {INDEX_FILE} in model folder {path}"
-            )
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in model folder {path}")
         self._entries: dict[str, tuple[str, dict, int]] = {}
         for name in files:
             file = os.path.join(path, name)
@@ -74,7 +72,9 @@ class SafetensorsFolder:
         if weight_map is not None:
             missing = set(weight_map) - set(self._entries)
             if missing:
-                raise ValueError(f"{INDEX_FILE} names tensors absent from the shards: {sorted(missing)[:5]}")
+                raise ValueError(
+                    f"{INDEX_FILE} names tensors absent from the shards: {sorted(missing)[:5]}"
+                )
         self._maps: dict[str, np.memmap] = {}
 
     def keys(self) -> list[str]:

@@ -107,8 +107,12 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
         if layer_cache is not None:
             idx = (0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx)
-            cv = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx)
+            ck = jax.lax.dynamic_update_slice(
+                layer_cache["k"], k.astype(layer_cache["k"].dtype), idx
+            )
+            cv = jax.lax.dynamic_update_slice(
+                layer_cache["v"], v.astype(layer_cache["v"].dtype), idx
+            )
             layer_cache = {"k": ck, "v": cv}
             k, v = ck.astype(dt), cv.astype(dt)
         b, t, h, hd = q.shape
@@ -221,10 +225,22 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
         inv_freq = rope_inv_freq(cfg)
         new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers):
-            x, lc = layer(x, positions, mask, inv_freq, cache[i] if cache else None, cache_index)
-            if cache is not None:
-                new_cache.append(lc)
+        if cache is None and cfg.remat:
+            # Recompute each block in the backward pass (TPU/GPU schedulers then keep one
+            # block's activations alive; XLA:CPU's scheduler gains little from it).
+            def run_block(layer, x):
+                return layer(x, positions, mask, inv_freq, None, 0)[0]
+
+            block = nnx.remat(run_block)
+            for layer in self.layers:
+                x = block(layer, x)
+        else:
+            for i, layer in enumerate(self.layers):
+                x, lc = layer(
+                    x, positions, mask, inv_freq, cache[i] if cache else None, cache_index
+                )
+                if cache is not None:
+                    new_cache.append(lc)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), new_cache
 
     def lm_head_kernel(self) -> jax.Array:

@@ -1,0 +1,298 @@
+"""Wall time of one MEL step versus one plain GRPO step, broken down by phase.
+
+Both steps are built exactly as ``meljax.trainer.loop.train`` builds them (same sampler, prompt
+rendering, verifier, batches and jitted update), from a config file (default: the CPU demo,
+SmolLM2-135M-Instruct on single-digit additions, 4 questions x G=4):
+
+* GRPO step = rollout + reward + update (with the trainer's tiny all-padding NLL batch);
+* MEL step  = rollout + reward + meta (pairs, analysis pass, filters, replay pass, NLL batch,
+  log) + update (with the NLL batch).
+
+Both steps start from the same parameters (the update does not donate them and its result is
+discarded) and use the same batch of questions and PRNG keys per repetition, so their rollouts
+are identical and the difference is MEL's own work. The first repetition compiles and is
+reported separately; the table shows medians over the following ones.
+
+``--mixed K`` controls how many groups the MEL pipeline sees as mixed, independent of what the
+model happened to get right: the first K groups get rewards ``[1, 0, 1, 0, ...]`` (the most pairs
+a group can give), the others all-incorrect. The real replay answers are still verified against
+the real answers. ``--mixed -1`` uses the real rewards.
+
+Usage::
+
+    .venv/bin/python benchmarks/mel_step.py                       # demo settings, K = N/2
+    .venv/bin/python benchmarks/mel_step.py --repeats 5 --set mel.analysis_max_new_tokens=48
+    .venv/bin/python benchmarks/mel_step.py --json /tmp/mel_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from meljax import sharding as shd
+from meljax.batch import TrainBatch, build_sequence_batch
+from meljax.buckets import bucket
+from meljax.meta import MetaExperiencePipeline
+from meljax.optim import make_optimizer
+from meljax.sampling import Sampler, SamplingParams
+from meljax.train_step import init_train_state, make_train_step, train_on_batch
+from meljax.trainer import setup
+from meljax.trainer.loop import loss_config, meta_config, optimizer_config
+from meljax.trainer.rollout import run_rollouts
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "..", "configs", "demo.py")
+
+
+def load_config(path: str, overrides: list[str]):
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        section, _, name = key.partition(".")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        cfg[section][name] = value
+    return cfg
+
+
+def make_verifier(cfg):
+    """The trainer's verifier: a ``VerifierPool`` of spawned workers (closed at the end)."""
+    from meljax.rewards import RewardConfig, VerifierPool
+
+    rc = RewardConfig(mode=cfg.reward.mode, timeout_s=cfg.reward.timeout_s)
+    pool = VerifierPool(max(1, cfg.reward.num_workers), config=rc)
+    return pool.score, pool.close
+
+
+def forced_rewards(real: np.ndarray, mixed: int) -> np.ndarray:
+    """First ``mixed`` groups alternate correct/incorrect, the rest all incorrect."""
+    if mixed < 0:
+        return real
+    r = np.zeros_like(real)
+    r[:mixed, 0::2] = 1.0
+    return r
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=DEFAULT_CONFIG)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="config override, e.g. mel.analysis_max_new_tokens=48 (repeatable)",
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions after warm-up")
+    ap.add_argument(
+        "--mixed",
+        type=int,
+        default=None,
+        help="groups the MEL pipeline sees as mixed (default: half; -1: real rewards)",
+    )
+    ap.add_argument(
+        "--nll_bucketed",
+        action="store_true",
+        help="bucket the NLL batch to the kept rows (MetaConfig.nll_bucketed)",
+    )
+    ap.add_argument("--json", default="", help="also write the results here")
+    args = ap.parse_args(argv)
+
+    cfg = load_config(args.config, args.set)
+    n_q, g = cfg.rollout.num_questions, cfg.rollout.group_size
+    mixed = n_q // 2 if args.mixed is None else args.mixed
+    t0 = time.perf_counter()
+    mesh = setup.build_mesh(cfg)
+    dp = shd.data_parallel_size(mesh)
+    model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
+    graphdef, params = nnx.split(model, nnx.Param)
+    stop_ids = setup.stop_token_ids(nnx.merge(graphdef, params), tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    optimizer, schedule = make_optimizer(optimizer_config(cfg))
+    state = init_train_state(params, optimizer, mesh)
+    del model, params
+    train_step = make_train_step(
+        graphdef, optimizer, loss_config(cfg), mesh=mesh, schedule=schedule, donate=False
+    )
+    sampler = Sampler(
+        graphdef,
+        stop_token_ids=stop_ids,
+        pad_id=pad_id,
+        mesh=mesh,
+        cache_dtype=cfg.rollout.cache_dtype or None,
+        max_prompt_len=max(cfg.data.max_prompt_tokens, cfg.mel.analysis_max_prompt_tokens),
+    )
+    verify, close_verifier = make_verifier(cfg)
+    workdir = tempfile.mkdtemp(prefix="mel_step_bench_")
+    pipeline = MetaExperiencePipeline(
+        sampler=sampler,
+        tokenizer=tokenizer,
+        render_prompt=setup.message_renderer(cfg, tokenizer),
+        config=dataclasses.replace(meta_config(cfg, dp), nll_bucketed=args.nll_bucketed),
+        verify=verify,
+        workdir=workdir,
+        pad_id=pad_id,
+    )
+    no_mel = build_sequence_batch(
+        [], [], pad_id=pad_id, min_rows=dp, batch_multiple=dp, max_len=bucket(1)
+    )
+    render = setup.prompt_renderer(cfg, tokenizer)
+    source, _ = setup.build_problem_source(cfg)
+    data_iter = setup.build_data_iterator(cfg, source)
+    rollout_sampling = SamplingParams(
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        num_samples=g,
+    )
+    setup_s = time.perf_counter() - t0
+    print(f"setup {setup_s:.1f}s; devices {jax.devices()}", flush=True)
+
+    def update(mel_batch, policy):
+        t = time.perf_counter()
+        new_state, metrics = train_on_batch(
+            state,
+            TrainBatch(policy=policy, mel=mel_batch),
+            train_step,
+            num_passes=cfg.algorithm.num_passes,
+            old_logprobs=cfg.algorithm.old_logprobs,
+        )
+        jax.block_until_ready((new_state.params, metrics))
+        return time.perf_counter() - t
+
+    def rollout(problems, key):
+        return run_rollouts(
+            sampler=sampler,
+            params=state.params,
+            tokenizer=tokenizer,
+            problems=problems,
+            render_prompt=render,
+            sampling=rollout_sampling,
+            key=key,
+            verify=verify,
+            advantage=cfg.algorithm.advantage,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            pad_id=pad_id,
+            batch_multiple=dp,
+        )
+
+    runs = []
+    base_key = jax.random.key(cfg.seed)
+    for rep in range(args.repeats + 1):
+        problems = next(data_iter)
+        k_rollout, k_meta = jax.random.split(jax.random.fold_in(base_key, rep + 1))
+        # GRPO step
+        ro = rollout(problems, k_rollout)
+        grpo = {"rollout": ro.timings["rollout"], "reward": ro.timings["reward"]}
+        grpo["update"] = update(no_mel, ro.batch)
+        # MEL step (same params, questions and keys -> the same rollouts)
+        ro = rollout(problems, k_rollout)
+        mel = {"rollout": ro.timings["rollout"], "reward": ro.timings["reward"]}
+        rewards = forced_rewards(ro.rewards, mixed)
+        meta = pipeline.run(rep + 1, problems, ro.texts, rewards, g, state.params, k_meta)
+        mel["analysis"] = meta.timings["analysis_s"]
+        mel["replay"] = meta.timings["replay_s"]
+        mel["meta_other"] = meta.timings["total_s"] - mel["analysis"] - mel["replay"]
+        mel["update"] = update(meta.batch, ro.batch)
+        for d in (grpo, mel):
+            d["step"] = sum(d.values())
+        c = meta.counts
+        run = {
+            "rep": rep,
+            "grpo": grpo,
+            "mel": mel,
+            "ratio": mel["step"] / grpo["step"],
+            "real_mixed_groups": int(
+                np.sum((ro.rewards > 0.5).any(1) & ~(ro.rewards > 0.5).all(1))
+            ),
+            "rollout_tokens": int(ro.sample.lengths.sum()),
+            "policy_batch_shape": list(np.shape(ro.batch.seq.tokens)),
+            "nll_batch_shape": list(np.shape(meta.batch.tokens)),
+            "counts": {
+                k: getattr(c, k)
+                for k in (
+                    "mixed_groups",
+                    "pairs",
+                    "generated",
+                    "empty",
+                    "truncated",
+                    "leak",
+                    "malformed",
+                    "replayed",
+                    "kept",
+                    "shortened",
+                )
+            },
+            "analysis_tokens": int(sum(r["num_tokens"] for r in meta.records)),
+            "analysis_prompt_tokens": int(sum(r["prompt_tokens"] for r in meta.records)),
+        }
+        runs.append(run)
+        tag = "warm-up (compiles)" if rep == 0 else f"rep {rep}"
+        print(
+            f"{tag}: GRPO {grpo['step']:.2f}s  MEL {mel['step']:.2f}s  "
+            f"ratio {run['ratio']:.2f}  counts {run['counts']}",
+            flush=True,
+        )
+    close_verifier()
+
+    timed = runs[1:] or runs
+    phases = ["rollout", "reward", "analysis", "replay", "meta_other", "update", "step"]
+
+    def med(kind, phase):
+        vals = [r[kind].get(phase) for r in timed if phase in r[kind]]
+        return statistics.median(vals) if vals else None
+
+    summary = {k: {p: med(k, p) for p in phases if med(k, p) is not None} for k in ("grpo", "mel")}
+    ratio = summary["mel"]["step"] / summary["grpo"]["step"]
+    print(f"\nconfig {os.path.relpath(args.config)} {' '.join(args.set)}")
+    print(
+        f"{n_q} questions x G={g}; rollout max_new {cfg.rollout.max_new_tokens}; analysis "
+        f"prompt <= {cfg.mel.analysis_max_prompt_tokens}, new <= "
+        f"{cfg.mel.analysis_max_new_tokens}; replay new <= {cfg.mel.replay_max_new_tokens}; "
+        f"groups seen as mixed by MEL: {'real' if mixed < 0 else mixed}/{n_q}"
+    )
+    print(f"median over {len(timed)} repetition(s), seconds:")
+    print(f"{'phase':<12}{'GRPO':>9}{'MEL':>9}")
+    for p in phases:
+        a, b = summary["grpo"].get(p), summary["mel"].get(p)
+        fa = f"{a:9.2f}" if a is not None else f"{'-':>9}"
+        fb = f"{b:9.2f}" if b is not None else f"{'-':>9}"
+        print(f"{p:<12}{fa}{fb}")
+    print(f"MEL / GRPO step time: {ratio:.2f}x (target <= 1.6x)")
+    result = {
+        "config": args.config,
+        "overrides": args.set,
+        "mixed": mixed,
+        "nll_bucketed": args.nll_bucketed,
+        "setup_s": setup_s,
+        "summary": summary,
+        "ratio": ratio,
+        "runs": runs,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

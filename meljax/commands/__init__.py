@@ -1,0 +1,1 @@
+"""One module per ``meljax`` command; see ``meljax.cli``."""

@@ -1,0 +1,49 @@
+"""Shared helpers of the command modules: clean error exits and multi-host start-up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from absl import logging
+
+
+@contextlib.contextmanager
+def clean_errors(command: str):
+    """Turns user errors (bad config, missing files, bad data) into one line and exit code 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError) as e:
+        if os.environ.get("MELJAX_TRACEBACK"):
+            raise
+        msg = str(e).strip("'\"") or type(e).__name__
+        print(f"meljax {command}: error: {msg}", file=sys.stderr)
+        print("(set MELJAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def multihost_environment() -> bool:
+    """True when this process is one of several hosts (TPU pod slice, SLURM, explicit)."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts:
+        return True
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+    """Calls ``jax.distributed.initialize()`` when running on several hosts (or when asked)."""
+    if mode == "never" or (mode == "auto" and not multihost_environment()):
+        return
+    import jax
+
+    jax.distributed.initialize()
+    logging.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

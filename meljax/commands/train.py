@@ -1,0 +1,57 @@
+"""``meljax train --config=configs/X.py --workdir=DIR [--config.a.b=v ...]``.
+
+With no flags it runs the embedded CPU demo (``configs/demo.py``) into ``workdirs/demo``.
+Rerunning the same command resumes from the latest checkpoint; a larger
+``--config.total_steps`` continues a finished run.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from meljax.commands.common import clean_errors, maybe_initialize_distributed
+
+
+def default_config_path() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.join(os.path.dirname(os.path.dirname(here)), "configs", "demo.py")
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", default_config_path(), "Config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run folder (local or gs://); default: workdirs/<config name>."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax / absl INFO lines would drown progress
+    with clean_errors("train"):
+        cfg = _CONFIG.value
+        maybe_initialize_distributed(cfg.distributed.initialize)
+        import jax
+
+        from meljax.config import validate
+        from meljax.trainer.loop import train
+
+        validate(cfg, jax.device_count())
+        workdir = _WORKDIR.value
+        if workdir is None:
+            name = os.path.splitext(
+                os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
+            )[0]
+            workdir = os.path.join("workdirs", name)
+        summary = train(cfg, workdir)
+    if jax.process_index() == 0:
+        print(summary.describe())
+
+
+if __name__ == "__main__":
+    app.run(main)

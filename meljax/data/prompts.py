@@ -1,0 +1,125 @@
+"""Prompt formatting: question -> model input text.
+
+Two templates:
+
+* ``"chat"`` (instruction-tuned models): one user turn ``"{question}\\n{instruction}"``
+  (after an optional system turn) rendered by the tokenizer's own chat template with
+  ``add_generation_prompt=True``, so the text ends where the assistant's reply begins.
+* ``"raw"`` (base models): a plain string template, by default
+  ``"Question: {question}\\n{instruction}\\nAnswer:"``.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable
+from typing import Any, Literal
+
+__all__ = [
+    "DEFAULT_INSTRUCTION",
+    "DEFAULT_RAW_TEMPLATE",
+    "DEMO_INSTRUCTION",
+    "format_prompt",
+    "format_prompts",
+]
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+"""Asks for step-by-step reasoning and a ``\\boxed{}`` final answer (Qwen2.5-Math style)."""
+
+DEMO_INSTRUCTION = "Answer with a number."
+"""Short instruction for the CPU arithmetic demo, where replies should be one number."""
+
+DEFAULT_RAW_TEMPLATE = "Question: {question}\n{instruction}\nAnswer:"
+"""Template for base models; fields ``{question}`` and ``{instruction}``."""
+
+Template = Literal["chat", "raw"]
+
+_RAW_FIELDS = {"question", "instruction"}
+
+
+def _user_message(question: str, instruction: str) -> str:
+    question = question.strip()
+    instruction = instruction.strip()
+    return f"{question}\n{instruction}" if instruction else question
+
+
+def _check_raw_template(raw_template: str) -> None:
+    try:
+        names = {
+            name for _, name, _, _ in string.Formatter().parse(raw_template) if name is not None
+        }
+    except ValueError as e:
+        raise ValueError(
+            f"raw_template {raw_template!r} is not a valid format string: {e}"
+        ) from None
+    unknown = names - _RAW_FIELDS
+    if unknown:
+        raise ValueError(
+            f"raw_template {raw_template!r} uses unknown fields {sorted(unknown)}; "
+            f"allowed: {{question}}, {{instruction}} (write literal braces as '{{{{' '}}}}')"
+        )
+    if "question" not in names:
+        raise ValueError(f"raw_template {raw_template!r} has no {{question}} field")
+
+
+def format_prompt(
+    question: str,
+    *,
+    tokenizer: Any = None,
+    template: Template = "chat",
+    instruction: str = DEFAULT_INSTRUCTION,
+    system_prompt: str | None = None,
+    raw_template: str = DEFAULT_RAW_TEMPLATE,
+) -> str:
+    """Formats one question as model input text.
+
+    Args:
+      question: the bare problem text.
+      tokenizer: a ``transformers`` tokenizer with a ``chat_template`` (chat mode only).
+      template: ``"chat"`` or ``"raw"``.
+      instruction: answering instruction appended to the question; ``""`` for none.
+      system_prompt: optional system turn (chat mode); in raw mode it is prepended as a
+        first paragraph.
+      raw_template: format string for raw mode, with ``{question}`` and optionally
+        ``{instruction}``. With an empty instruction, the template's ``{instruction}``
+        line is removed rather than left blank.
+
+    Returns:
+      The prompt text; in chat mode it ends with the assistant-turn header.
+    """
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a string, got {type(question).__name__}")
+    if template == "chat":
+        if tokenizer is None:
+            raise ValueError("template='chat' needs a tokenizer (or use template='raw')")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no chat_template; use template='raw' for "
+                f"base models or set tokenizer.chat_template"
+            )
+        messages = []
+        if system_prompt:
+            messages.append({"role": "system", "content": system_prompt})
+        messages.append({"role": "user", "content": _user_message(question, instruction)})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not isinstance(text, str):
+            raise TypeError(f"apply_chat_template returned {type(text).__name__}, not str")
+        return text
+    if template == "raw":
+        _check_raw_template(raw_template)
+        instruction = instruction.strip()
+        if not instruction:
+            # Drop the instruction's own line so no blank line is left behind.
+            raw_template = raw_template.replace("{instruction}\n", "").replace(
+                "\n{instruction}", ""
+            )
+        text = raw_template.format(question=question.strip(), instruction=instruction)
+        if system_prompt:
+            text = f"{system_prompt.strip()}\n\n{text}"
+        return text
+    raise ValueError(f"template must be 'chat' or 'raw', got {template!r}")
+
+
+def format_prompts(questions: Iterable[str], **kwargs: Any) -> list[str]:
+    """:func:`format_prompt` applied to each question (same keyword arguments)."""
+    return [format_prompt(q, **kwargs) for q in questions]

@@ -1,0 +1,772 @@
+"""Problem records and readers for local or remote JSONL / JSON / Parquet files.
+
+A *problem* is a question with one verifiable ground-truth answer. Files in the wild
+store these under many layouts (nested chat messages, answers inside ``\\boxed{}`` of a
+worked solution, zero-padded strings, floats...). A :class:`FieldMap` describes one
+layout: where the question, answer and id live (dotted paths with list indexing such as
+``prompt[0].content``) and how to normalise them. :data:`PRESETS` holds the layouts of
+the benchmark and training files described in ``shared/data/README.md``.
+
+Entry point: :func:`load_problems`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal, overload
+
+__all__ = [
+    "PRESETS",
+    "BadRow",
+    "BadRowError",
+    "FieldMap",
+    "LoadResult",
+    "Problem",
+    "get_path",
+    "infer_preset",
+    "last_boxed_answer",
+    "load_problems",
+    "parse_path",
+]
+
+OnBadRow = Literal["error", "skip"]
+
+
+# ---------------------------------------------------------------------------------------
+# The record.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One question with a verifiable ground-truth answer.
+
+    Attributes:
+      id: identifier, unique within its source file (e.g. ``"math500/test/precalculus/807"``).
+      question: the bare problem text, without any answering instruction.
+      answer: the normalised ground truth as a string (e.g. ``"27"``, ``"\\frac{1}{2}"``).
+      extra: the row's other fields (metadata such as subject or level). Excluded from the
+        hash so that problems stay hashable even though the dict is not.
+    """
+
+    id: str
+    question: str
+    answer: str
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Returns a plain dict (``id``, ``question``, ``answer``, ``extra``) for JSON."""
+        return {
+            "id": self.id,
+            "question": self.question,
+            "answer": self.answer,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> Problem:
+        """Inverse of :meth:`to_json_dict`; ``extra`` may be missing."""
+        for key in ("id", "question", "answer"):
+            if not isinstance(d.get(key), str):
+                raise ValueError(f"Problem record needs a string {key!r}, got {d.get(key)!r}")
+        return cls(
+            id=d["id"], question=d["question"], answer=d["answer"], extra=dict(d.get("extra") or {})
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Dotted paths: ``prompt[0].content``, ``prompt[0]["content"]``, ``reward_model.ground_truth``.
+# ---------------------------------------------------------------------------------------
+
+_PATH_TOKEN = re.compile(
+    r"""
+    (?P<name>[^.\[\]"']+)            # bare key
+    | \[\s*(?P<index>-?\d+)\s*\]     # [0]
+    | \[\s*"(?P<dq>[^"]*)"\s*\]      # ["key"]
+    | \[\s*'(?P<sq>[^']*)'\s*\]      # ['key']
+    | (?P<dot>\.)
+    """,
+    re.VERBOSE,
+)
+
+
+def parse_path(path: str) -> tuple[str | int, ...]:
+    """Splits a field path into keys (``str``) and list indices (``int``).
+
+    ``'prompt[0]["content"]'`` -> ``("prompt", 0, "content")``;
+    ``"reward_model.ground_truth"`` -> ``("reward_model", "ground_truth")``.
+
+    Raises:
+      ValueError: on an empty or malformed path (e.g. ``"a..b"``, ``"a[x]"``).
+    """
+    parts: list[str | int] = []
+    pos = 0
+    expect_key = True  # after a dot (or at the start) a key must follow
+    while pos < len(path):
+        m = _PATH_TOKEN.match(path, pos)
+        if m is None:
+            raise ValueError(f"Malformed field path {path!r} at character {pos}")
+        if m.group("dot") is not None:
+            if expect_key:
+                raise ValueError(f"Malformed field path {path!r}: empty key at character {pos}")
+            expect_key = True
+        elif m.group("name") is not None:
+            if not expect_key:
+                raise ValueError(f"Malformed field path {path!r}: missing '.' at {pos}")
+            parts.append(m.group("name").strip())
+            expect_key = False
+        else:
+            if expect_key and parts:
+                raise ValueError(f"Malformed field path {path!r}: '.' before '[' at {pos}")
+            if m.group("index") is not None:
+                parts.append(int(m.group("index")))
+            else:
+                parts.append(m.group("dq") if m.group("dq") is not None else m.group("sq"))
+            expect_key = False
+        pos = m.end()
+    if not parts or expect_key:
+        raise ValueError(f"Malformed field path {path!r}")
+    return tuple(parts)
+
+
+class _MissingField(LookupError):
+    """A field path does not resolve in a row."""
+
+
+def get_path(row: Any, path: str | Sequence[str | int]) -> Any:
+    """Returns the value at ``path`` inside nested dicts / lists.
+
+    Raises:
+      LookupError: naming the first part of the path that does not resolve.
+    """
+    parts = parse_path(path) if isinstance(path, str) else tuple(path)
+    value = row
+    walked = ""
+    for part in parts:
+        where = f"{walked}[{part}]" if isinstance(part, int) else f"{walked}.{part}".lstrip(".")
+        if isinstance(part, int):
+            if not isinstance(value, Sequence) or isinstance(value, str | bytes):
+                raise _MissingField(
+                    f"{walked or '<row>'} is not a list (got {type(value).__name__})"
+                )
+            if not -len(value) <= part < len(value):
+                raise _MissingField(f"{where} is out of range (length {len(value)})")
+            value = value[part]
+        else:
+            if not isinstance(value, Mapping):
+                raise _MissingField(
+                    f"{walked or '<row>'} is not an object (got {type(value).__name__})"
+                )
+            if part not in value:
+                keys = ", ".join(sorted(map(str, value)))[:200]
+                raise _MissingField(f"no field {where!r} (available: {keys})")
+            value = value[part]
+        walked = where
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Answer / question normalisers.
+# ---------------------------------------------------------------------------------------
+
+_BOXED_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def last_boxed_answer(text: str) -> str | None:
+    """Returns the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
+
+    Braces are matched, so nested groups survive: ``"\\boxed{\\frac{1}{2}}"`` ->
+    ``"\\frac{1}{2}"``. The brace-less form ``"\\boxed 5"`` gives ``"5"``. Returns ``None``
+    when there is no box or its braces are unbalanced. An escaped brace (``\\{``) does not
+    count as a group delimiter.
+    """
+    start = max(text.rfind(cmd) for cmd in _BOXED_COMMANDS)
+    if start < 0:
+        return None
+    cmd = next(c for c in _BOXED_COMMANDS if text.startswith(c, start))
+    pos = start + len(cmd)
+    if pos < len(text) and text[pos] == " ":
+        # "\boxed 5" form: the argument runs to the next space or math delimiter.
+        m = re.match(r" +([^\s$]+)", text[pos:])
+        return m.group(1) if m else None
+    while pos < len(text) and text[pos] in " \t\n":
+        pos += 1
+    if pos >= len(text) or text[pos] != "{":
+        return None
+    depth = 0
+    i = pos
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # skip the escaped character, e.g. "\{" or "\}"
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[pos + 1 : i]
+        i += 1
+    return None
+
+
+def _number_to_str(value: int | float) -> str:
+    """``27.0`` -> ``"27"``, ``-1.0`` -> ``"-1"``, ``0.5`` -> ``"0.5"``, ``7`` -> ``"7"``."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"answer is not a finite number: {value!r}")
+        if value.is_integer():
+            return str(int(value))
+        return repr(value)
+    return str(value)
+
+
+def default_answer(value: Any) -> str:
+    """Default answer normaliser: strings are stripped, numbers printed without ``.0``.
+
+    Raises:
+      ValueError: for ``None``, booleans, containers and other non-scalar values.
+    """
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"answer must be a string or a number, got {value!r}")
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int | float):
+        return _number_to_str(value)
+    raise ValueError(f"answer must be a string or a number, got {type(value).__name__}")
+
+
+def answer_after_hashes(value: Any) -> str:
+    """GSM8K: the text after the last ``####``, with thousands separators removed."""
+    if not isinstance(value, str) or "####" not in value:
+        raise ValueError("GSM8K answer has no '####' final-answer marker")
+    return value.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def answer_integer_string(value: Any) -> str:
+    """AIME: ``"025"`` / ``25`` / ``25.0`` -> ``"25"`` (the answer must be an integer)."""
+    if isinstance(value, bool):
+        raise ValueError(f"answer must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        return str(int(value))
+    raise ValueError(f"answer must be an integer, got {value!r}")
+
+
+def answer_number(value: Any) -> str:
+    """AMC: a number (possibly a float such as ``27.0``) printed as ``"27"``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"answer must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.search(r"[.eE]", value) else int(value)
+        except ValueError as e:
+            raise ValueError(f"answer must be a number, got {value!r}") from e
+    return _number_to_str(value)
+
+
+def answer_without_dollars(value: Any) -> str:
+    """OlympiadBench: ``"$\\frac{1}{2}$"`` -> ``"\\frac{1}{2}"``; every ``$`` is removed."""
+    if not isinstance(value, str):
+        raise ValueError(f"answer must be a string, got {value!r}")
+    return value.replace("$", "").strip()
+
+
+def answer_from_boxed(value: Any) -> str:
+    """MATH / Minerva: the last ``\\boxed{}`` of a worked solution."""
+    if not isinstance(value, str):
+        raise ValueError(f"solution must be a string, got {type(value).__name__}")
+    boxed = last_boxed_answer(value)
+    if boxed is None:
+        raise ValueError("solution has no complete \\boxed{...} answer")
+    return boxed.strip()
+
+
+_TRAILING_INSTRUCTION = re.compile(r"\n[^\n]*(?:please reason|\\boxed\{\})[^\n]*\s*$", re.I)
+
+
+def question_without_instruction(value: str) -> str:
+    """AIME 2025 (QwQ copy): drops the trailing "Please reason step by step..." line.
+
+    Only a last line that looks like an answering instruction is dropped, so a question
+    without it passes through unchanged.
+    """
+    return _TRAILING_INSTRUCTION.sub("", value).strip()
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts.
+# ---------------------------------------------------------------------------------------
+
+FileFormat = Literal["jsonl", "json", "parquet"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldMap:
+    """Where a file keeps question, answer and id, and how to normalise them.
+
+    Attributes:
+      question_field: path to the question (``"problem"``, ``"prompt[0].content"``).
+      answer_field: path to the ground truth (``"reward_model.ground_truth"``).
+      id_field: path to an id, or ``None`` to use ``"{id_prefix}{row_index}"``.
+      answer_transform: raw answer value -> answer string; raises ``ValueError`` for a bad
+        value. Defaults to :func:`default_answer`.
+      question_transform: question string -> bare question (e.g. drop an instruction).
+      drop_empty_answers: rows whose answer is ``None`` or blank are filtered out silently
+        (counted in :attr:`LoadResult.num_filtered`) instead of being bad rows.
+      extra_fields: top-level fields copied into :attr:`Problem.extra`; ``None`` copies
+        every top-level field except the question's and answer's own.
+      file_format: ``"jsonl"``, ``"json"`` or ``"parquet"``; ``None`` infers it from the
+        file suffix.
+      default_file: file name used when :func:`load_problems` is given a folder.
+      id_prefix: prefix of ids built from row indices (and of ``id_field`` values).
+    """
+
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    answer_transform: Callable[[Any], str] | None = None
+    question_transform: Callable[[str], str] | None = None
+    drop_empty_answers: bool = False
+    extra_fields: tuple[str, ...] | None = None
+    file_format: FileFormat | None = None
+    default_file: str | None = None
+    id_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        # Fail at construction, not at row 0, on a malformed path.
+        for name in ("question_field", "answer_field", "id_field"):
+            value = getattr(self, name)
+            if value is not None:
+                parse_path(value)
+
+
+PRESETS: dict[str, FieldMap] = {
+    "dapo_math_17k": FieldMap(
+        question_field='prompt[0]["content"]',
+        answer_field='reward_model["ground_truth"]',
+        id_field="extra_info.index",
+        answer_transform=answer_integer_string,
+        extra_fields=("data_source", "ability"),
+        file_format="parquet",
+        default_file="dapo_math_17k.parquet",
+        id_prefix="dapo_math_17k/",
+    ),
+    "math": FieldMap(
+        question_field="problem",
+        answer_field="answer",
+        id_field="unique_id",
+        default_file="test.jsonl",
+        id_prefix="math/",
+    ),
+    "math500": FieldMap(
+        question_field="problem",
+        answer_field="answer",
+        id_field="unique_id",
+        default_file="test.jsonl",
+        id_prefix="math500/",
+    ),
+    "math_train": FieldMap(
+        question_field="problem",
+        answer_field="answer",
+        drop_empty_answers=True,
+        default_file="math.json",
+        id_prefix="math_train/",
+    ),
+    "math_test": FieldMap(
+        question_field="problem",
+        answer_field="solution",
+        id_field="idx",
+        answer_transform=answer_from_boxed,
+        extra_fields=("level", "type", "solution"),
+        default_file="test.jsonl",
+        id_prefix="math_test/",
+    ),
+    "minerva_math": FieldMap(
+        question_field="problem",
+        answer_field="solution",
+        id_field="idx",
+        answer_transform=answer_from_boxed,
+        extra_fields=("type", "solution"),
+        default_file="test.jsonl",
+        id_prefix="minerva_math/",
+    ),
+    "gsm8k": FieldMap(
+        question_field="question",
+        answer_field="answer",
+        answer_transform=answer_after_hashes,
+        default_file="test.jsonl",
+        id_prefix="gsm8k/",
+    ),
+    "aime24": FieldMap(
+        question_field="problem",
+        answer_field="answer",
+        id_field="id",
+        answer_transform=answer_integer_string,
+        extra_fields=("url", "solution"),
+        default_file="test.jsonl",
+        id_prefix="aime24/",
+    ),
+    "aime25": FieldMap(
+        question_field="prompt",
+        answer_field="answer",
+        answer_transform=answer_integer_string,
+        question_transform=question_without_instruction,
+        default_file="aime25.jsonl",
+        id_prefix="aime25/",
+    ),
+    "amc23": FieldMap(
+        question_field="problem",
+        answer_field="answer",
+        id_field="id",
+        answer_transform=answer_number,
+        extra_fields=("url",),
+        default_file="test.jsonl",
+        id_prefix="amc23/",
+    ),
+    "olympiadbench": FieldMap(
+        question_field="question",
+        answer_field="final_answer[0]",
+        id_field="id",
+        answer_transform=answer_without_dollars,
+        extra_fields=("subfield", "is_multiple_answer", "unit", "answer_type", "error"),
+        default_file="test.jsonl",
+        id_prefix="olympiadbench/",
+    ),
+}
+"""Layouts of the files in ``shared/data/`` (see its README), by folder name."""
+
+
+def _split_path(path: str) -> list[str]:
+    """Path components without a scheme, e.g. ``gs://b/x/y.jsonl`` -> ``[b, x, y.jsonl]``."""
+    return [p for p in re.sub(r"^[a-zA-Z][\w+.-]*://", "", path).split("/") if p]
+
+
+def _stem(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def infer_preset(path: str) -> str | None:
+    """Guesses a preset from the file's folder name, then from the file name itself.
+
+    ``.../math500/test.jsonl`` -> ``"math500"``; ``.../aime25.jsonl`` -> ``"aime25"``;
+    a folder path such as ``.../gsm8k`` -> ``"gsm8k"``. Returns ``None`` when nothing
+    matches.
+    """
+    parts = _split_path(path)
+    if not parts:
+        return None
+    last = parts[-1]
+    # The folder name comes before the file stem: math_train/math.json is "math_train",
+    # not "math".
+    candidates = [last] if "." not in last else []
+    if len(parts) >= 2:
+        candidates.append(parts[-2])
+    candidates.append(_stem(last))
+    return next((c for c in candidates if c in PRESETS), None)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading.
+# ---------------------------------------------------------------------------------------
+
+
+class BadRowError(ValueError):
+    """A row lacks a usable question or answer (raised when ``on_bad_row="error"``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+    """A skipped row: its 0-based index in the file and why it was skipped."""
+
+    index: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadResult(Sequence[Problem]):
+    """Problems read from one file; a random-access sequence of :class:`Problem`.
+
+    Attributes:
+      problems: the problems in file order.
+      path: the file they were read from.
+      preset: the preset used, or ``None`` for a custom :class:`FieldMap`.
+      num_skipped: bad rows skipped (only with ``on_bad_row="skip"``).
+      num_filtered: rows dropped on purpose by the layout (``drop_empty_answers``).
+      bad_rows: index and reason of each skipped row.
+    """
+
+    problems: tuple[Problem, ...]
+    path: str
+    preset: str | None = None
+    num_skipped: int = 0
+    num_filtered: int = 0
+    bad_rows: tuple[BadRow, ...] = ()
+
+    @overload
+    def __getitem__(self, index: int) -> Problem: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Problem, ...]: ...
+    def __getitem__(self, index):
+        return self.problems[index]
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __iter__(self) -> Iterator[Problem]:
+        return iter(self.problems)
+
+
+def _open_binary(path: str) -> io.BufferedIOBase:
+    """Opens a local or remote (``gs://``, ``s3://``, ``hf://``...) file for reading."""
+    if "://" not in path:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    try:
+        from etils import epath
+
+        return epath.Path(path).open("rb")
+    except Exception as epath_error:  # noqa: BLE001 - fall back to fsspec's own backends
+        try:
+            import fsspec
+
+            return fsspec.open(path, "rb").open()
+        except Exception as fsspec_error:
+            raise OSError(
+                f"Cannot open {path!r} with etils.epath ({epath_error}) "
+                f"nor fsspec ({fsspec_error}); is the filesystem's package installed?"
+            ) from fsspec_error
+
+
+def _is_dir(path: str) -> bool:
+    if "://" not in path:
+        import os
+
+        return os.path.isdir(path)
+    try:
+        from etils import epath
+
+        return epath.Path(path).is_dir()
+    except Exception:  # noqa: BLE001 - unknown remote: treat as a file, opening will tell
+        return False
+
+
+def _format_of(path: str, fields: FieldMap) -> FileFormat:
+    if fields.file_format is not None:
+        return fields.file_format
+    name = _split_path(path)[-1].lower() if _split_path(path) else path
+    if name.endswith((".jsonl", ".ndjson", ".jsonl.txt")):
+        return "jsonl"
+    if name.endswith(".json"):
+        return "json"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    raise ValueError(
+        f"Cannot tell the format of {path!r} from its suffix; use a .jsonl, .json or "
+        f".parquet file or set FieldMap.file_format"
+    )
+
+
+_Row = tuple[int, Any]  # (row index, decoded row or the exception that decoding raised)
+
+
+def _iter_jsonl(path: str) -> Iterator[_Row]:
+    with _open_binary(path) as f:
+        index = 0
+        for raw in f:
+            line = raw.decode("utf-8").strip()
+            if not line:
+                continue  # blank lines carry no row, so they do not count as rows either
+            try:
+                yield index, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield index, ValueError(f"invalid JSON: {e}")
+            index += 1
+
+
+def _iter_json(path: str) -> Iterator[_Row]:
+    with _open_binary(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    yield from enumerate(data)
+
+
+def _iter_parquet(path: str) -> Iterator[_Row]:
+    import pyarrow.parquet as pq
+
+    with _open_binary(path) as f:
+        parquet = pq.ParquetFile(f)
+        index = 0
+        # Batches keep `limit=` cheap on large files: rows are decoded only when needed.
+        for batch in parquet.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield index, row
+                index += 1
+
+
+_READERS: dict[str, Callable[[str], Iterator[_Row]]] = {
+    "jsonl": _iter_jsonl,
+    "json": _iter_json,
+    "parquet": _iter_parquet,
+}
+
+
+class _Filtered(Exception):
+    """The layout drops this row on purpose (e.g. an empty answer in MATH train)."""
+
+
+def _row_to_problem(row: Any, index: int, fields: FieldMap) -> Problem:
+    """Converts one decoded row; raises ``ValueError`` / ``LookupError`` if it is bad."""
+    if isinstance(row, Exception):
+        raise row
+    if not isinstance(row, Mapping):
+        raise ValueError(f"row is a {type(row).__name__}, not an object")
+
+    try:
+        raw_answer = get_path(row, fields.answer_field)
+    except LookupError:
+        if fields.drop_empty_answers:
+            raise _Filtered() from None
+        raise
+    if fields.drop_empty_answers and (
+        raw_answer is None or (isinstance(raw_answer, str) and not raw_answer.strip())
+    ):
+        raise _Filtered()
+
+    question = get_path(row, fields.question_field)
+    if not isinstance(question, str):
+        raise ValueError(
+            f"question {fields.question_field!r} is a {type(question).__name__}, not a string"
+        )
+    if fields.question_transform is not None:
+        question = fields.question_transform(question)
+    question = question.strip()
+    if not question:
+        raise ValueError(f"question {fields.question_field!r} is empty")
+
+    transform = fields.answer_transform or default_answer
+    try:
+        answer = transform(raw_answer)
+    except ValueError as e:
+        raise ValueError(f"answer {fields.answer_field!r}: {e}") from None
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"answer {fields.answer_field!r} is empty (raw value {raw_answer!r})")
+
+    if fields.id_field is not None:
+        raw_id = get_path(row, fields.id_field)
+        if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+            raise ValueError(f"id {fields.id_field!r} is not a string or an integer: {raw_id!r}")
+        problem_id = f"{fields.id_prefix}{raw_id}"
+    else:
+        problem_id = f"{fields.id_prefix}{index}"
+
+    used = {_top_key(fields.question_field), _top_key(fields.answer_field)}
+    if fields.extra_fields is None:
+        extra = {k: v for k, v in row.items() if k not in used}
+    else:
+        extra = {k: row[k] for k in fields.extra_fields if k in row}
+    return Problem(id=problem_id, question=question, answer=answer.strip(), extra=extra)
+
+
+def _top_key(path: str) -> str | int:
+    return parse_path(path)[0]
+
+
+def _resolve_fields(
+    path: str, preset: str | None, fields: FieldMap | Mapping[str, Any] | None
+) -> tuple[str | None, FieldMap]:
+    if preset is None and fields is None:
+        preset = infer_preset(path)
+        if preset is None:
+            raise ValueError(
+                f"Cannot infer a preset for {path!r} (known: {', '.join(sorted(PRESETS))}); "
+                f"pass preset= or fields=FieldMap(question_field=..., answer_field=...)"
+            )
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+    base = PRESETS[preset] if preset is not None else FieldMap()
+    if fields is None:
+        return preset, base
+    if isinstance(fields, FieldMap):
+        return preset, fields
+    try:
+        return preset, dataclasses.replace(base, **dict(fields))
+    except TypeError as e:
+        names = ", ".join(f.name for f in dataclasses.fields(FieldMap))
+        raise ValueError(f"Bad fields= override {dict(fields)!r}: {e}; fields are {names}") from e
+
+
+def load_problems(
+    path: str,
+    preset: str | None = None,
+    *,
+    fields: FieldMap | Mapping[str, Any] | None = None,
+    on_bad_row: OnBadRow = "error",
+    limit: int | None = None,
+) -> LoadResult:
+    """Reads problems from a JSONL, JSON-list or Parquet file (local or remote).
+
+    Args:
+      path: a file, or a folder holding the preset's ``default_file``. Remote URLs
+        (``gs://``, ``hf://``...) are opened with ``etils.epath`` or ``fsspec``.
+      preset: a key of :data:`PRESETS`; inferred from the folder / file name when ``None``
+        and ``fields`` is not given.
+      fields: a :class:`FieldMap` replacing the preset's layout, or a dict of
+        :class:`FieldMap` attributes overriding it (e.g. ``{"answer_field": "target"}``).
+      on_bad_row: ``"error"`` raises :class:`BadRowError` naming the file and the 0-based
+        row index; ``"skip"`` drops the row and counts it in ``num_skipped``.
+      limit: stop after this many problems (``None``: all).
+
+    Returns:
+      A :class:`LoadResult` (a sequence of :class:`Problem`).
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    path = str(path)
+    preset, field_map = _resolve_fields(path, preset, fields)
+    if _is_dir(path):
+        if field_map.default_file is None:
+            raise ValueError(f"{path!r} is a folder and the layout names no default_file")
+        path = path.rstrip("/") + "/" + field_map.default_file
+
+    reader = _READERS[_format_of(path, field_map)]
+    problems: list[Problem] = []
+    bad_rows: list[BadRow] = []
+    num_filtered = 0
+    if limit == 0:
+        return LoadResult(problems=(), path=path, preset=preset)
+    for index, row in reader(path):
+        try:
+            problems.append(_row_to_problem(row, index, field_map))
+        except _Filtered:
+            num_filtered += 1
+            continue
+        except (ValueError, LookupError) as e:
+            reason = str(e)
+            if on_bad_row == "error":
+                raise BadRowError(f"{path}: row {index}: {reason}") from e
+            bad_rows.append(BadRow(index=index, reason=reason))
+            continue
+        if limit is not None and len(problems) >= limit:
+            break
+    return LoadResult(
+        problems=tuple(problems),
+        path=path,
+        preset=preset,
+        num_skipped=len(bad_rows),
+        num_filtered=num_filtered,
+        bad_rows=tuple(bad_rows),
+    )

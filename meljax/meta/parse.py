@@ -1,0 +1,100 @@
+"""Splits a generated analysis into its four sections (for logging only).
+
+The analysis instruction asks for, in order: 1. failure point and error pattern, 2. success
+factors, 3. reflective summary, 4. heuristics. Models format headings in many ways
+(``"1. Failure point"``, ``"**2. Success Factors:**"``, ``"### Heuristics"``), so a heading is
+a line that starts with the section's number (``"3."`` / ``"3)"``) or a markdown heading / bold
+marker, followed by one of the section's key words; text after a colon on the heading line
+belongs to the section. An analysis missing any section (or with them out of order) is
+*malformed*: that is counted, never an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+__all__ = ["SECTION_NAMES", "ParsedAnalysis", "parse_analysis"]
+
+SECTION_NAMES: tuple[str, ...] = ("failure", "success", "summary", "heuristics")
+
+_KEYWORDS: tuple[str, ...] = (
+    r"failure\s+points?|error\s+patterns?|failure",
+    r"success\s+factors?|success",
+    r"(?:first[- ]person\s+)?reflective\s+summary|reflection|summary",
+    r"heuristics?|general\s+rules?",
+)
+
+
+def _heading_re(index: int) -> re.Pattern[str]:
+    """A heading line of section ``index`` (0-based); group ``rest`` is the line's tail."""
+    number = rf"(?:section\s*)?{index + 1}\s*[.):]"
+    decoration = r"(?:\#{1,6}\s*|[*_]{1,2})"
+    return re.compile(
+        rf"""^[ \t]*
+        (?:{decoration}[ \t]*)*                     # '### ', '**'
+        (?:(?P<num>{number})[ \t]*(?:[*_]{{1,2}}[ \t]*)?)?  # '1.' or '1)' (maybe bold)
+        (?:[A-Za-z'-]+[ \t]+){{0,3}}?                # 'The', 'Key', 'Identifying the'
+        (?P<kw>{_KEYWORDS[index]})\b
+        (?P<rest>[^\n]*)$""",
+        re.IGNORECASE | re.MULTILINE | re.VERBOSE,
+    )
+
+
+_HEADINGS = tuple(_heading_re(i) for i in range(4))
+
+
+def _is_heading(match: re.Match[str]) -> bool:
+    """Numbered, or decorated (markdown heading / bold): plain prose that merely starts with
+    'Success' is not a heading."""
+    if match.group("num"):
+        return True
+    prefix = match.string[match.start() : match.start("kw")]
+    return bool(re.search(r"[#*_]", prefix))
+
+
+def _heading_tail(rest: str) -> str:
+    """Inline content after the heading words: what follows the first colon (if any)."""
+    rest = rest.strip()
+    if ":" not in rest:
+        return ""
+    return rest.split(":", 1)[1].strip().lstrip("*_ ").strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedAnalysis:
+    """The sections found in an analysis (``None`` where missing)."""
+
+    failure: str | None
+    success: str | None
+    summary: str | None
+    heuristics: str | None
+
+    @property
+    def malformed(self) -> bool:
+        """True unless all four sections were found, in order."""
+        return any(getattr(self, name) is None for name in SECTION_NAMES)
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {name: getattr(self, name) for name in SECTION_NAMES}
+
+
+def parse_analysis(text: str) -> ParsedAnalysis:
+    """Finds the four sections in order; each runs from its heading to the next found heading.
+
+    A section whose heading does not occur after the previous section's heading is ``None``.
+    """
+    found: list[tuple[int, int, int, str]] = []  # (section, heading start, body start, tail)
+    pos = 0
+    for i, pattern in enumerate(_HEADINGS):
+        for m in pattern.finditer(text, pos):
+            if _is_heading(m):
+                found.append((i, m.start(), m.end(), _heading_tail(m.group("rest"))))
+                pos = m.end()
+                break
+    sections: dict[str, str | None] = dict.fromkeys(SECTION_NAMES)
+    for k, (i, _, body_start, tail) in enumerate(found):
+        end = found[k + 1][1] if k + 1 < len(found) else len(text)
+        body = text[body_start:end].strip()
+        sections[SECTION_NAMES[i]] = "\n".join(s for s in (tail, body) if s)
+    return ParsedAnalysis(**sections)

@@ -1,0 +1,187 @@
+"""Scoring of one completion against its ground truth with math-verify.
+
+The model's text never reaches eval/exec/sympify: we extract the answer ourselves
+(:mod:`meljax.rewards.extract`) and give math-verify only its LaTeX extraction target, whose
+parser is an ANTLR grammar. math-verify's plain-expression target (`ExprExtractionConfig`)
+is not used because it runs `sympy.parse_expr`, which evaluates Python code.
+
+`score_one` has no time limit of its own: callers run it under `meljax.rewards.pool`, which
+adds a per-item timer and worker processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import re
+from typing import Any
+
+from meljax.rewards.extract import MODES, clip_tail, extract_answer, nesting_depth
+
+REASONS: tuple[str, ...] = ("correct", "no_answer", "parse_error", "mismatch", "timeout", "crash")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """How completions are scored.
+
+    Attributes:
+      mode: answer extraction, one of "boxed", "last_number", "boxed_or_last_number".
+      timeout_s: wall-clock limit per item in seconds (extraction + parsing + comparison).
+      max_input_chars: completions longer than this are clipped to their last
+        `max_input_chars` characters before extraction.
+      max_answer_chars: the extracted answer is clipped to this many characters.
+      max_nesting_depth: answers nesting (), [] and {} deeper than this score 0 with reason
+        "parse_error" without being parsed (the LaTeX parser is very slow on deep nesting).
+      float_rounding: decimal places math-verify rounds floats to before comparing.
+      numeric_precision: significant digits for math-verify's numeric comparison.
+      strict: math-verify's strict mode (variable names matter; sets and tuples differ).
+    """
+
+    mode: str = "boxed"
+    timeout_s: float = 5.0
+    max_input_chars: int = 20_000
+    max_answer_chars: int = 1_000
+    max_nesting_depth: int = 12
+    float_rounding: int = 6
+    numeric_precision: int = 15
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"RewardConfig.mode={self.mode!r}; expected one of {MODES}")
+        for name in ("timeout_s", "max_input_chars", "max_answer_chars", "max_nesting_depth"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RewardConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+    """Score of one completion.
+
+    Attributes:
+      score: 1.0 when the answer matches the ground truth, else 0.0.
+      reason: one of `REASONS`.
+      extracted: the answer extracted from the completion (clipped), or None when none was
+        found or the item timed out / crashed.
+    """
+
+    score: float
+    reason: str
+    extracted: str | None = None
+
+
+def _drop_timeout_disabled_warning(record: logging.LogRecord) -> bool:
+    # We switch math-verify's own signal timeouts off on purpose (our pool times items out),
+    # so its "Timeout is disabled" warning is noise in every worker's stderr.
+    return "Timeout is disabled" not in str(record.msg)
+
+
+_math_verify: Any = None
+
+
+def _mv() -> Any:
+    """Imports math-verify on first use, so that `import meljax` stays light."""
+    global _math_verify
+    if _math_verify is None:
+        import math_verify
+
+        for name in ("math_verify.parser", "math_verify.grader"):
+            logging.getLogger(name).addFilter(_drop_timeout_disabled_warning)
+        _math_verify = math_verify
+    return _math_verify
+
+
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+
+
+def _strip_math_delimiters(answer: str) -> str:
+    """`$5$` -> `5`: a box's content is already math, delimiters would confuse the parser.
+
+    Escaped dollars (`\\$36`, a currency sign) are kept.
+    """
+    answer = answer.strip()
+    while (
+        len(answer) >= 2 and answer[0] == "$" and _UNESCAPED_DOLLAR.match(answer, len(answer) - 1)
+    ):
+        answer = answer[1:-1].strip()
+    return answer
+
+
+def _parse(latex: str) -> list[Any]:
+    """math-verify parse with only its LaTeX target (no `parse_expr`), never raising.
+
+    Returns [sympy object, normalised string] on success, [string] when only the string
+    fallback exists, [] when nothing matched.
+    """
+    mv = _mv()
+    return mv.parse(
+        latex,
+        extraction_config=[mv.LatexExtractionConfig()],
+        fallback_mode="first_match",
+        parsing_timeout=None,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold_cached(answer: str) -> tuple[Any, ...]:
+    if "\\boxed" in answer or _UNESCAPED_DOLLAR.search(answer):
+        return tuple(_parse(answer))
+    return tuple(_parse("\\boxed{" + answer + "}"))
+
+
+def parse_gold(answer: str) -> list[Any]:
+    """Parses a ground-truth answer; a bare string is wrapped in `\\boxed{}` first.
+
+    Cached per process: a GRPO step scores G completions per question against the same gold,
+    and parsing the gold costs about as much as parsing the prediction. (An interrupted parse
+    raises, so it is never cached.)
+    """
+    return list(_parse_gold_cached(answer.strip()))
+
+
+def _has_math(parsed: list[Any]) -> bool:
+    return any(not isinstance(p, str) for p in parsed)
+
+
+def score_one(completion: str, answer: str, config: RewardConfig) -> RewardResult:
+    """Scores one completion against its ground truth, in the calling process.
+
+    Args:
+      completion: the model's text (any length; clipped to `config.max_input_chars`).
+      answer: the ground-truth answer, a LaTeX string such as "\\frac{1}{2}" or "025".
+      config: extraction mode and limits.
+
+    Returns:
+      A `RewardResult` with reason "correct", "no_answer", "parse_error" or "mismatch".
+      No time limit is applied here (see `meljax.rewards.pool`).
+    """
+    text = clip_tail(completion, config.max_input_chars)
+    extracted = extract_answer(text, config.mode)
+    if extracted is None:
+        return RewardResult(0.0, "no_answer", None)
+    extracted = _strip_math_delimiters(extracted)[: config.max_answer_chars]
+    if not extracted:
+        return RewardResult(0.0, "no_answer", None)
+    if nesting_depth(extracted) > config.max_nesting_depth:
+        return RewardResult(0.0, "parse_error", extracted)
+
+    gold = parse_gold(answer)
+    pred = _parse("\\boxed{" + extracted + "}")
+    if not pred:
+        return RewardResult(0.0, "parse_error", extracted)
+    # Gold first: math-verify's comparison is not symmetric (e.g. `x=3` gold accepts `3`).
+    ok = _mv().verify(
+        gold,
+        pred,
+        float_rounding=config.float_rounding,
+        numeric_precision=config.numeric_precision,
+        strict=config.strict,
+        timeout_seconds=None,
+    )
+    if ok:
+        return RewardResult(1.0, "correct", extracted)
+    if not (_has_math(gold) and _has_math(pred)):
+        return RewardResult(0.0, "parse_error", extracted)
+    return RewardResult(0.0, "mismatch", extracted)

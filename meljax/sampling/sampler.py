@@ -1,0 +1,642 @@
+"""Jitted grouped-rollout sampler with a preallocated KV cache.
+
+One compiled program per (model graph, group size ``G``, bucketed shapes, cache dtype, mesh):
+
+1. prefill every prompt ONCE (batch ``B``, prompts LEFT-padded to ``P``) into a cache of
+   ``P + M`` slots (``M`` = bucketed ``max_new_tokens``);
+2. repeat the cache, the prompt mask and the last logits ``G`` times along the batch
+   (``jnp.repeat``: rows ``i*G .. i*G+G-1`` belong to prompt ``i``);
+3. decode in a ``jax.lax.while_loop`` (no Python per token) until every row has emitted a stop
+   token or ``max_new_tokens`` tokens have been produced.
+
+Sampling controls (temperature, top-p, top-k, the new-token limit, the stop ids) are traced
+values, so changing them never recompiles. ``G`` and the bucketed shapes are static.
+
+Log-probabilities. ``logprobs[r, j]`` is ``log_softmax(logits)`` at the chosen token, computed
+from the model's raw logits, i.e. BEFORE temperature, top-k and top-p are applied. This is the
+quantity a training forward pass recomputes (``model(tokens)`` then ``log_softmax``), so the RL
+importance ratio compares like with like. It is not the log-probability under the filtered,
+tempered distribution the token was actually drawn from.
+
+Stop tokens. A row stops at its own first stop token, which is included in the completion (and
+in the mask); later slots hold ``pad_id`` with mask ``False`` and log-prob 0. ``truncated`` marks
+rows that reached ``max_new_tokens`` without a stop token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from meljax import sharding as shd
+from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
+from meljax.models.config import ModelConfig, resolve_dtype
+from meljax.models.transformer import cache_bytes, default_positions, init_cache
+
+_NEG_INF = -jnp.inf
+
+
+# ----------------------------------------------------------------------------- host-level types
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Sampling controls of one ``Sampler.sample`` call.
+
+    Attributes:
+      max_new_tokens: completion length limit per row (>= 1).
+      temperature: softmax temperature; ``0`` means greedy (argmax of the raw logits).
+      top_p: nucleus mass in ``(0, 1]``; ``1`` disables it.
+      top_k: keep the ``k`` most likely tokens; ``0`` disables it.
+      num_samples: completions per prompt (the GRPO group size ``G``).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_samples: int = 1
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}"
+            )
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
+        if self.num_samples < 1:
+            raise ValueError(f"SamplingParams.num_samples must be >= 1, got {self.num_samples}")
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """Completions on the host, only the real prompts' rows (``N`` prompts x ``G`` samples).
+
+    Row ``i*G + g`` is sample ``g`` of prompt ``i``.
+
+    Attributes:
+      tokens: int32 ``[N*G, max_new]``; ``pad_id`` after the stop token.
+      mask: bool ``[N*G, max_new]``; True on generated tokens (stop token included).
+      logprobs: float32 ``[N*G, max_new]``; ``log_softmax(raw logits)`` at each token, 0 off the
+        mask (see the module docstring: before temperature / top-p / top-k).
+      lengths: int32 ``[N*G]``; number of generated tokens (stop token included).
+      truncated: bool ``[N*G]``; True when no stop token came within ``max_new_tokens``.
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray
+
+    def completion(self, i: int) -> list[int]:
+        """Row ``i``'s generated token ids (stop token included, no padding)."""
+        return [int(t) for t in self.tokens[i, : int(self.lengths[i])]]
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SampleOutput:
+    """Device-side result of the jitted core (padded batch, bucketed length ``M``).
+
+    tokens int32 ``[R, M]``, mask bool ``[R, M]``, logprobs f32 ``[R, M]``, lengths int32 ``[R]``,
+    truncated bool ``[R]``, with ``R = B * G`` rows.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    truncated: jax.Array
+
+
+# ----------------------------------------------------------------------------- token selection
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys with the same order as the float32 values ``x`` (``-inf`` lowest)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the largest key ``tau`` with ``sum(weights[keys >= tau]) >= target`` ``[R]``.
+
+    An exact bisection over the 32-bit key space (32 masked reductions over ``[R, V]``): much
+    cheaper on CPU than sorting the vocabulary, and ties are treated alike (all kept or not).
+    ``weights`` must be non-negative; when even the full sum misses ``target`` the result is 0
+    (every key qualifies).
+    """
+
+    def body(_, bounds):
+        lo, hi = bounds  # invariant: lo qualifies, the answer lies in [lo, hi]
+        gap = hi - lo
+        mid = lo + gap // 2 + gap % 2  # upper middle, no uint32 overflow
+        mass = jnp.sum(jnp.where(keys >= mid[:, None], weights, 0), axis=-1)
+        ok = mass >= target
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    rows = keys.shape[0]
+    lo = jnp.zeros((rows,), jnp.uint32)
+    hi = jnp.full((rows,), 0xFFFFFFFF, jnp.uint32)
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return lo
+
+
+def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Sets every token outside the top-k set and the nucleus (top-p) to ``-inf``.
+
+    Args:
+      logits: float32 ``[R, V]`` (already divided by the temperature).
+      top_p: scalar in ``(0, 1]``; a token is kept iff the probability mass of the tokens more
+        likely than it is ``< top_p`` (so the most likely token is always kept); ``>= 1`` keeps
+        all.
+      top_k: scalar int; keeps the tokens whose logit is ``>=`` the k-th largest; ``0`` keeps all.
+
+    The nucleus is computed on the distribution left after top-k (Hugging Face order). Tokens
+    tied with the last kept one are kept too. Each active filter costs one bisection
+    (``_largest_threshold``), run only when that filter is on.
+    """
+    keys = _order_keys(logits)
+    v = logits.shape[-1]
+
+    def kth_largest(keys):
+        ones = jnp.ones(keys.shape, jnp.float32)
+        return _largest_threshold(keys, ones, jnp.minimum(top_k, v).astype(jnp.float32))
+
+    no_cut = jnp.zeros((keys.shape[0],), jnp.uint32)
+    k_cut = jax.lax.cond(top_k > 0, kth_largest, lambda _: no_cut, keys)
+    logits = jnp.where(keys >= k_cut[:, None], logits, _NEG_INF)
+
+    def nucleus(logits):
+        probs = jax.nn.softmax(logits, axis=-1)
+        return _largest_threshold(keys, probs, top_p)
+
+    p_cut = jax.lax.cond(top_p < 1.0, nucleus, lambda _: no_cut, logits)
+    return jnp.where(keys >= p_cut[:, None], logits, _NEG_INF)
+
+
+def argmax_last(x: jax.Array) -> jax.Array:
+    """``argmax`` over the last axis (first index among ties) as int32 ``[...]``.
+
+    A max followed by a masked min over the indices: two vectorised reductions, several times
+    faster on CPU than XLA's variadic (value, index) reduction behind ``jnp.argmax``.
+    """
+    v = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    idx = jnp.where(x == top, jnp.arange(v, dtype=jnp.int32), v)
+    return jnp.minimum(jnp.min(idx, axis=-1), v - 1)
+
+
+def _last_positive(x: jax.Array) -> jax.Array:
+    """Index of the last strictly positive entry along the last axis ``[...]`` (0 if none)."""
+    v = x.shape[-1]
+    return jnp.max(jnp.where(x > 0, jnp.arange(v, dtype=jnp.int32), 0), axis=-1)
+
+
+def categorical(key: jax.Array, logits: jax.Array, block: int = 128) -> jax.Array:
+    """One draw per row from ``softmax(logits)`` ``[R, V]`` (``-inf`` = excluded), int32 ``[R]``.
+
+    Inverse-CDF sampling with one uniform per row and a two-level cumulative sum (over blocks of
+    ``block`` tokens, then inside the chosen block). ``jax.random.categorical`` draws ``V``
+    Gumbel variates per row instead, which dominates a CPU decode step for a 50k vocabulary.
+    A token of zero probability is never returned (indices are clamped to positive mass, which
+    only matters when float rounding puts the draw on the very edge of the total).
+    """
+    rows, v = logits.shape
+    nb = -(-v // block)
+    logits = jnp.pad(logits, ((0, 0), (0, nb * block - v)), constant_values=_NEG_INF)
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)).reshape(rows, nb, block)
+    block_mass = probs.sum(axis=-1)  # [R, nb]
+    block_cum = jnp.cumsum(block_mass, axis=-1)
+    target = jax.random.uniform(key, (rows,), jnp.float32) * block_cum[:, -1]
+    bi = jnp.sum(block_cum <= target[:, None], axis=-1).astype(jnp.int32)
+    bi = jnp.minimum(bi, _last_positive(block_mass))
+    before = jnp.where(bi > 0, jnp.take_along_axis(block_cum, (bi - 1)[:, None], axis=-1)[:, 0], 0)
+    chosen = jnp.take_along_axis(probs, bi[:, None, None], axis=1)[:, 0]  # [R, block]
+    inner = jnp.sum(jnp.cumsum(chosen, axis=-1) <= (target - before)[:, None], axis=-1)
+    inner = jnp.minimum(inner.astype(jnp.int32), _last_positive(chosen))
+    return bi * block + inner
+
+
+def select_tokens(
+    logits: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    top_k: jax.Array,
+) -> jax.Array:
+    """Next tokens ``[R]`` (int32) from raw logits ``[R, V]``.
+
+    ``temperature == 0`` takes the argmax; otherwise draws from ``softmax(filter(logits / T))``.
+    Both branches sit behind ``lax.cond`` so greedy decoding never pays for the random draw,
+    and the filters of ``filter_logits`` only run when top-p or top-k is active.
+    """
+
+    def greedy(_):
+        return argmax_last(logits)
+
+    def sample(_):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        active = (top_p < 1.0) | (top_k > 0)
+        scaled = jax.lax.cond(active, lambda x: filter_logits(x, top_p, top_k), lambda x: x, scaled)
+        return categorical(key, scaled)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, None)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[r, tokens[r]]`` ``[R]`` (float32) from raw logits ``[R, V]``."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+
+
+# ----------------------------------------------------------------------------- jitted core
+
+_TRACE_COUNT = 0  # bumped each time the core is traced (= compiled); see Sampler.compile_count
+
+
+def _constrain(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Shards a batch-major array over the data axes of ``mesh`` (no-op without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "num_samples", "max_len", "cache_dtype", "mesh")
+)
+def sample_core(
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    row_valid: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    top_k: jax.Array,
+    stop_ids: jax.Array,
+    max_new_tokens: jax.Array,
+    pad_id: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    num_samples: int,
+    max_len: int,
+    cache_dtype: Any = None,
+    mesh: Mesh | None = None,
+) -> SampleOutput:
+    """Grouped rollouts: ``num_samples`` completions for each of ``B`` prompts.
+
+    Args:
+      params: the model's ``nnx.State`` (``nnx.split(model)[1]``).
+      prompt_tokens: int32 ``[B, P]``, LEFT-padded.
+      prompt_mask: bool ``[B, P]``; True on real prompt tokens (each row needs at least one).
+      row_valid: bool ``[B]``; False on dummy rows added to fill a batch bucket (they start
+        finished, so they never hold the loop open).
+      key: PRNG key; step ``j`` draws with ``fold_in(key, j)``.
+      temperature, top_p, top_k: scalars (see ``select_tokens``).
+      stop_ids: int32 ``[S]`` stop token ids (``S`` may be 0).
+      max_new_tokens: int32 scalar ``<= max_len``; the loop limit.
+      pad_id: int32 scalar written after a row's stop token.
+      graphdef: the model's graph definition (static).
+      num_samples: group size ``G`` (static).
+      max_len: completion buffer length ``M`` (static; cache holds ``P + M`` slots).
+      cache_dtype: KV-cache dtype (static; default: the model's compute dtype).
+      mesh: when given, batch-major arrays are constrained to the data axes (static).
+
+    Returns:
+      ``SampleOutput`` with ``R = B * G`` rows and ``M`` columns.
+    """
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    model = nnx.merge(graphdef, params)
+    cfg: ModelConfig = model.cfg
+    g, m = num_samples, max_len
+    b, p = prompt_tokens.shape
+    r = b * g
+
+    # Completion slots are marked valid from the start: a query at slot ``P + j`` only sees
+    # slots <= P + j (causality inside forward_hidden), all of which are written by then.
+    kv_mask = jnp.concatenate([prompt_mask, jnp.ones((b, m), bool)], axis=1)
+    positions = default_positions(prompt_mask)
+    cache = init_cache(cfg, b, p + m, cache_dtype)
+    cache = jax.tree.map(lambda c: _constrain(c, mesh), cache)
+    hidden, cache = model.forward_hidden(prompt_tokens, positions, kv_mask, cache, 0)
+    first_logits = model.project(hidden[:, -1])  # [B, V]
+
+    def rep(x):
+        return _constrain(jnp.repeat(x, g, axis=0), mesh)
+
+    cache = jax.tree.map(rep, cache)
+    kv_mask = rep(kv_mask)
+    logits = rep(first_logits)
+    next_pos = rep(prompt_mask.sum(axis=1).astype(jnp.int32))  # position of completion token 0
+    done = rep(~row_valid)
+
+    def choose(step, logits, done):
+        """Samples completion token ``step`` for every row; returns its column and new state."""
+        tok = select_tokens(logits, jax.random.fold_in(key, step), temperature, top_p, top_k)
+        lp = token_logprobs(logits, tok)
+        live = ~done
+        tok = jnp.where(live, tok, pad_id)
+        lp = jnp.where(live, lp, 0.0)
+        stopped = (tok[:, None] == stop_ids[None, :]).any(axis=-1)
+        return tok, lp, live, done | (live & stopped)
+
+    def write(buf, col, step):
+        return jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, step))
+
+    tokens = _constrain(jnp.full((r, m), pad_id, jnp.int32), mesh)
+    logps = _constrain(jnp.zeros((r, m), jnp.float32), mesh)
+    mask = _constrain(jnp.zeros((r, m), bool), mesh)
+
+    def cond(state):
+        step, _, _, _, _, _, done = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        # Sample completion token ``step`` from ``logits``, then feed it (cache slot P+step) to
+        # get the logits of token step+1, unless the loop ends here. One sampling site keeps
+        # the program (and its compile time) small.
+        step, logits, cache, tokens, logps, mask, done = state
+        tok, lp, live, done = choose(step, logits, done)
+        tokens = write(tokens, tok, step)
+        logps = write(logps, lp, step)
+        mask = write(mask, live, step)
+
+        def feed(operands):
+            logits, cache = operands
+            pos = (next_pos + step)[:, None]
+            hidden, cache = model.forward_hidden(tok[:, None], pos, kv_mask, cache, p + step)
+            return model.project(hidden[:, 0]), cache
+
+        more = (step + 1 < max_new_tokens) & ~jnp.all(done)
+        logits, cache = jax.lax.cond(more, feed, lambda operands: operands, (logits, cache))
+        return step + 1, logits, cache, tokens, logps, mask, done
+
+    state = (jnp.int32(0), logits, cache, tokens, logps, mask, done)
+    _, _, _, tokens, logps, mask, done = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(
+        tokens=_constrain(tokens, mesh),
+        mask=_constrain(mask, mesh),
+        logprobs=_constrain(logps, mesh),
+        lengths=_constrain(mask.sum(axis=1).astype(jnp.int32), mesh),
+        truncated=_constrain(~done, mesh),
+    )
+
+
+# ----------------------------------------------------------------------------- host-level sampler
+
+
+def config_from_graphdef(graphdef: nnx.GraphDef) -> ModelConfig:
+    """The ``ModelConfig`` stored as a static attribute in a ``Transformer`` graph definition."""
+    for _, attr in getattr(graphdef, "attributes", ()):
+        value = getattr(attr, "value", None)
+        if isinstance(value, ModelConfig):
+            return value
+    raise ValueError("Sampler: no ModelConfig found in the graphdef; is it a meljax Transformer?")
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], batch: int, length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LEFT-pads prompts into ``tokens`` int32 ``[batch, length]``, ``mask`` bool and ``valid``.
+
+    Rows past ``len(prompts)`` are dummies: a single ``pad_id`` token in the last slot (so that
+    attention never sees an all-masked row) and ``valid`` False.
+    """
+    tokens = np.full((batch, length), pad_id, np.int32)
+    mask = np.zeros((batch, length), bool)
+    valid = np.zeros((batch,), bool)
+    for i, prompt in enumerate(prompts):
+        n = len(prompt)
+        tokens[i, length - n :] = prompt
+        mask[i, length - n :] = True
+        valid[i] = True
+    mask[len(prompts) :, -1] = True
+    return tokens, mask, valid
+
+
+class Sampler:
+    """Host-level grouped sampler: buckets shapes, pads the batch, runs ``sample_core``.
+
+    Prompts longer than ``max_prompt_len`` are cut from the LEFT (their end, which holds the
+    question and the generation prompt, is kept); each cut is logged and counted in
+    ``num_truncated_prompts``. Empty prompts and token ids outside the vocabulary raise.
+
+    With a ``mesh`` the batch is padded to a multiple of the data-parallel size and the inputs
+    are placed batch-sharded; ``params`` must already be laid out for that mesh (e.g. loaded by
+    ``from_pretrained(..., mesh=mesh)``).
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        *,
+        stop_token_ids: Sequence[int],
+        pad_id: int,
+        mesh: Mesh | None = None,
+        cache_dtype=None,
+        prompt_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+        batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
+        max_prompt_len: int | None = None,
+        new_token_buckets: Sequence[int] | None = DEFAULT_LENGTH_BUCKETS,
+    ):
+        """
+        Args:
+          graphdef: ``nnx.split(model)[0]`` of a meljax ``Transformer``.
+          stop_token_ids: a row stops after emitting any of these (may be empty).
+          pad_id: token written after a row's stop token and into prompt padding.
+          mesh: optional device mesh; the batch is sharded over its data axes.
+          cache_dtype: KV-cache dtype (``"bfloat16"`` halves its memory); default: compute dtype.
+          prompt_buckets, batch_buckets: sizes the prompt length / prompt count are padded to.
+          max_prompt_len: longer prompts are cut from the left; ``None``: no limit.
+          new_token_buckets: sizes ``max_new_tokens`` is padded to for the cache and output
+            buffers (the loop still stops at ``max_new_tokens``); ``None``: exact size.
+        """
+        self.graphdef = graphdef
+        self.config = config_from_graphdef(graphdef)
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        self.pad_id = int(pad_id)
+        self.mesh = mesh
+        self.cache_dtype = None if cache_dtype is None else resolve_dtype(cache_dtype)
+        self.prompt_buckets = tuple(prompt_buckets)
+        self.batch_buckets = tuple(batch_buckets)
+        self.new_token_buckets = None if new_token_buckets is None else tuple(new_token_buckets)
+        self.max_prompt_len = max_prompt_len
+        self.compile_count = 0
+        self.num_truncated_prompts = 0
+        vocab = self.config.vocab_size
+        for t in (*self.stop_token_ids, self.pad_id):
+            if not 0 <= t < vocab:
+                raise ValueError(
+                    f"Sampler: stop/pad token id {t} outside the vocabulary [0, {vocab})"
+                )
+
+    # -- shapes
+
+    def _dp(self) -> int:
+        return 1 if self.mesh is None else shd.data_parallel_size(self.mesh)
+
+    def shapes(
+        self, num_prompts: int, prompt_len: int, sampling: SamplingParams
+    ) -> tuple[int, int, int]:
+        """Bucketed ``(batch, prompt_len, new_tokens)`` a call with these sizes compiles for."""
+        if self.max_prompt_len is not None:
+            prompt_len = min(prompt_len, self.max_prompt_len)
+        b = bucket(max(num_prompts, 1), self.batch_buckets, multiple=self._dp())
+        p = bucket(prompt_len, self.prompt_buckets)
+        m = sampling.max_new_tokens
+        if self.new_token_buckets is not None:
+            m = bucket(m, self.new_token_buckets)
+        return b, p, m
+
+    def memory_estimate(
+        self, num_prompts: int, prompt_len: int, sampling: SamplingParams
+    ) -> dict[str, int]:
+        """Device memory of the sampling buffers in bytes (weights excluded).
+
+        Keys: ``batch`` (padded prompts), ``rows`` (``batch * G``), ``prompt_len`` and
+        ``new_tokens`` (bucketed), ``cache_len``, ``kv_cache_bytes`` (the repeated cache,
+        ``rows x cache_len``), ``prefill_cache_bytes`` (the cache before repetition, alive
+        during the repeat), ``logits_bytes`` (f32 ``[rows, vocab]``), ``output_bytes`` and
+        ``total_bytes`` (their sum).
+        """
+        b, p, m = self.shapes(num_prompts, prompt_len, sampling)
+        rows = b * sampling.num_samples
+        cfg = self.config
+        kv = cache_bytes(cfg, rows, p + m, self.cache_dtype)
+        prefill = cache_bytes(cfg, b, p + m, self.cache_dtype)
+        logits = rows * cfg.vocab_size * 4
+        outputs = rows * m * (4 + 4 + 1)
+        return {
+            "batch": b,
+            "rows": rows,
+            "prompt_len": p,
+            "new_tokens": m,
+            "cache_len": p + m,
+            "kv_cache_bytes": kv,
+            "prefill_cache_bytes": prefill,
+            "logits_bytes": logits,
+            "output_bytes": outputs,
+            "total_bytes": kv + prefill + logits + outputs,
+        }
+
+    # -- sampling
+
+    def _prepare(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        vocab = self.config.vocab_size
+        out = []
+        for i, prompt in enumerate(prompts):
+            prompt = [int(t) for t in prompt]
+            if not prompt:
+                raise ValueError(f"Sampler.sample: prompt {i} is empty")
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(
+                    f"Sampler.sample: prompt {i} has token ids {bad[:5]} outside [0, {vocab})"
+                )
+            if self.max_prompt_len is not None and len(prompt) > self.max_prompt_len:
+                logging.warning(
+                    "Sampler: prompt %d has %d tokens, keeping its last %d",
+                    i,
+                    len(prompt),
+                    self.max_prompt_len,
+                )
+                self.num_truncated_prompts += 1
+                prompt = prompt[-self.max_prompt_len :]
+            out.append(prompt)
+        return out
+
+    def sample_device(
+        self,
+        params,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        key: jax.Array,
+    ) -> SampleOutput:
+        """Runs the jitted core; returns the padded device-side ``SampleOutput``."""
+        global _TRACE_COUNT
+        sampling.validate()
+        if not prompts:
+            raise ValueError("Sampler.sample: no prompts")
+        prompts = self._prepare(prompts)
+        b, p, m = self.shapes(len(prompts), max(len(x) for x in prompts), sampling)
+        tokens, mask, valid = pad_prompts(prompts, b, p, self.pad_id)
+        if self.mesh is not None:
+            put = lambda x: jax.device_put(x, shd.batch_sharding(self.mesh, x.ndim))  # noqa: E731
+            tokens, mask, valid = put(tokens), put(mask), put(valid)
+        before = _TRACE_COUNT
+        out = sample_core(
+            params,
+            tokens,
+            mask,
+            valid,
+            key,
+            jnp.float32(sampling.temperature),
+            jnp.float32(sampling.top_p),
+            jnp.int32(sampling.top_k),
+            jnp.asarray(self.stop_token_ids, jnp.int32).reshape(-1),
+            jnp.int32(sampling.max_new_tokens),
+            jnp.int32(self.pad_id),
+            graphdef=self.graphdef,
+            num_samples=sampling.num_samples,
+            max_len=m,
+            cache_dtype=self.cache_dtype,
+            mesh=self.mesh,
+        )
+        self.compile_count += _TRACE_COUNT - before
+        return out
+
+    def sample(
+        self,
+        params,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        key: jax.Array,
+    ) -> SampleResult:
+        """``sampling.num_samples`` completions per prompt, as numpy (rows ``i*G + g``).
+
+        Args:
+          params: the model's current ``nnx.State``.
+          prompts: token-id lists (no padding), each non-empty.
+          sampling: the controls; ``temperature``/``top_p``/``top_k``/``max_new_tokens`` (within
+            one bucket) change without recompiling.
+          key: PRNG key; the same key, params and prompts give the same result.
+        """
+        out = self.sample_device(params, prompts, sampling, key)
+        rows, m = len(prompts) * sampling.num_samples, sampling.max_new_tokens
+        host = jax.device_get(out)
+        return SampleResult(
+            tokens=np.asarray(host.tokens[:rows, :m], np.int32),
+            mask=np.asarray(host.mask[:rows, :m], bool),
+            logprobs=np.asarray(host.logprobs[:rows, :m], np.float32),
+            lengths=np.asarray(host.lengths[:rows], np.int32),
+            truncated=np.asarray(host.truncated[:rows], bool),
+        )
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0 if n < 1024 else min(int(math.log(n, 1024)), len(units) - 1)
+    return f"{n / 1024**i:.1f} {units[i]}" if i else f"{int(n)} B"

@@ -1,0 +1,1 @@
+"""The training job: set-up, the step loop, checkpoints and metrics."""

@@ -1,0 +1,141 @@
+"""Checkpoints of a training run with orbax ``CheckpointManager`` under ``WORKDIR/checkpoints``.
+
+A checkpoint holds the whole train state (params, optimizer state, step, counters) as a flat
+dict of arrays keyed by their pytree paths, plus a JSON item with the data-iterator state, the
+config and run bookkeeping. Orbax writes each checkpoint into a temporary folder and renames it
+when complete, so a run killed while saving resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _key(path) -> str:
+    parts = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                parts.append(str(getattr(p, attr)))
+                break
+        else:
+            parts.append(str(p))
+    return ".".join(parts)
+
+
+def flatten_state(state: Any) -> dict[str, jax.Array]:
+    """``{"params.layers.0.attn.q_proj.value": array, ...}`` for any pytree of arrays."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    out = {_key(path): leaf for path, leaf in flat}
+    if len(out) != len(flat):
+        raise ValueError("train state has colliding leaf paths")
+    return out
+
+
+def unflatten_like(template: Any, flat: dict[str, Any]) -> Any:
+    """Rebuilds a pytree shaped like ``template`` from ``flatten_state`` output."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    missing = [_key(p) for p, _ in paths if _key(p) not in flat]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} arrays, e.g. {missing[:3]}")
+    return jax.tree_util.tree_unflatten(treedef, [flat[_key(p)] for p, _ in paths])
+
+
+class Checkpointer:
+    """Saves and restores ``(train_state, extra_json)`` pairs by step."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 2, create: bool = True):
+        if "://" not in workdir:  # orbax wants absolute paths; gs:// ones already are
+            workdir = os.path.abspath(workdir)
+        self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "extra")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, extra: dict) -> None:
+        """Writes a checkpoint and waits until it is complete on disk."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(flatten_state(state)),
+                extra=ocp.args.JsonSave(extra),
+            ),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int | None, template: Any) -> tuple[Any, dict]:
+        """Restores into the structure, dtypes and shardings of ``template`` (a live state)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+
+        def abstract(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+        target = jax.tree.map(abstract, flatten_state(template))
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()
+            ),
+        )
+        return unflatten_like(template, dict(out["state"])), dict(out["extra"])
+
+    def read_extra(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+        return dict(out["extra"])
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_policy_from_workdir(workdir: str, step: int | None = None, *, mesh=None):
+    """The policy model of a training run's checkpoint (latest by default).
+
+    Returns ``(model, tokenizer, config)``. The model architecture and tokenizer come from the
+    run's config (``model.path`` or its random architecture); weights from the checkpoint.
+    """
+    from flax import nnx
+
+    from meljax.trainer import setup
+
+    if "://" not in workdir and not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, CHECKPOINT_DIR)}")
+    ckpt = Checkpointer(workdir, create=False)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, CHECKPOINT_DIR)}")
+    extra = ckpt.read_extra(step)
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(json.loads(extra["config"]))
+    model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
+    graphdef, params = nnx.split(model, nnx.Param)
+    flat = ckpt.manager.restore(
+        step or ckpt.latest_step(),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore()),
+    )["state"]
+    prefix = "params."
+    restored = {k[len(prefix) :]: v for k, v in dict(flat).items() if k.startswith(prefix)}
+    params = unflatten_like(params, restored)
+    ckpt.close()
+    return nnx.merge(graphdef, params), tokenizer, cfg

@@ -1,0 +1,100 @@
+"""MEL wiring: a kept meta-experience from the pipeline reaches the update step and is learned."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from meljax.batch import TrainBatch, build_policy_batch
+from meljax.losses import LossConfig
+from meljax.meta import MetaConfig, MetaExperiencePipeline
+from meljax.models import ModelConfig, Transformer
+from meljax.models.tokenizer import make_tiny_tokenizer
+from meljax.optim import make_optimizer
+from meljax.sampling import SampleResult
+from meljax.train_step import init_train_state, make_train_step
+
+TOK = make_tiny_tokenizer()
+LESSON = "When adding, I must count on from the larger number."
+
+
+class ScriptedPolicy:
+    """Sampler double: analyses get LESSON, replays answer 8 (correct)."""
+
+    def sample(self, params, prompts, sampling, key):
+        m, rows = sampling.max_new_tokens, []
+        for p in prompts:
+            text = TOK.decode(list(p))
+            reply = "So 8." if "<experience>" in text else LESSON
+            ids = (TOK.encode(reply, add_special_tokens=False) + [TOK.eos_token_id])[:m]
+            rows += [ids] * sampling.num_samples
+        tokens = np.zeros((len(rows), m), np.int32)
+        mask = np.zeros((len(rows), m), bool)
+        for i, ids in enumerate(rows):
+            tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
+        return SampleResult(
+            tokens,
+            mask,
+            np.zeros(tokens.shape, np.float32),
+            mask.sum(1).astype(np.int32),
+            np.zeros(len(rows), bool),
+        )
+
+
+class Q:
+    id, question, answer = "q0", "What is 3 plus 5?", "8"
+
+
+def test_kept_meta_experience_is_trained_into_the_policy():
+    cfg = ModelConfig(
+        vocab_size=len(TOK),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def render(msg):
+        return TOK.apply_chat_template(
+            [{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True
+        )
+
+    pipeline = MetaExperiencePipeline(
+        sampler=ScriptedPolicy(),
+        tokenizer=TOK,
+        render_prompt=render,
+        config=MetaConfig(
+            analysis_max_prompt_tokens=1600,
+            analysis_max_new_tokens=64,
+            replay_max_new_tokens=16,
+            answer_mode="last_number",
+            max_pairs_per_query=1,
+        ),
+        verify=lambda c, a: [
+            float(x.strip().rstrip(".").split()[-1] == y) for x, y in zip(c, a, strict=True)
+        ],
+    )
+    answers = ["It is 8", "It is 7", "It is 8", "It is 9"]
+    meta = pipeline.run(1, [Q], answers, [1.0, 0.0, 1.0, 0.0], 4, params, jax.random.key(0))
+    assert meta.counts.kept == 1 and meta.retention_ratio == 1.0
+    nll_rows = np.nonzero(meta.batch.weight)[0]
+    target = meta.batch.tokens[nll_rows[0]][meta.batch.loss_mask[nll_rows[0]] > 0]
+    assert TOK.decode(list(target), skip_special_tokens=True) == LESSON
+
+    prompt = TOK.encode(render(Q.question), add_special_tokens=False)
+    comps = [TOK.encode(a, add_special_tokens=False) for a in answers]
+    policy = build_policy_batch(
+        [prompt] * 4, comps, advantages=[0.0] * 4, rewards=[1, 0, 1, 0], group_index=[0] * 4
+    )
+    optimizer, _ = make_optimizer({"learning_rate": 3e-3, "weight_decay": 0.0})
+    step = make_train_step(graphdef, optimizer, LossConfig(lambda_mel=1.0))
+    state = init_train_state(params, optimizer)
+    nlls = []
+    for _ in range(5):
+        state, m = step(state, TrainBatch(policy=policy, mel=meta.batch))
+        assert float(m["mel_rows"]) == 1.0
+        nlls.append(float(m["mel_nll"]))
+    # Zero advantages: the policy term is 0, so only the MEL term moves the weights.
+    assert nlls[-1] < nlls[0] - 0.1, nlls
