@@ -625,7 +625,7 @@ class Sampler:
         """
         out = self.sample_device(params, prompts, sampling, key)
         rows, m = len(prompts) * sampling.num_samples, sampling.max_new_tokens
-        host = jax.device_get(out)
+        host = shd.to_host(out)  # all-gathers rows held by other hosts (multi-host)
         return SampleResult(
             tokens=np.asarray(host.tokens[:rows, :m], np.int32),
             mask=np.asarray(host.mask[:rows, :m], bool),

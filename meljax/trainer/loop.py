@@ -175,7 +175,7 @@ class PeriodicEval:
 
 def _scalars(metrics: list[dict]) -> dict[str, float]:
     """Update metrics (device scalars) of the step's last update, on the host."""
-    last = jax.device_get(metrics[-1])
+    last = shd.to_host(metrics[-1])
     return {f"train/{k}": float(np.asarray(v)) for k, v in last.items()}
 
 
