@@ -71,12 +71,9 @@ def _dt(name: str):
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """EOS ids from the tokenizer and the model config (deduplicated, order kept)."""
-    ids = []
-    eos = model.cfg.eos_token_id
-    for x in [tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [eos]):
-        if x is not None and x not in ids:
-            ids.append(int(x))
-    return ids
+    from meljax.sampling.generate import stop_token_ids as from_tokenizer_and_config
+
+    return from_tokenizer_and_config(tokenizer, model.cfg)
 
 
 def instruction_text(cfg: ml_collections.ConfigDict) -> str:
