@@ -41,7 +41,10 @@ def run(argv: list[str] | None = None) -> None:
         print(f"meljax {name}: {COMMANDS[name]}\n{(module.__doc__ or '').strip()}\n")
         print(flags.FLAGS.module_help(module))
         sys.exit(0)
-    app.run(module.main, argv=[f"meljax {name}"] + argv[2:])
+    rest = argv[2:]
+    if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in rest):
+        rest = ["--verbosity=-1"] + rest  # warnings and errors only; results are printed
+    app.run(module.main, argv=[f"meljax {name}"] + rest)
 
 
 if __name__ == "__main__":
