@@ -47,7 +47,6 @@ from meljax.batch import TrainBatch, build_sequence_batch
 from meljax.buckets import bucket
 from meljax.meta import MetaExperiencePipeline
 from meljax.optim import make_optimizer
-from meljax.sampling import Sampler, SamplingParams
 from meljax.train_step import init_train_state, make_train_step, train_on_batch
 from meljax.trainer import setup
 from meljax.trainer.loop import loss_config, meta_config, optimizer_config
@@ -71,15 +70,6 @@ def load_config(path: str, overrides: list[str]):
             value = raw
         cfg[section][name] = value
     return cfg
-
-
-def make_verifier(cfg):
-    """The trainer's verifier: a ``VerifierPool`` of spawned workers (closed at the end)."""
-    from meljax.rewards import RewardConfig, VerifierPool
-
-    rc = RewardConfig(mode=cfg.reward.mode, timeout_s=cfg.reward.timeout_s)
-    pool = VerifierPool(max(1, cfg.reward.num_workers), config=rc)
-    return pool.score, pool.close
 
 
 def forced_rewards(real: np.ndarray, mixed: int) -> np.ndarray:
@@ -125,22 +115,16 @@ def main(argv=None) -> dict:
     model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
     graphdef, params = nnx.split(model, nnx.Param)
     stop_ids = setup.stop_token_ids(nnx.merge(graphdef, params), tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    pad_id = setup.pad_token_id(tokenizer, stop_ids)
     optimizer, schedule = make_optimizer(optimizer_config(cfg))
     state = init_train_state(params, optimizer, mesh)
     del model, params
     train_step = make_train_step(
         graphdef, optimizer, loss_config(cfg), mesh=mesh, schedule=schedule, donate=False
     )
-    sampler = Sampler(
-        graphdef,
-        stop_token_ids=stop_ids,
-        pad_id=pad_id,
-        mesh=mesh,
-        cache_dtype=cfg.rollout.cache_dtype or None,
-        max_prompt_len=max(cfg.data.max_prompt_tokens, cfg.mel.analysis_max_prompt_tokens),
-    )
-    verify, close_verifier = make_verifier(cfg)
+    sampler = setup.build_sampler(cfg, graphdef, stop_ids, pad_id, mesh)
+    verifier = setup.build_verifier(cfg)
+    verify, close_verifier = verifier.score, verifier.close
     workdir = tempfile.mkdtemp(prefix="mel_step_bench_")
     pipeline = MetaExperiencePipeline(
         sampler=sampler,
@@ -157,13 +141,7 @@ def main(argv=None) -> dict:
     render = setup.prompt_renderer(cfg, tokenizer)
     source, _ = setup.build_problem_source(cfg)
     data_iter = setup.build_data_iterator(cfg, source)
-    rollout_sampling = SamplingParams(
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
-        num_samples=g,
-    )
+    rollout_sampling = setup.rollout_sampling(cfg)
     setup_s = time.perf_counter() - t0
     print(f"setup {setup_s:.1f}s; devices {jax.devices()}", flush=True)
 

@@ -24,7 +24,6 @@ from meljax.losses import LossConfig
 from meljax.meta import MetaConfig, MetaExperiencePipeline
 from meljax.models import save_pretrained
 from meljax.optim import OptimizerConfig, make_optimizer
-from meljax.sampling import Sampler, SamplingParams
 from meljax.train_step import (
     init_train_state,
     make_compute_logprobs,
@@ -189,7 +188,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
     graphdef, params = nnx.split(model, nnx.Param)
     del model
     stop_ids = setup.stop_token_ids(nnx.merge(graphdef, params), tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    pad_id = setup.pad_token_id(tokenizer, stop_ids)
 
     optimizer, schedule = make_optimizer(optimizer_config(cfg))
     master = "bfloat16" if cfg.model.param_dtype == "bfloat16" else "float32"
@@ -210,15 +209,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
     compute_logprobs = make_compute_logprobs(
         graphdef, mesh=mesh, chunk_size=cfg.algorithm.logprob_chunk
     )
-    max_prompt = max(cfg.data.max_prompt_tokens, cfg.mel.analysis_max_prompt_tokens)
-    sampler = Sampler(
-        graphdef,
-        stop_token_ids=stop_ids,
-        pad_id=pad_id,
-        mesh=mesh,
-        cache_dtype=cfg.rollout.cache_dtype or None,
-        max_prompt_len=max_prompt,
-    )
+    sampler = setup.build_sampler(cfg, graphdef, stop_ids, pad_id, mesh)
     render = setup.prompt_renderer(cfg, tokenizer)
     source, skipped_rows = setup.build_problem_source(cfg)
     data_iter = setup.build_data_iterator(cfg, source)
@@ -237,13 +228,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
         if skipped_rows:
             logging.warning("data: %d bad rows skipped", skipped_rows)
 
-    rollout_sampling = SamplingParams(
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
-        num_samples=cfg.rollout.group_size,
-    )
+    rollout_sampling = setup.rollout_sampling(cfg)
     pool = setup.build_verifier(cfg)
     pipeline = None
     if cfg.mel.enabled:

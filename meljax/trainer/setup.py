@@ -76,6 +76,40 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return from_tokenizer_and_config(tokenizer, model.cfg)
 
 
+def pad_token_id(tokenizer, stop_ids: list[int]) -> int:
+    """The tokenizer's pad id, or the first stop id when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+
+
+def build_sampler(cfg: ml_collections.ConfigDict, graphdef, stop_ids, pad_id: int, mesh):
+    """The one jitted sampler of a run: rollouts, analyses and replays all go through it, so
+    its prompt limit covers the longest of them (the filled analysis prompt)."""
+    from meljax.sampling import Sampler
+
+    return Sampler(
+        graphdef,
+        stop_token_ids=stop_ids,
+        pad_id=pad_id,
+        mesh=mesh,
+        cache_dtype=cfg.rollout.cache_dtype or None,
+        max_prompt_len=max(cfg.data.max_prompt_tokens, cfg.mel.analysis_max_prompt_tokens),
+    )
+
+
+def rollout_sampling(cfg: ml_collections.ConfigDict):
+    """Sampling controls of the rollouts (G answers per question)."""
+    from meljax.sampling import SamplingParams
+
+    r = cfg.rollout
+    return SamplingParams(
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        num_samples=r.group_size,
+    )
+
+
 def instruction_text(cfg: ml_collections.ConfigDict) -> str:
     name = cfg.data.instruction
     return {"default": DEFAULT_INSTRUCTION, "demo": DEMO_INSTRUCTION}.get(name, name)
