@@ -15,8 +15,10 @@ from meljax import sharding as shd
 from meljax.models import (
     ModelConfig,
     Transformer,
+    cache_bytes,
     default_positions,
     from_pretrained,
+    init_cache,
     save_pretrained,
 )
 
@@ -124,7 +126,8 @@ def test_bf16_params_and_sharded_checkpoint(tmp_path):
     )
 
 
-def test_kv_cache_decode_matches_full_forward():
+@pytest.mark.parametrize("tied", [False, True])
+def test_kv_cache_decode_matches_full_forward(tied):
     cfg = ModelConfig(
         model_type="qwen3",
         vocab_size=50,
@@ -133,6 +136,7 @@ def test_kv_cache_decode_matches_full_forward():
         num_kv_heads=2,
         head_dim=8,
         qk_norm=True,
+        tie_word_embeddings=tied,
     )
     model = Transformer(cfg, rngs=nnx.Rngs(1))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 9)), jnp.int32)
@@ -146,11 +150,18 @@ def test_kv_cache_decode_matches_full_forward():
     for t in range(6, 9):
         kv = kv.at[:, t].set(mask[:, t])
         h, cache = model.forward_hidden(tokens[:, t : t + 1], pos[:, t : t + 1], kv, cache, t)
-        steps.append(model.project(h))
+        steps.append(model.project_rows(h[:, 0])[:, None])  # the sampler's decode projection
     inc = jnp.concatenate(steps, axis=1)
     np.testing.assert_allclose(
         np.asarray(inc)[np.asarray(mask)], np.asarray(full)[np.asarray(mask)], atol=1e-5
     )
+
+
+def test_cache_bytes_matches_allocated_cache():
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)
+    cache = init_cache(cfg, 3, 20, jnp.bfloat16)
+    allocated = sum(x.nbytes for layer in cache for x in layer.values())
+    assert allocated == cache_bytes(cfg, 3, 20, jnp.bfloat16) == 2 * 2 * 3 * 20 * 2 * 8 * 2
 
 
 def test_sharded_model_matches_single_device(tmp_path):

@@ -20,7 +20,7 @@ from flax import nnx
 
 from meljax.models.config import ModelConfig
 
-Cache = list[dict[str, jax.Array]]  # one {"k": [B,S,K,hd], "v": [B,S,K,hd]} per layer
+Cache = list[dict[str, jax.Array]]  # one {"k": [B,K,hd,S], "v": [B,K,S,hd]} per layer
 _INIT = nnx.initializers.normal(0.02)
 _NEG = -1e30  # finite, so fully masked rows (padding) give a uniform softmax, not NaN
 
@@ -105,24 +105,34 @@ class Attention(nnx.Module):
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        # Cache layout: keys ``[B, K, hd, S]`` and values ``[B, K, S, hd]``, queries
+        # ``[B, K, G*T, hd]``. Batch and kv-head axes lead everywhere and both attention
+        # matmuls are plain ``[rows, n] @ [n, cols]`` products over the cache, so a decode step
+        # streams the cache once, never transposing it. (For T == 1 every transpose below is a
+        # free reshape.)
+        b, t, h, hd = q.shape
+        kv_heads = cfg.num_kv_heads
+        groups = h // kv_heads
+        k = k.transpose(0, 2, 3, 1)
+        v = v.transpose(0, 2, 1, 3)
         if layer_cache is not None:
-            idx = (0, cache_index, 0, 0)
             ck = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k.astype(layer_cache["k"].dtype), idx
+                layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, 0, 0, cache_index)
             )
             cv = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v.astype(layer_cache["v"].dtype), idx
+                layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, 0, cache_index, 0)
             )
             layer_cache = {"k": ck, "v": cv}
             k, v = ck.astype(dt), cv.astype(dt)
-        b, t, h, hd = q.shape
-        groups = h // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(hd)
+        q = q.reshape(b, t, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
+        q = q.reshape(b, kv_heads, groups * t, hd)
+        scores = jnp.einsum("bkqh,bkhs->bkqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kv_heads, groups, t, -1) / math.sqrt(hd)
         scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, h, hd)
+        probs = probs.reshape(b, kv_heads, groups * t, -1)
+        out = jnp.einsum("bkqs,bksh->bkqh", probs, v).reshape(b, kv_heads, groups, t, hd)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
         return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), layer_cache
 
 
@@ -210,7 +220,8 @@ class Transformer(nnx.Module):
           positions: int32 ``[B, T]`` RoPE positions.
           kv_mask: bool ``[B, T]`` without a cache, else ``[B, S]`` over cache slots (including
             the ``T`` slots being written now).
-          cache: per-layer keys/values ``[B, S, kv_heads, head_dim]`` or ``None``.
+          cache: per layer, keys ``[B, kv_heads, head_dim, S]`` and values
+            ``[B, kv_heads, S, head_dim]`` (see ``init_cache``), or ``None``.
           cache_index: first cache slot written by these tokens (scalar).
         """
         cfg = self.cfg
@@ -252,15 +263,36 @@ class Transformer(nnx.Module):
         w = self.lm_head_kernel().astype(self.cfg.dtype)
         return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
 
+    def project_rows(self, hidden: jax.Array) -> jax.Array:
+        """Logits ``[R, V]`` (float32) for a few rows of hidden states ``[R, D]`` (decoding).
+
+        Same values as ``project``. With tied embeddings the output matrix is the vocab-major
+        embedding ``[V, D]``; computing ``(E @ hidden^T)^T`` streams it row by row as the left
+        operand, about 1.4x faster on CPU for 4-16 rows than ``hidden @ E^T``. The barrier
+        keeps XLA from folding the small transpose back into the slower orientation. An
+        untied ``[D, V]`` head is already in its fast orientation.
+        """
+        if not self.cfg.tie_word_embeddings:
+            return self.project(hidden)
+        emb = self.embed[...].astype(self.cfg.dtype)
+        logits_t = jnp.einsum("vd,rd->vr", emb, hidden, preferred_element_type=jnp.float32)
+        return jax.lax.optimization_barrier(logits_t).T
+
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-        """Zeroed KV cache: per layer ``[batch, max_len, kv_heads, head_dim]``."""
+        """Zeroed KV cache (see the module-level ``init_cache``)."""
         return init_cache(self.cfg, batch, max_len, dtype)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    """Zeroed KV cache, one ``{"k", "v"}`` per layer: keys ``[batch, kv_heads, head_dim,
+    max_len]`` (slots minor) and values ``[batch, kv_heads, max_len, head_dim]``, so that
+    ``q @ K`` and ``probs @ V`` both read the cache in its stored order."""
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     dt = cfg.dtype if dtype is None else dtype
-    return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)]
+    return [
+        {"k": jnp.zeros(k_shape, dt), "v": jnp.zeros(v_shape, dt)} for _ in range(cfg.num_layers)
+    ]
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> int:

@@ -387,7 +387,7 @@ def sample_core(
             logits, cache = operands
             pos = (next_pos + step)[:, None]
             hidden, cache = model.forward_hidden(tok[:, None], pos, kv_mask, cache, p + step)
-            return model.project(hidden[:, 0]), cache
+            return model.project_rows(hidden[:, 0]), cache
 
         more = (step + 1 < max_new_tokens) & ~jnp.all(done)
         logits, cache = jax.lax.cond(more, feed, lambda operands: operands, (logits, cache))
