@@ -341,7 +341,7 @@ def sample_core(
     cache = init_cache(cfg, b, p + m, cache_dtype)
     cache = jax.tree.map(lambda c: _constrain(c, mesh), cache)
     hidden, cache = model.forward_hidden(prompt_tokens, positions, kv_mask, cache, 0)
-    first_logits = model.project(hidden[:, -1])  # [B, V]
+    first_logits = model.project_rows(hidden[:, -1])  # [B, V]
 
     def rep(x):
         return _constrain(jnp.repeat(x, g, axis=0), mesh)
