@@ -128,12 +128,34 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = "auto"  # auto (on multi-host TPU) | always | never
+    # Explicit cluster (GPU nodes without SLURM, several processes on one machine): all three
+    # set, or none (then JAX detects TPU / SLURM / ... by itself).
+    c.distributed.coordinator_address = ""  # host:port of process 0's coordinator
+    c.distributed.num_processes = 0  # processes in the job (0 = detect)
+    c.distributed.process_id = -1  # this process's index in [0, num_processes) (-1 = detect)
     c.lock()
     return c
 
 
 def _fail(msg: str):
     raise ValueError(f"config: {msg}")
+
+
+def validate_distributed(dist: ml_collections.ConfigDict) -> None:
+    """Checks the ``distributed`` section (before any JAX start-up)."""
+    if dist.initialize not in ("auto", "always", "never"):
+        _fail(f"distributed.initialize={dist.initialize!r} is not one of auto, always, never")
+    given = (bool(dist.coordinator_address), dist.num_processes > 0, dist.process_id >= 0)
+    if any(given) and not all(given):
+        _fail(
+            "distributed.coordinator_address, num_processes and process_id go together: "
+            "set all three or none"
+        )
+    if all(given) and dist.process_id >= dist.num_processes:
+        _fail(
+            f"distributed.process_id={dist.process_id} must be below "
+            f"distributed.num_processes={dist.num_processes}"
+        )
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -152,13 +174,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         "model.dtype": ("float32", "bfloat16"),
         "model.param_dtype": ("float32", "bfloat16"),
         "logging.progress_bar": ("auto", "on", "off"),
-        "distributed.initialize": ("auto", "always", "never"),
     }
     for key, allowed in choices.items():
         section, name = key.split(".")
         value = cfg[section][name]
         if value not in allowed:
             _fail(f"{key}={value!r} is not one of {allowed}")
+    validate_distributed(cfg.distributed)
     if cfg.rollout.group_size < 2:
         _fail(f"rollout.group_size={cfg.rollout.group_size}: GRPO needs at least 2 answers")
     for key in (

@@ -144,6 +144,24 @@ def data_parallel_size(mesh: Mesh, rules=None) -> int:
     return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
 
 
+def put_global(tree, shardings):
+    """Places host values as global arrays with ``shardings`` (a matching pytree).
+
+    Every process holds the whole global value (the trainer computes the same batch on every
+    host), so each one fills just the shards of its own devices. ``jax.Array`` leaves pass
+    through. On one process this equals ``jax.device_put``; on several it is what a jitted
+    function with sharded inputs requires (it refuses numpy arguments there).
+    """
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def to_host(tree):
     """Fetches a pytree of (possibly multi-host sharded) arrays as numpy arrays.
 

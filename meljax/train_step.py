@@ -349,8 +349,7 @@ def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch
 
     def call(first, batch):
         key = (jax.tree_util.tree_structure(first), jax.tree_util.tree_structure(batch))
-        fn = cache.get(key)
-        if fn is None:
+        if key not in cache:
             s_first = state_shardings(first, mesh)
             s_batch = batch_shardings(batch, mesh)
             out = shd.batch_sharding(mesh, 2) if out_batch else (s_first, shd.replicated(mesh))
@@ -360,8 +359,9 @@ def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch
                 out_shardings=out,
                 donate_argnums=donate_argnums,
             )
-            cache[key] = fn
-        return fn(first, batch)
+            cache[key] = (fn, s_batch)
+        fn, s_batch = cache[key]
+        return fn(first, shd.put_global(batch, s_batch))
 
     return call
 

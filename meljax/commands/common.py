@@ -33,13 +33,31 @@ def multihost_environment() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
-def maybe_initialize_distributed(mode: str) -> None:
-    """Calls ``jax.distributed.initialize()`` when running on several hosts (or when asked)."""
-    if mode == "never" or (mode == "auto" and not multihost_environment()):
+def maybe_initialize_distributed(dist) -> None:
+    """Calls ``jax.distributed.initialize()`` when running on several hosts (or when asked).
+
+    ``dist`` is the config's ``distributed`` section. With ``coordinator_address``,
+    ``num_processes`` and ``process_id`` set, those are passed on (GPU nodes without SLURM,
+    several processes on one machine); otherwise JAX detects the cluster itself.
+    """
+    from meljax.config import validate_distributed
+
+    validate_distributed(dist)
+    explicit = bool(dist.coordinator_address)
+    if dist.initialize == "never" or (
+        dist.initialize == "auto" and not explicit and not multihost_environment()
+    ):
         return
     import jax
 
-    jax.distributed.initialize()
+    kwargs = {}
+    if explicit:
+        kwargs = dict(
+            coordinator_address=dist.coordinator_address,
+            num_processes=dist.num_processes,
+            process_id=dist.process_id,
+        )
+    jax.distributed.initialize(**kwargs)
     logging.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),

@@ -19,7 +19,7 @@ from typing import Any
 
 from absl import app, flags
 
-from meljax.commands.common import clean_errors
+from meljax.commands.common import clean_errors, maybe_initialize_distributed
 
 _MODEL = flags.DEFINE_string(
     "model", None, "Hugging Face model folder, a .gguf file, or 'demo' (SmolLM2-135M-Instruct)."
@@ -211,6 +211,10 @@ def run():
     # Read the data first: a typo in a path should fail before a model is loaded.
     benchmarks, files = load_benchmarks(specs, limit=_LIMIT.value, on_bad_row=_ON_BAD_ROW.value)
 
+    # Same multi-host start-up as `meljax train` (TPU / SLURM detection); no-op on one host.
+    from meljax.config import base_config
+
+    maybe_initialize_distributed(base_config().distributed)
     mesh = parse_mesh(_MESH.value)
     template = _PROMPT_TEMPLATE.value
     instruction = resolve_instruction(_INSTRUCTION.value)

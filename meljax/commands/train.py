@@ -35,7 +35,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax / absl INFO lines would drown progress
     with clean_errors("train"):
         cfg = _CONFIG.value
-        maybe_initialize_distributed(cfg.distributed.initialize)
+        maybe_initialize_distributed(cfg.distributed)
         import jax
 
         from meljax.config import validate
