@@ -20,6 +20,8 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
+from meljax.rewards.extract import match_braces
+
 __all__ = [
     "PRESETS",
     "BadRow",
@@ -198,21 +200,8 @@ def last_boxed_answer(text: str) -> str | None:
         pos += 1
     if pos >= len(text) or text[pos] != "{":
         return None
-    depth = 0
-    i = pos
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # skip the escaped character, e.g. "\{" or "\}"
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[pos + 1 : i]
-        i += 1
-    return None
+    end = match_braces(text, pos + 1)
+    return None if end is None else text[pos + 1 : end - 1]
 
 
 def _number_to_str(value: int | float) -> str:

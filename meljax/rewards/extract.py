@@ -40,7 +40,7 @@ def clip_tail(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[-max_chars:]
 
 
-def _match_braces(text: str, start: int) -> int | None:
+def match_braces(text: str, start: int) -> int | None:
     """Index just past the `}` closing the group whose content starts at `text[start]`.
 
     Escaped braces (`\\{`, `\\}`) and any other backslash pair are skipped, so LaTeX sets
@@ -75,7 +75,7 @@ def last_boxed_span(text: str) -> tuple[int, int] | None:
         pass
     if last is None:
         return None
-    end = _match_braces(text, last.end())
+    end = match_braces(text, last.end())
     if end is None:
         return None
     return last.end(), end - 1
