@@ -583,8 +583,10 @@ class Sampler:
         b, p, m = self.shapes(len(prompts), max(len(x) for x in prompts), sampling)
         tokens, mask, valid = pad_prompts(prompts, b, p, self.pad_id)
         if self.mesh is not None:
-            put = lambda x: jax.device_put(x, shd.batch_sharding(self.mesh, x.ndim))  # noqa: E731
-            tokens, mask, valid = put(tokens), put(mask), put(valid)
+            tokens, mask, valid = (
+                shd.put_global(x, shd.batch_sharding(self.mesh, x.ndim))
+                for x in (tokens, mask, valid)
+            )
         before = _TRACE_COUNT
         out = sample_core(
             params,
