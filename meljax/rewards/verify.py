@@ -37,6 +37,7 @@ class RewardConfig:
       float_rounding: decimal places math-verify rounds floats to before comparing.
       numeric_precision: significant digits for math-verify's numeric comparison.
       strict: math-verify's strict mode (variable names matter; sets and tuples differ).
+      num_workers: verifier worker processes (0: score in the calling process).
     """
 
     mode: str = "boxed"
@@ -47,6 +48,7 @@ class RewardConfig:
     float_rounding: int = 6
     numeric_precision: int = 15
     strict: bool = True
+    num_workers: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -54,6 +56,21 @@ class RewardConfig:
         for name in ("timeout_s", "max_input_chars", "max_answer_chars", "max_nesting_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RewardConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"RewardConfig.num_workers must be >= 0, got {self.num_workers}")
+
+
+CORRECT_SCORE = 1.0
+"""The score of a verified answer; every other outcome scores 0."""
+
+
+def is_correct(score: Any) -> Any:
+    """THE definition of a correct answer, for rollouts, MEL pairs and replay, and evaluation:
+    its reward is the verified score (a float, or an array of them, elementwise)."""
+    import numpy as np
+
+    out = np.asarray(score) >= CORRECT_SCORE
+    return bool(out) if out.ndim == 0 else out
 
 
 @dataclasses.dataclass(frozen=True)

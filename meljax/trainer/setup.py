@@ -185,26 +185,9 @@ def build_data_iterator(cfg: ml_collections.ConfigDict, source):
     )
 
 
-class InProcessVerifier:
-    """``score`` / ``close`` like ``VerifierPool``, scoring in this process (num_workers=0)."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def score(self, completions, answers):
-        from meljax.rewards.pool import score_in_process
-
-        return score_in_process(completions, answers, self.config)
-
-    def close(self) -> None:
-        pass
-
-
 def build_verifier(cfg: ml_collections.ConfigDict):
-    """The reward verifier of a run: a pool of spawned processes, or in-process."""
-    from meljax.rewards import RewardConfig, VerifierPool
+    """The run's verifier (worker processes, or in-process with ``reward.num_workers=0``)."""
+    from meljax.rewards import RewardConfig, Verifier
 
-    config = RewardConfig(mode=cfg.reward.mode, timeout_s=cfg.reward.timeout_s)
-    if cfg.reward.num_workers == 0:
-        return InProcessVerifier(config)
-    return VerifierPool(cfg.reward.num_workers, config=config)
+    r = cfg.reward
+    return Verifier(RewardConfig(mode=r.mode, timeout_s=r.timeout_s, num_workers=r.num_workers))
