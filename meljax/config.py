@@ -69,11 +69,15 @@ class RandomModelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = option("arithmetic", "arithmetic (procedural) | file", choices=("arithmetic", "file"))
+    source: str = option(
+        "arithmetic", "arithmetic (procedural) | file", choices=("arithmetic", "file")
+    )
     path: str = option("", "file or folder for source=file (local, gs://, ...)")
     preset: str = option("", 'layout preset (dapo_math_17k, math500, ...); "" = infer from path')
     limit: int = option(0, "use only the first N problems (0 = all)", minimum=0)
-    on_bad_row: str = option("error", "skipped rows are counted and logged", choices=("error", "skip"))
+    on_bad_row: str = option(
+        "error", "skipped rows are counted and logged", choices=("error", "skip")
+    )
     shuffle: bool = option(True, "shuffle questions each epoch (seeded)")
     arithmetic_min: int = option(0, "smallest operand of procedural problems")
     arithmetic_max: int = option(9, "largest operand")
@@ -102,8 +106,10 @@ class RolloutConfig:
         "", 'KV-cache dtype; "" = model.dtype (bfloat16 halves its memory)', choices=("", *DTYPES)
     )
     max_rows: int = option(
-        0, "most rows (prompts x G) per sampler call, evaluation included; 0 = "
-        "num_questions x group_size", minimum=0,
+        0,
+        "most rows (prompts x G) per sampler call, evaluation included; 0 = "
+        "num_questions x group_size",
+        minimum=0,
     )
 
     def __post_init__(self):
@@ -123,7 +129,9 @@ class UpdateConfig:
         "sampler", "sampler (returned by the sampler) | recompute", choices=("sampler", "recompute")
     )
     num_passes: int = option(1, "optimizer passes over each rollout batch (mu)", minimum=1)
-    num_microbatches: int = option(1, "gradient accumulation; exact, not a mean of means", minimum=1)
+    num_microbatches: int = option(
+        1, "gradient accumulation; exact, not a mean of means", minimum=1
+    )
 
     def __post_init__(self):
         validate_fields(self)
@@ -149,7 +157,9 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     tensorboard: bool = option(True, "also write TensorBoard event files")
-    progress_bar: str = option("auto", "auto (on a terminal) | on | off", choices=("auto", "on", "off"))
+    progress_bar: str = option(
+        "auto", "auto (on a terminal) | on | off", choices=("auto", "on", "off")
+    )
     log_every: int = option(1, "plain log line every N steps when the bar is off", minimum=1)
 
     def __post_init__(self):

@@ -105,4 +105,5 @@ def copy_tree(src: str | os.PathLike, dest: str | os.PathLike) -> None:
         out = path(dest) if rel == "." else path(dest, rel)
         out.mkdir(parents=True, exist_ok=True)
         for name in files:
-            (out / name).write_bytes(open(os.path.join(root, name), "rb").read())
+            with open(os.path.join(root, name), "rb") as f:
+                (out / name).write_bytes(f.read())

@@ -165,21 +165,30 @@ class LossConfig:
         choices=AGGREGATIONS,
     )
     max_len: int = option(
-        1024, "length constant of seq_mean_token_sum_norm", minimum=1,
+        1024,
+        "length constant of seq_mean_token_sum_norm",
+        minimum=1,
         derived="rollout.max_new_tokens",
     )
-    kl_beta: float = option(0.0, "weight of the KL to a frozen reference (0 = none kept)", minimum=0)
+    kl_beta: float = option(
+        0.0, "weight of the KL to a frozen reference (0 = none kept)", minimum=0
+    )
     kl_estimator: str = option(
-        "k3", "k1 (log pi - log pi_ref) | k3 (exp(d) - d - 1, d = log pi_ref - log pi)",
+        "k3",
+        "k1 (log pi - log pi_ref) | k3 (exp(d) - d - 1, d = log pi_ref - log pi)",
         choices=KL_ESTIMATORS,
     )
-    use_mel: bool = option(True, "False = the plain algorithm (the paper's baseline)", key="mel.enabled")
+    use_mel: bool = option(
+        True, "False = the plain algorithm (the paper's baseline)", key="mel.enabled"
+    )
     lambda_mel: float = option(
         1.0, "weight of the meta-experience NLL term", minimum=0, key="mel.lambda_mel"
     )
     rft_threshold: float = option(0.5, "rft: answers with reward above this are trained on")
     logprob_chunk_size: int = option(
-        256, "sequence chunk for log-probs (bounds [B, chunk, vocab])", minimum=1,
+        256,
+        "sequence chunk for log-probs (bounds [B, chunk, vocab])",
+        minimum=1,
         key="logprob_chunk",
     )
 

@@ -31,7 +31,9 @@ class OptimizerConfig:
     )
     warmup_steps: int = option(0, "linear warmup from 0 over this many updates", minimum=0)
     total_steps: int = option(
-        0, "updates of the decay, warmup included (cosine / linear)", minimum=0,
+        0,
+        "updates of the decay, warmup included (cosine / linear)",
+        minimum=0,
         derived="total_steps x algorithm.num_passes",
     )
     min_lr_ratio: float = option(0.0, "final learning rate as a fraction of the peak", minimum=0)

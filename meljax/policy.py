@@ -30,8 +30,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from meljax.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_RAW_TEMPLATE, DEMO_INSTRUCTION
-from meljax.data.prompts import format_prompt
+from meljax.data.prompts import (
+    DEFAULT_INSTRUCTION,
+    DEFAULT_RAW_TEMPLATE,
+    DEMO_INSTRUCTION,
+    format_prompt,
+)
 from meljax.sampling.engine import Engine, Request, SamplerEngine
 from meljax.sampling.sampler import SamplingParams
 from meljax.schema import option, validate_fields
@@ -99,8 +103,13 @@ class PromptConfig:
     @classmethod
     def plain(cls, chat: bool = True, **kw: Any) -> PromptConfig:
         """The prompt as given: one user turn (``chat``) or the bare text, no instruction."""
-        return cls(prompt_template="chat" if chat else "raw", raw_template="{question}",
-                   instruction="none", max_prompt_tokens=0, **kw)
+        return cls(
+            prompt_template="chat" if chat else "raw",
+            raw_template="{question}",
+            instruction="none",
+            max_prompt_tokens=0,
+            **kw,
+        )
 
 
 def _ids(value: Any) -> list[int]:
@@ -225,7 +234,10 @@ class Policy:
             max_prompt_len=max_prompt_len,
         )
         return cls(
-            tokenizer, SamplerEngine(sampler, max_rows=max_rows), prompt, stop_ids=stops,
+            tokenizer,
+            SamplerEngine(sampler, max_rows=max_rows),
+            prompt,
+            stop_ids=stops,
             pad_id=pad,
         )
 
@@ -266,7 +278,8 @@ class Policy:
         has = bool(ids) and ids[0] == self._bos
         mode = self.prompt.bos
         want = (mode == "always") or (
-            mode == "auto" and (has if self.prompt.prompt_template == "chat" else self._tokenizer_adds_bos)
+            mode == "auto"
+            and (has if self.prompt.prompt_template == "chat" else self._tokenizer_adds_bos)
         )
         if want and not has:
             ids = [self._bos] + ids

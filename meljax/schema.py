@@ -140,7 +140,7 @@ def check_keys(cfg: Mapping | ml_collections.ConfigDict, schema: Sequence[tuple[
 
     def walk(node: Any, prefix: str) -> list[str]:
         out = []
-        for k in node.keys():
+        for k in list(node.keys()):  # noqa: SIM118 (a ConfigDict iterates differently)
             path = f"{prefix}{k}"
             v = node[k]
             if hasattr(v, "keys") and path not in known:

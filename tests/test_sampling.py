@@ -201,14 +201,15 @@ def test_demo_model_greedy_matches_transformers():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from meljax.models import demo_model_dir, from_pretrained, load_tokenizer
+    from meljax.policy import Policy, PromptConfig
     from meljax.sampling import generate
-    from meljax.sampling.generate import encode_prompts
 
     path = demo_model_dir()
     tok = load_tokenizer(path)
     model = from_pretrained(path)
     texts = ["What is 7 times 8?", "Name a colour.", "Write a haiku about the sea."]
-    ids = encode_prompts(tok, texts, chat=True)
+    policy = Policy.build(nnx.split(model)[0], tok, PromptConfig.plain(chat=True))
+    ids = [policy.encode(t) for t in texts]
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     refs = []
     for prompt in ids:

@@ -8,7 +8,6 @@ import sys
 
 from absl import logging
 
-
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

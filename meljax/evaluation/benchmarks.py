@@ -109,5 +109,3 @@ def load_benchmarks(
             "num_skipped": loaded.num_skipped,
         }
     return problems, info
-
-

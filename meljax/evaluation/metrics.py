@@ -181,7 +181,13 @@ def benchmark_metrics(
         avg = _mean(per_problem["avg"])
         pass_at = {k: float(np.mean(per_problem[k])) for k in pass_ks}
         for key, values in per_problem.items():
-            name = f"avg@{num_samples}" if key == "avg" else "sampled_pass@1" if key == 1 else f"pass@{key}"
+            name = (
+                f"avg@{num_samples}"
+                if key == "avg"
+                else "sampled_pass@1"
+                if key == 1
+                else f"pass@{key}"
+            )
             lo, hi, s = mean_interval(values)
             ci[name], se[name] = (lo, hi), s
     return BenchmarkMetrics(

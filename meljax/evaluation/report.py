@@ -185,7 +185,5 @@ class EvalReport:
         report = self.to_json(include_records=False)
         report["records_file"] = os.path.basename(records_path)
         files.write_json(path, report)
-        files.write_text(records_path, "".join(
-            files.json_line(r.to_json()) for r in self.records
-        ))
+        files.write_text(records_path, "".join(files.json_line(r.to_json()) for r in self.records))
         return path, records_path

@@ -70,8 +70,10 @@ def evaluate(
         passes.append(("greedy", SamplingParams(c.max_new_tokens, temperature=0.0)))
     if c.num_samples:
         passes.append(
-            ("sampled", SamplingParams(c.max_new_tokens, c.temperature, c.top_p, c.top_k,
-                                       c.num_samples))
+            (
+                "sampled",
+                SamplingParams(c.max_new_tokens, c.temperature, c.top_p, c.top_k, c.num_samples),
+            )
         )
     key = jax.random.key(seed)
     timing: dict[str, dict[str, float]] = {}

@@ -76,24 +76,31 @@ class MetaConfig:
 
     max_pairs_per_query: int = option(2, "contrastive pairs per mixed question", minimum=1)
     analysis_template: str = option(
-        "", '"" = built-in; else template text or a path to a file ({question}, '
-        "{incorrect_answer}, {correct_answer})"
+        "",
+        '"" = built-in; else template text or a path to a file ({question}, '
+        "{incorrect_answer}, {correct_answer})",
     )
     replay_template: str = option(
-        "", '"" = built-in; else template text or a path to a file ({experience}, {question}, '
-        "optionally {instruction})"
+        "",
+        '"" = built-in; else template text or a path to a file ({experience}, {question}, '
+        "optionally {instruction})",
     )
     replay_instruction: str = option(
-        templates.DEFAULT_REPLAY_INSTRUCTION, "text at the replay template's {instruction}",
+        templates.DEFAULT_REPLAY_INSTRUCTION,
+        "text at the replay template's {instruction}",
         derived="data.instruction",
     )
     analysis_max_prompt_tokens: int = option(
-        1024, "filled analysis prompt limit (answers shortened in the middle; pairs whose "
-        "question alone does not fit are skipped as too_long)", minimum=1,
+        1024,
+        "filled analysis prompt limit (answers shortened in the middle; pairs whose "
+        "question alone does not fit are skipped as too_long)",
+        minimum=1,
     )
     min_answer_tokens: int = option(16, "an answer is never shortened below this", minimum=0)
     analysis_max_new_tokens: int = option(1024, "meta-experience length limit", minimum=1)
-    analysis_temperature: float = option(1.0, "sampling temperature of the analysis pass", minimum=0)
+    analysis_temperature: float = option(
+        1.0, "sampling temperature of the analysis pass", minimum=0
+    )
     analysis_top_p: float = option(1.0, "nucleus sampling of the analysis pass", minimum=1e-9)
     analysis_top_k: int = option(0, "top-k sampling of the analysis pass (0 = off)", minimum=0)
     replay_max_new_tokens: int = option(256, "replay answer length limit", minimum=1)
@@ -102,7 +109,8 @@ class MetaConfig:
     replay_top_k: int = option(0, "top-k sampling of the replay pass (0 = off)", minimum=0)
     filter_leaks: bool = option(True, "drop meta-experiences that contain the ground-truth answer")
     nll_max_len: int = option(
-        0, "tokens per NLL row (0 = analysis_max_prompt_tokens + analysis_max_new_tokens)",
+        0,
+        "tokens per NLL row (0 = analysis_max_prompt_tokens + analysis_max_new_tokens)",
         minimum=0,
     )
     nll_rows: int = option(0, "minimum NLL rows (0 = max_pairs_per_query x questions)", minimum=0)
@@ -110,8 +118,9 @@ class MetaConfig:
         1, "NLL rows are a multiple of this", minimum=1, derived="the data-parallel size"
     )
     nll_bucketed: bool = option(
-        False, "True: NLL batch sized to the kept rows (more compiles, less memory); False: "
-        "one fixed shape, one compile"
+        False,
+        "True: NLL batch sized to the kept rows (more compiles, less memory); False: "
+        "one fixed shape, one compile",
     )
     seed: int = option(0, "pairs of step s come from default_rng([seed, s])", derived="seed")
 
@@ -276,7 +285,7 @@ class MetaExperiencePipeline:
 
     def nll_rows(self, num_questions: int) -> int:
         """Minimum rows of the NLL batch for a step of ``num_questions`` questions."""
-        if self.config.nll_rows is not None:
+        if self.config.nll_rows:
             return self.config.nll_rows
         return max(1, self.config.max_pairs_per_query * num_questions)
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import atexit
 import collections
-import importlib
 import contextlib
 import dataclasses
+import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -75,8 +75,6 @@ def resolve_function(ref: str) -> Callable:
 def hang_for_test(completion: str, answer: str, config: Any) -> Any:
     """Sleeps until the item's time limit interrupts it (the test hook's score function)."""
     time.sleep(10_000)
-
-
 
 
 class _ItemTimeout(BaseException):

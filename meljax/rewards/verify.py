@@ -27,8 +27,12 @@ REASONS: tuple[str, ...] = ("correct", "no_answer", "parse_error", "mismatch", "
 class RewardConfig:
     """How completions are scored (config section ``reward``; see ``meljax.schema``)."""
 
-    mode: str = option("boxed", "answer extraction: boxed | last_number | boxed_or_last_number", choices=MODES)
-    timeout_s: float = option(5.0, "per-answer time limit (s); a hung answer scores 0", minimum=1e-3)
+    mode: str = option(
+        "boxed", "answer extraction: boxed | last_number | boxed_or_last_number", choices=MODES
+    )
+    timeout_s: float = option(
+        5.0, "per-answer time limit (s); a hung answer scores 0", minimum=1e-3
+    )
     num_workers: int = option(2, "verifier processes (0 = in the calling process)", minimum=0)
     max_input_chars: int = option(
         20_000, "completions are clipped to their last this many characters first", minimum=1

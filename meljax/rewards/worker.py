@@ -27,6 +27,8 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
+
 
 def _set_memory_limit(max_memory_mb: int | None) -> None:
     if max_memory_mb is None:

@@ -104,7 +104,9 @@ class SamplerEngine:
                 per_call = max(1, self.max_rows // sampling.num_samples)
             if per_call < len(members):  # several calls: longest first, similar lengths together
                 members = sorted(members, key=lambda i: -len(requests[i].prompt_ids))
-            calls += [(sampling, members[lo : lo + per_call]) for lo in range(0, len(members), per_call)]
+            calls += [
+                (sampling, members[lo : lo + per_call]) for lo in range(0, len(members), per_call)
+            ]
         return calls
 
     def generate(
@@ -131,7 +133,9 @@ class SamplerEngine:
                 out[i] = [
                     Generation(
                         tokens=np.asarray(result.completion(r), np.int32),
-                        logprobs=np.asarray(result.logprobs[r, : int(result.lengths[r])], np.float32),
+                        logprobs=np.asarray(
+                            result.logprobs[r, : int(result.lengths[r])], np.float32
+                        ),
                         truncated=bool(result.truncated[r]),
                     )
                     for r in rows

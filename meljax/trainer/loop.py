@@ -252,7 +252,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
 
     def save(step: int, iterator_state) -> None:
         nonlocal saved
-        ckpt.save(step, state, {"data_iterator": iterator_state, "config": cfg.to_json(), "step": step})
+        ckpt.save(
+            step, state, {"data_iterator": iterator_state, "config": cfg.to_json(), "step": step}
+        )
         saved = step
 
     try:
@@ -325,8 +327,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
                 np.asarray(policy_batch.seq.kv_mask).sum() + np.asarray(mel_batch.kv_mask).sum()
             )
             metrics["update_tokens_per_s"] = train_tokens / max(timings["time/update"], 1e-9)
-            if evaluator is not None and s.eval.every_steps and (
-                step % s.eval.every_steps == 0 or step == cfg.total_steps
+            if (
+                evaluator is not None
+                and s.eval.every_steps
+                and (step % s.eval.every_steps == 0 or step == cfg.total_steps)
             ):
                 t_eval = time.perf_counter()
                 metrics.update(evaluator(step, state.params))
