@@ -122,9 +122,9 @@ class Preempted(Exception):
 
     def __init__(self, step: int, saved: int, workdir: str):
         self.step, self.saved, self.workdir = step, saved, workdir
+        where = f"the checkpoint of step {saved} is in {workdir}" if saved else "no step finished"
         super().__init__(
-            f"stopped by SIGTERM during step {step}; checkpoint of step {saved} saved in "
-            f"{workdir}; rerun the same command to resume"
+            f"stopped by SIGTERM during step {step}; {where}; rerun the same command to resume"
         )
 
 
