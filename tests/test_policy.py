@@ -213,3 +213,28 @@ def test_stop_string_cuts_text_tokens_and_logprobs_consistently():
     mask = batch.seq.loss_mask > 0
     assert mask.sum() == n
     np.testing.assert_allclose(fresh[mask], batch.old_logprobs[mask], atol=1e-4)
+
+
+def test_rows_not_prompts_are_padded_to_the_data_parallel_size():
+    from meljax import sharding as shd
+
+    cfg = tiny_cfg("llama", "chat")
+    model, tok = setup.build_model_and_tokenizer(cfg)
+    graphdef, params = nnx.split(model)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    sharded = Policy.build(graphdef, tok, PromptConfig(), mesh=mesh)
+    sampler = sharded.engine.sampler
+    g4 = SamplingParams(max_new_tokens=4, temperature=1.0, num_samples=4)
+    # 2 prompts x G=4 = 8 rows on 8 shards: no padding prompts (was 8 prompts, 32 rows).
+    assert sampler.shapes(2, 10, g4)[0] == 2
+    assert sampler.shapes(3, 10, g4)[0] == 4  # 3 -> bucket 4 (16 rows)
+    assert sampler.shapes(3, 10, dataclasses.replace(g4, num_samples=1))[0] == 8
+    # And the sharded call with unevenly split prompts gives the one-device result.
+    sharded.set_params(jax.device_put(params, shd.param_shardings(params, mesh)))
+    local = Policy.build(graphdef, tok, PromptConfig())
+    local.set_params(params)
+    ids = [local.encode("1+1?"), local.encode("2+2?")]
+    a = sharded.generate(ids, g4, jax.random.key(5))
+    b = local.generate(ids, g4, jax.random.key(5))
+    for x, y in zip(sum(a, []), sum(b, []), strict=True):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
