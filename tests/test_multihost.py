@@ -51,7 +51,7 @@ def _train(workdir: str, devices: int, *extra: str, env_extra=None) -> subproces
         **(env_extra or {}),
     )
     cmd = [sys.executable, "-m", "meljax", "train", f"--config={TINY}", f"--workdir={workdir}"]
-    cmd += ["--config.total_steps=2", "--config.reward.timeout_s=0.5", *extra]
+    cmd += ["--config.total_steps=2", "--config.reward.timeout_s=2.0", *extra]
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

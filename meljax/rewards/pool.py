@@ -211,6 +211,10 @@ class Verifier:
         self.restarts = 0  # workers replaced after a timeout kill or a crash
         self._batch = 0  # tags tasks so that a late answer cannot land in another batch
         self._workers: list[_Worker] = [self._spawn() for _ in range(self.num_workers)]
+        if not self._workers:
+            # The first parse imports sympy and builds the LaTeX parser (about 1 s): done here,
+            # outside any item's time limit, as the workers do before they report ready.
+            run_guarded(score_one, "\\boxed{1}", "1", RewardConfig(timeout_s=60.0))
 
     # -- worker management ---------------------------------------------------------------
 
