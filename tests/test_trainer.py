@@ -218,3 +218,41 @@ def test_internal_errors_keep_their_traceback():
         np.zeros(3).reshape(2)  # a ValueError from inside a library: a bug, not the user's
     except ValueError as e:
         assert not is_user_error(e)
+
+
+def test_eval_of_a_run_uses_the_run_s_prompts_stops_and_verifier(full_run, tmp_path):
+    """`meljax eval --workdir` builds the run's Policy: same prompt ids and stops as training."""
+    from flax import nnx
+
+    from meljax.config import settings
+    from meljax.trainer import setup
+    from meljax.trainer.loop import load_config_from_workdir
+
+    gsm8k = os.path.join(REPO, "tests", "fixtures", "eval", "gsm8k", "test.jsonl")
+    out = str(tmp_path / "report.json")
+    meljax(
+        "eval",
+        f"--workdir={full_run}",
+        f"--benchmarks={gsm8k}",
+        "--limit=2",
+        "--num_samples=2",
+        "--max_new_tokens=4",
+        "--verifier_workers=0",
+        "--noprogress",
+        f"--output={out}",
+    )
+    with open(out) as f:
+        report = json.load(f)
+    cfg = load_config_from_workdir(full_run)
+    model, tok = setup.build_model_and_tokenizer(cfg)
+    policy = setup.build_policy(cfg, nnx.split(model)[0], tok)
+    meta = report["meta"]
+    assert meta["answer_mode"] == settings(cfg).reward.mode == "last_number"
+    assert meta["instruction"] == policy.instruction and meta["stop_token_ids"] == list(
+        policy.stop_ids
+    )
+    with open(str(tmp_path / "report.records.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["prompt_tokens"] for r in records] == [
+        len(policy.encode(r["question"])) for r in records
+    ]
