@@ -225,8 +225,8 @@ def test_demo_model_greedy_matches_transformers():
     got = generate(model, tok, texts, max_new_tokens=20, temperature=0.0)
     for ref, texts_i in zip(refs, got, strict=True):
         assert texts_i == [tok.decode(ref, skip_special_tokens=True)]
-    graphdef, params = nnx.split(model)
-    sampler = Sampler(graphdef, stop_token_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    params = nnx.split(model)[1]
+    sampler = policy.engine.sampler  # the policy's stops: EOS and <|endoftext|> (end of turn)
     result = sampler.sample(params, ids, SamplingParams(20, temperature=0.0), jax.random.key(0))
     for i, ref in enumerate(refs):
         assert result.completion(i) == ref, i
