@@ -12,13 +12,9 @@ Public API:
 """
 
 from meljax.rewards.extract import MODES, extract_answer, last_boxed, last_boxed_span, last_number
-from meljax.rewards.pool import (
-    Verifier,
-    close_shared_verifier,
-    math_reward,
-    run_guarded,
-    score_batch,
-)
+from meljax.rewards.guard import run_guarded
+from meljax.rewards.pool import Verifier
+from meljax.rewards.simple import close_shared_verifier, math_reward, score_batch
 from meljax.rewards.verify import (
     CORRECT_SCORE,
     REASONS,

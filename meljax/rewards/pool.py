@@ -26,15 +26,12 @@ batch (the ones this host scores) hang until their time limit, through the real 
 
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
 import dataclasses
-import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -44,84 +41,12 @@ from typing import Any
 
 from meljax import multihost
 from meljax.rewards.extract import clip_tail
-from meljax.rewards.verify import REASONS, RewardConfig, RewardResult, score_one
+from meljax.rewards.guard import READY, function_ref, hang_for_test, run_guarded
+from meljax.rewards.verify import RewardConfig, RewardResult, score_one
 
 ScoreFn = Callable[[str, str, RewardConfig], RewardResult]
 
 HANG_ROWS_ENV = "MELJAX_TEST_VERIFIER_HANG_ROWS"
-READY = "ready"  # a worker's first message
-
-
-def function_ref(fn: Callable) -> str:
-    """``"module:qualname"`` of a module-level function, or ``ValueError`` naming the problem."""
-    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-    if not module or module == "__main__" or "<" in name:
-        raise ValueError(
-            f"score_fn {fn!r} must be a module-level function of an importable module (not "
-            f"defined in __main__, a notebook cell or a closure): the verifier's worker "
-            f"processes import it by name"
-        )
-    return f"{module}:{name}"
-
-
-def resolve_function(ref: str) -> Callable:
-    module, _, name = ref.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def hang_for_test(completion: str, answer: str, config: Any) -> Any:
-    """Sleeps until the item's time limit interrupts it (the test hook's score function)."""
-    time.sleep(10_000)
-
-
-class _ItemTimeout(BaseException):
-    """Raised by the SIGALRM handler. A BaseException so that math-verify's and sympy's
-    `except Exception` blocks do not swallow it."""
-
-
-def _raise_item_timeout(signum: int, frame: Any) -> None:
-    raise _ItemTimeout()
-
-
-def run_guarded(
-    score_fn: ScoreFn, completion: str, answer: str, config: RewardConfig
-) -> RewardResult:
-    """Runs `score_fn` with a `config.timeout_s` wall-clock limit; never raises.
-
-    The limit is a SIGALRM timer, which Python only allows in the main thread: called from
-    another thread, the item runs without a limit. Exceptions give reason "crash"; a result
-    that is not a `RewardResult` with a known reason gives "crash" too. Any timer the caller
-    had armed (e.g. pytest-timeout) is re-armed afterwards with its remaining time.
-    """
-    use_timer = threading.current_thread() is threading.main_thread()
-    old_handler = None
-    old_delay = 0.0
-    started = time.monotonic()
-    try:
-        if use_timer:
-            old_handler = signal.signal(signal.SIGALRM, _raise_item_timeout)
-            old_delay, _ = signal.setitimer(signal.ITIMER_REAL, config.timeout_s)
-        try:
-            result = score_fn(completion, answer, config)
-        finally:
-            if use_timer:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-    except _ItemTimeout:
-        return RewardResult(0.0, "timeout", None)
-    except Exception:
-        return RewardResult(0.0, "crash", None)
-    finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGALRM, old_handler)
-        if old_delay > 0:
-            remaining = old_delay - (time.monotonic() - started)
-            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3))
-    if not isinstance(result, RewardResult) or result.reason not in REASONS:
-        return RewardResult(0.0, "crash", None)
-    return result
 
 
 def _as_answer(answer: Any, index: int) -> str:
@@ -426,88 +351,3 @@ class Verifier:
         if getattr(self, "_workers", None) is not None and not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):
                 self.close()
-
-
-# -- convenience API ---------------------------------------------------------------------
-
-_shared: Verifier | None = None
-_shared_lock = threading.Lock()
-
-
-def _get_shared(num_workers: int) -> Verifier:
-    """A lazily created module-level verifier, rebuilt when ``num_workers`` changes."""
-    global _shared
-    with _shared_lock:
-        if _shared is None or _shared.num_workers != num_workers:
-            if _shared is not None:
-                _shared.close()
-            _shared = Verifier(RewardConfig(num_workers=num_workers), share_hosts=False)
-        return _shared
-
-
-@atexit.register
-def close_shared_verifier() -> None:
-    """Stops the verifier used by ``math_reward``/``score_batch`` (also run at exit)."""
-    global _shared
-    with _shared_lock:
-        if _shared is not None:
-            _shared.close()
-            _shared = None
-
-
-DEFAULT_NUM_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
-def score_batch(
-    completions: Sequence[str],
-    answers: Sequence[Any],
-    *,
-    mode: str = "boxed",
-    timeout_s: float = 5.0,
-    num_workers: int = DEFAULT_NUM_WORKERS,
-    config: RewardConfig | None = None,
-) -> list[RewardResult]:
-    """Scores a batch with a shared :class:`Verifier` (this process only, no host sharing).
-
-    Args:
-      completions: [batch] model outputs.
-      answers: [batch] ground truths.
-      mode: answer extraction mode (ignored when ``config`` is given).
-      timeout_s: per-item limit in seconds (ignored when ``config`` is given).
-      num_workers: worker processes of the shared verifier; 0 scores in this process (the
-        time limit then only applies in the main thread).
-      config: full configuration, overriding ``mode`` and ``timeout_s``.
-
-    Returns:
-      [batch] ``RewardResult``s in input order.
-    """
-    if config is None:
-        config = RewardConfig(mode=mode, timeout_s=timeout_s)
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    return _get_shared(num_workers).score(completions, answers, config=config)
-
-
-def math_reward(
-    completions: Sequence[str],
-    answers: Sequence[Any],
-    *,
-    mode: str = "boxed",
-    timeout_s: float = 5.0,
-    num_workers: int = DEFAULT_NUM_WORKERS,
-    config: RewardConfig | None = None,
-) -> list[float]:
-    """Binary rewards, 1.0 for a correct final answer and 0.0 otherwise; see ``score_batch``.
-
-    Works from a plain script, a notebook or the CLI: the worker processes are fresh
-    interpreters that never re-import the caller's ``__main__``.
-    """
-    results = score_batch(
-        completions,
-        answers,
-        mode=mode,
-        timeout_s=timeout_s,
-        num_workers=num_workers,
-        config=config,
-    )
-    return [r.score for r in results]

@@ -48,7 +48,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def serve(conn: Any) -> None:
     """The worker loop (see the module docstring)."""
-    from meljax.rewards.pool import READY, hang_for_test, resolve_function, run_guarded
+    from meljax.rewards.guard import READY, hang_for_test, resolve_function, run_guarded
     from meljax.rewards.verify import RewardConfig, score_one
 
     # Ctrl-C in the trainer reaches the whole process group; the parent owns our lifetime.
