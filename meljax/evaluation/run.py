@@ -7,7 +7,7 @@ from typing import Any
 
 from meljax.evaluation.metrics import benchmark_metrics, macro_average
 from meljax.evaluation.report import EvalConfig, EvalReport, ProblemRecord
-from meljax.rewards import is_correct
+from meljax.rewards import Scorer, is_correct
 from meljax.sampling import SamplingParams
 
 __all__ = ["evaluate"]
@@ -31,7 +31,7 @@ def _check_benchmarks(benchmarks: Mapping[str, Sequence[Any]]) -> None:
 
 def evaluate(
     policy: Any,
-    verifier: Any,
+    verifier: Scorer,
     benchmarks: Mapping[str, Sequence[Any]],
     config: EvalConfig = EvalConfig(),
     *,

@@ -43,6 +43,7 @@ from meljax import files
 from meljax.batch import SequenceBatch, build_sequence_batch
 from meljax.buckets import DEFAULT_LENGTH_BUCKETS
 from meljax.meta import filters, pairs, parse, templates
+from meljax.rewards.pool import Scorer
 from meljax.rewards.verify import is_correct
 from meljax.sampling import SamplingParams
 from meljax.schema import option, validate_fields
@@ -243,7 +244,7 @@ class MetaExperiencePipeline:
         self,
         *,
         policy: Any,
-        verifier: Any,
+        verifier: Scorer,
         config: MetaConfig = MetaConfig(),
         workdir: str | None = None,
         is_chief: bool = True,

@@ -13,7 +13,7 @@ Public API:
 
 from meljax.rewards.extract import MODES, extract_answer, last_boxed, last_boxed_span, last_number
 from meljax.rewards.guard import run_guarded
-from meljax.rewards.pool import Verifier
+from meljax.rewards.pool import Scorer, Verifier
 from meljax.rewards.simple import close_shared_verifier, math_reward, score_batch
 from meljax.rewards.verify import (
     CORRECT_SCORE,
@@ -30,6 +30,7 @@ __all__ = [
     "REASONS",
     "RewardConfig",
     "RewardResult",
+    "Scorer",
     "Verifier",
     "close_shared_verifier",
     "extract_answer",

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from meljax import multihost
 from meljax.rewards.extract import clip_tail
@@ -66,6 +66,15 @@ def _check_batch(completions: Sequence[str], answers: Sequence[Any]) -> list[str
         if not isinstance(c, str):
             raise TypeError(f"completions[{i}] must be a string, got {type(c).__name__}")
     return [_as_answer(a, i) for i, a in enumerate(answers)]
+
+
+class Scorer(Protocol):
+    """What every caller needs from a verifier (:class:`Verifier` is the implementation; tests
+    may pass a scripted one)."""
+
+    def score(self, completions: Sequence[str], answers: Sequence[Any]) -> list[RewardResult]:
+        """``[batch]`` results in input order, the same on every host."""
+        ...
 
 
 def _hang_rows() -> frozenset[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -19,7 +18,7 @@ from meljax.batch import PolicyBatch, build_policy_batch
 from meljax.buckets import bucket
 from meljax.data import Problem
 from meljax.policy import Completion, Policy
-from meljax.rewards import RewardResult, is_correct
+from meljax.rewards import RewardResult, Scorer, is_correct
 from meljax.sampling import SamplingParams
 from meljax.sampling.engine import Request
 
@@ -46,7 +45,7 @@ class Groups:
 
 def sample_and_score(
     policy: Policy,
-    verifier: Any,
+    verifier: Scorer,
     prompt_ids: Sequence[Sequence[int]],
     answers: Sequence[str],
     sampling: SamplingParams,
@@ -125,7 +124,7 @@ class Rollouts:
 def run_rollouts(
     *,
     policy: Policy,
-    verifier: Any,
+    verifier: Scorer,
     problems: Sequence[Problem],
     sampling: SamplingParams,
     key: jax.Array,
