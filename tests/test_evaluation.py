@@ -598,6 +598,9 @@ def test_confidence_intervals_by_hand(tok):
     lo, hi, se = mean_interval([0.25, 0.5, 0.75, 0.5])
     assert se == pytest.approx(math.sqrt(0.125 / 3) / 2, abs=1e-9)
     assert (lo, hi) == pytest.approx((0.5 - 1.959964 * se, 0.5 + 1.959964 * se), abs=1e-6)
+    # No spread at all (nothing solved): the Wilson interval over the problems, not [0, 0].
+    assert mean_interval([0.0, 0.0, 0.0])[:2] == pytest.approx(wilson_interval(0, 3))
+    assert wilson_interval(0, 3)[1] == pytest.approx(0.5615, abs=1e-4)
     report, _ = scripted_report(tok)
     alpha, avg = report.benchmarks["alpha"], report.average
     assert alpha.ci["pass@1"] == pytest.approx(wilson_interval(1, 2))

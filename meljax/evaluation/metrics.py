@@ -7,7 +7,8 @@
 * **Pass@k**: the unbiased estimator of Chen et al. (2021), ``1 - C(n - c, k) / C(n, k)``
   averaged over problems, with a normal interval over the per-problem estimates.
 * **Macro average** over benchmarks (each weighs the same), with the interval of a mean of
-  independent estimates, ``mean +- z sqrt(sum se_b^2) / B``.
+  independent estimates, ``mean +- z sqrt(sum se_b^2) / B``, where ``se_b`` is each
+  benchmark's interval half-width over z (so a 0% benchmark still counts its uncertainty).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - miss
 
 
-def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+def wilson_interval(correct: float, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion ``correct / n`` (``n >= 1``)."""
     if n < 1 or not 0 <= correct <= n:
         raise ValueError(f"wilson_interval: need 0 <= correct <= n and n >= 1, got {correct}, {n}")
@@ -86,13 +87,18 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
 def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
     """``(low, high, standard error)`` of the mean of per-problem values in ``[0, 1]``.
 
-    A normal interval, clipped to ``[0, 1]``; with fewer than 2 values it is ``[0, 1]``.
+    A normal interval, clipped to ``[0, 1]``. When every value is the same (e.g. no problem
+    solved at all), the sample spread says nothing, and the Wilson interval of the mean over
+    the problems (as if each were one coin flip, the widest case) is returned instead.
     """
     x = np.asarray(values, np.float64)
-    if x.size < 2:
-        return 0.0, 1.0, float("nan")
-    se = float(x.std(ddof=1) / math.sqrt(x.size))
+    if x.size == 0:
+        raise ValueError("mean_interval: no values")
     m = float(x.mean())
+    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
+    if se == 0.0:
+        lo, hi = wilson_interval(m * x.size, x.size, z)
+        return lo, hi, (hi - lo) / (2 * z)
     return max(0.0, m - z * se), min(1.0, m + z * se), se
 
 
@@ -164,9 +170,8 @@ def benchmark_metrics(
     ci: dict[str, tuple[float, float]] = {}
     se: dict[str, float] = {}
     if greedy:
-        right = sum(bool(r.greedy_correct) for r in greedy)
-        ci["pass@1"] = wilson_interval(right, len(greedy))
-        se["pass@1"] = math.sqrt(pass1 * (1 - pass1) / len(greedy))
+        lo, hi = wilson_interval(sum(bool(r.greedy_correct) for r in greedy), len(greedy))
+        ci["pass@1"], se["pass@1"] = (lo, hi), (hi - lo) / (2 * Z95)
     avg, pass_at = None, {}
     if num_samples:
         for r in records:
