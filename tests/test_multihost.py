@@ -59,7 +59,8 @@ def _train(workdir: str, devices: int, *extra: str, env_extra=None) -> subproces
 
 def _wait(proc: subprocess.Popen, what: str) -> None:
     try:
-        out, err = proc.communicate(timeout=300)
+        # Only a deadlock needs the limit; a loaded machine (tests in parallel) is slow.
+        out, err = proc.communicate(timeout=900)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()

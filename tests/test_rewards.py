@@ -305,7 +305,8 @@ def test_hung_and_crashed_items_score_zero_and_pool_recovers():
         answers = ["1", "0", "0", "2", "0", "0", "4"]
         start = time.monotonic()
         results = faulty.score(completions, answers)
-        assert time.monotonic() - start < 15.0
+        # Returns at all (the hung items sleep 1000 s); generous for a loaded machine.
+        assert time.monotonic() - start < 120.0
         assert [(r.score, r.reason) for r in results] == [
             (1.0, "correct"),
             (0.0, "timeout"),

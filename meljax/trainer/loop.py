@@ -281,13 +281,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
                 raise _Abandon(step, before)
             metrics = ro.metrics()
             timings = {f"time/{k}": v for k, v in ro.timings.items()}
-            mel_batch, kept = no_mel, []
+            mel_batch, statuses = no_mel, []
             if pipeline is not None:
                 meta = pipeline.run(
                     step, problems, ro.texts, ro.rewards, s.rollout.group_size, k_meta
                 )
                 mel_batch = meta.batch
-                kept = [r["status"] for r in meta.records]
+                statuses = [r["status"] for r in meta.records]
                 metrics.update(meta.metrics())
                 metrics["retention_ratio"] = meta.retention_ratio
                 timings["time/meta_analysis"] = meta.timings.get("analysis_s", 0.0)
@@ -298,7 +298,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
                 {
                     "rewards": ro.rewards,
                     "policy batch": jax.tree.leaves(policy_batch),
-                    "meta-experiences": kept,
+                    "meta-experiences": statuses,
                     "NLL batch": jax.tree.leaves(mel_batch),
                 },
             )
