@@ -45,11 +45,12 @@ from flax import nnx
 from meljax import sharding as shd
 from meljax.batch import TrainBatch, build_sequence_batch
 from meljax.buckets import bucket
+from meljax.config import settings
 from meljax.meta import MetaExperiencePipeline
 from meljax.optim import make_optimizer
+from meljax.rewards import is_correct
 from meljax.train_step import init_train_state, make_train_step, train_on_batch
 from meljax.trainer import setup
-from meljax.trainer.loop import loss_config, meta_config, optimizer_config
 from meljax.trainer.rollout import run_rollouts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -114,34 +115,27 @@ def main(argv=None) -> dict:
     dp = shd.data_parallel_size(mesh)
     model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
     graphdef, params = nnx.split(model, nnx.Param)
-    stop_ids = setup.stop_token_ids(nnx.merge(graphdef, params), tokenizer)
-    pad_id = setup.pad_token_id(tokenizer, stop_ids)
-    optimizer, schedule = make_optimizer(optimizer_config(cfg))
+    s = settings(cfg, data_parallel=dp)
+    optimizer, schedule = make_optimizer(s.optim)
     state = init_train_state(params, optimizer, mesh)
     del model, params
     train_step = make_train_step(
-        graphdef, optimizer, loss_config(cfg), mesh=mesh, schedule=schedule, donate=False
+        graphdef, optimizer, s.loss, mesh=mesh, schedule=schedule, donate=False
     )
-    sampler = setup.build_sampler(cfg, graphdef, stop_ids, pad_id, mesh)
+    policy = setup.build_policy(cfg, graphdef, tokenizer, mesh)
     verifier = setup.build_verifier(cfg)
-    verify, close_verifier = verifier.score, verifier.close
     workdir = tempfile.mkdtemp(prefix="mel_step_bench_")
     pipeline = MetaExperiencePipeline(
-        sampler=sampler,
-        tokenizer=tokenizer,
-        render_prompt=setup.message_renderer(cfg, tokenizer),
-        config=dataclasses.replace(meta_config(cfg, dp), nll_bucketed=args.nll_bucketed),
-        verify=verify,
+        policy=policy,
+        verifier=verifier,
+        config=dataclasses.replace(s.meta, nll_bucketed=args.nll_bucketed),
         workdir=workdir,
-        pad_id=pad_id,
     )
     no_mel = build_sequence_batch(
-        [], [], pad_id=pad_id, min_rows=dp, batch_multiple=dp, max_len=bucket(1)
+        [], [], pad_id=policy.pad_id, min_rows=dp, batch_multiple=dp, max_len=bucket(1)
     )
-    render = setup.prompt_renderer(cfg, tokenizer)
     source, _ = setup.build_problem_source(cfg)
     data_iter = setup.build_data_iterator(cfg, source)
-    rollout_sampling = setup.rollout_sampling(cfg)
     setup_s = time.perf_counter() - t0
     print(f"setup {setup_s:.1f}s; devices {jax.devices()}", flush=True)
 
@@ -158,18 +152,14 @@ def main(argv=None) -> dict:
         return time.perf_counter() - t
 
     def rollout(problems, key):
+        policy.set_params(state.params)
         return run_rollouts(
-            sampler=sampler,
-            params=state.params,
-            tokenizer=tokenizer,
+            policy=policy,
+            verifier=verifier,
             problems=problems,
-            render_prompt=render,
-            sampling=rollout_sampling,
+            sampling=s.rollout.sampling(),
             key=key,
-            verify=verify,
-            advantage=cfg.algorithm.advantage,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
-            pad_id=pad_id,
+            advantage=s.loss.advantage,
             batch_multiple=dp,
         )
 
@@ -186,7 +176,7 @@ def main(argv=None) -> dict:
         ro = rollout(problems, k_rollout)
         mel = {"rollout": ro.timings["rollout"], "reward": ro.timings["reward"]}
         rewards = forced_rewards(ro.rewards, mixed)
-        meta = pipeline.run(rep + 1, problems, ro.texts, rewards, g, state.params, k_meta)
+        meta = pipeline.run(rep + 1, problems, ro.texts, rewards, g, k_meta)
         mel["analysis"] = meta.timings["analysis_s"]
         mel["replay"] = meta.timings["replay_s"]
         mel["meta_other"] = meta.timings["total_s"] - mel["analysis"] - mel["replay"]
@@ -200,9 +190,9 @@ def main(argv=None) -> dict:
             "mel": mel,
             "ratio": mel["step"] / grpo["step"],
             "real_mixed_groups": int(
-                np.sum((ro.rewards > 0.5).any(1) & ~(ro.rewards > 0.5).all(1))
+                np.sum(is_correct(ro.rewards).any(1) & ~is_correct(ro.rewards).all(1))
             ),
-            "rollout_tokens": int(ro.sample.lengths.sum()),
+            "rollout_tokens": int(ro.metrics()["rollout_tokens"]),
             "policy_batch_shape": list(np.shape(ro.batch.seq.tokens)),
             "nll_batch_shape": list(np.shape(meta.batch.tokens)),
             "counts": {
@@ -230,7 +220,7 @@ def main(argv=None) -> dict:
             f"ratio {run['ratio']:.2f}  counts {run['counts']}",
             flush=True,
         )
-    close_verifier()
+    verifier.close()
 
     timed = runs[1:] or runs
     phases = ["rollout", "reward", "analysis", "replay", "meta_other", "update", "step"]

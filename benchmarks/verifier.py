@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from meljax.rewards import RewardConfig, VerifierPool, last_boxed_span, score_in_process
+from meljax.rewards import RewardConfig, Verifier, last_boxed_span
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "math500" / "test.jsonl"
@@ -114,7 +114,7 @@ def main() -> None:
 
     rows = load_problems(args.data.resolve(), args.num_problems)
     completions, answers, intended = build_batch(rows, args.num_completions, args.group_size)
-    config = RewardConfig(mode=args.mode, timeout_s=args.timeout_s)
+    config = RewardConfig(mode=args.mode, timeout_s=args.timeout_s, num_workers=args.workers)
     print(
         f"data: {args.data.resolve()} ({len(rows)} problems), batch {len(completions)}, "
         f"mean completion {statistics.mean(map(len, completions)):.0f} chars, "
@@ -134,7 +134,7 @@ def main() -> None:
                     restarts += pool.restarts
                     pool.close()
                 start = time.perf_counter()
-                pool = VerifierPool(args.workers, config=config)
+                pool = Verifier(config)
                 pool.score(["\\boxed{1}"] * args.workers, ["1"] * args.workers)  # waits for start
                 startups.append(time.perf_counter() - start)
             pids = pool.worker_pids() if pool is not None else []
@@ -143,7 +143,8 @@ def main() -> None:
             if pool is not None:
                 results = pool.score(completions, answers)
             else:
-                results = score_in_process(completions, answers, config)
+                with Verifier(config) as in_process:
+                    results = in_process.score(completions, answers)
             times.append(time.perf_counter() - start)
             cpu_after = cpu_seconds(pids) if pool is not None else time.process_time()
             if cpu_before is not None and cpu_after is not None:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from meljax.batch import PolicyBatch, SequenceBatch, TrainBatch
+from meljax.schema import option, validate_fields
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -48,81 +49,6 @@ def _from_mapping(cls, mapping: Mapping[str, Any] | Any):
     else:
         items = {n: getattr(mapping, n) for n in names if hasattr(mapping, n)}
     return cls(**{k: v for k, v in items.items() if k in names})
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Everything the objective needs.
-
-    Attributes:
-      algorithm: ``"grpo"`` (clipped policy gradient; REINFORCE++ is this loss with
-        ``advantage="reinforce_pp"``) or ``"rft"`` (NLL on answers with reward > rft_threshold).
-      advantage: advantage estimator name for ``compute_advantages`` (used by the trainer).
-      adv_eps: epsilon added to the std in normalised advantages.
-      eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio.
-      aggregation: ``seq_mean_token_mean`` (mean over each answer's tokens, then over answers;
-        the paper's default), ``token_mean`` (mean over all loss tokens of the batch) or
-        ``seq_mean_token_sum_norm`` (Dr.GRPO: per-answer token sum / ``max_len``, then mean over
-        answers). Also used for the RFT NLL.
-      max_len: the fixed length constant of ``seq_mean_token_sum_norm`` (tokens).
-      kl_beta: weight of the KL penalty to a frozen reference (0: no reference is used).
-      kl_estimator: ``k1`` (log pi - log pi_ref) or ``k3`` (exp(d) - d - 1, d = log pi_ref - log
-        pi), aggregated like the policy loss.
-      use_mel: add ``lambda_mel * L_NLL`` on the meta-experience batch.
-      lambda_mel: weight of the MEL term.
-      rft_threshold: RFT trains on rows whose reward is strictly greater than this.
-      logprob_chunk_size: sequence chunk (tokens) of the chunked log-prob computation.
-    """
-
-    algorithm: str = "grpo"
-    advantage: str = "grpo"
-    adv_eps: float = 1e-6
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    aggregation: str = "seq_mean_token_mean"
-    max_len: int = 1024
-    kl_beta: float = 0.0
-    kl_estimator: str = "k3"
-    use_mel: bool = True
-    lambda_mel: float = 1.0
-    rft_threshold: float = 0.0
-    logprob_chunk_size: int = 128
-
-    def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"LossConfig.algorithm={self.algorithm!r}; choose one of {ALGORITHMS}")
-        if self.advantage not in ADVANTAGES:
-            raise ValueError(
-                f"LossConfig.advantage={self.advantage!r}; choose one of {sorted(ADVANTAGES)}"
-            )
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"LossConfig.aggregation={self.aggregation!r}; choose one of {AGGREGATIONS}"
-            )
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(
-                f"LossConfig.kl_estimator={self.kl_estimator!r}; choose one of {KL_ESTIMATORS}"
-            )
-        if self.eps_low < 0 or self.eps_high < 0 or self.eps_low >= 1:
-            raise ValueError(
-                f"LossConfig: need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={self.eps_low}, "
-                f"eps_high={self.eps_high}"
-            )
-        if self.max_len <= 0:
-            raise ValueError(f"LossConfig.max_len must be positive, got {self.max_len}")
-        if self.logprob_chunk_size <= 0:
-            raise ValueError(
-                f"LossConfig.logprob_chunk_size must be positive, got {self.logprob_chunk_size}"
-            )
-        if self.kl_beta < 0 or self.lambda_mel < 0:
-            raise ValueError(
-                f"LossConfig: kl_beta={self.kl_beta} and lambda_mel={self.lambda_mel} must be >= 0"
-            )
-
-    @classmethod
-    def from_mapping(cls, mapping) -> LossConfig:
-        """From a flat mapping / ``ml_collections.ConfigDict``; unknown keys are ignored."""
-        return _from_mapping(cls, mapping)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +141,66 @@ def compute_advantages(name: str, rewards: jax.Array, **kw) -> jax.Array:
     if r.ndim != 2:
         raise ValueError(f"rewards must be [num_questions, G], got shape {r.shape}")
     return fn(r, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Everything the objective needs (config section ``algorithm``; see ``meljax.schema``)."""
+
+    algorithm: str = option(
+        "grpo",
+        "grpo (clipped policy gradient; REINFORCE++ is advantage=reinforce_pp) | rft (NLL on "
+        "answers with reward above rft_threshold)",
+        choices=ALGORITHMS,
+        key="name",
+    )
+    advantage: str = option("grpo", "advantage estimator", choices=tuple(ADVANTAGES))
+    adv_eps: float = option(1e-6, "epsilon added to the std of normalised advantages", minimum=0)
+    eps_low: float = option(0.2, "lower clip range of the ratio (1 - eps_low)", minimum=0)
+    eps_high: float = option(0.2, "upper clip range of the ratio (1 + eps_high)", minimum=0)
+    aggregation: str = option(
+        "seq_mean_token_mean",
+        "seq_mean_token_mean (per-answer token mean, then mean; the paper's) | token_mean | "
+        "seq_mean_token_sum_norm (Dr.GRPO: per-answer token sum / max_len); also for RFT",
+        choices=AGGREGATIONS,
+    )
+    max_len: int = option(
+        1024,
+        "length constant of seq_mean_token_sum_norm",
+        minimum=1,
+        derived="rollout.max_new_tokens",
+    )
+    kl_beta: float = option(
+        0.0, "weight of the KL to a frozen reference (0 = none kept)", minimum=0
+    )
+    kl_estimator: str = option(
+        "k3",
+        "k1 (log pi - log pi_ref) | k3 (exp(d) - d - 1, d = log pi_ref - log pi)",
+        choices=KL_ESTIMATORS,
+    )
+    use_mel: bool = option(
+        True, "False = the plain algorithm (the paper's baseline)", key="mel.enabled"
+    )
+    lambda_mel: float = option(
+        1.0, "weight of the meta-experience NLL term", minimum=0, key="mel.lambda_mel"
+    )
+    rft_threshold: float = option(0.5, "rft: answers with reward above this are trained on")
+    logprob_chunk_size: int = option(
+        256,
+        "sequence chunk for log-probs (bounds [B, chunk, vocab])",
+        minimum=1,
+        key="logprob_chunk",
+    )
+
+    def __post_init__(self):
+        validate_fields(self)
+        if self.eps_low >= 1:
+            raise ValueError(f"LossConfig.eps_low={self.eps_low} must be below 1")
+
+    @classmethod
+    def from_mapping(cls, mapping) -> LossConfig:
+        """From a flat mapping / ``ml_collections.ConfigDict``; unknown keys are ignored."""
+        return _from_mapping(cls, mapping)
 
 
 def advantages_from_config(cfg: LossConfig, rewards: jax.Array) -> jax.Array:

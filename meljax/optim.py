@@ -14,52 +14,43 @@ import jax.numpy as jnp
 import optax
 
 from meljax.losses import _from_mapping
+from meljax.schema import option, validate_fields
 
 SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW hyper-parameters.
+    """AdamW hyper-parameters (config section ``optim``; see ``meljax.schema``)."""
 
-    Attributes:
-      learning_rate: peak learning rate (after warmup).
-      schedule: ``constant``, ``cosine`` (decay to ``min_lr_ratio * lr`` at ``total_steps``) or
-        ``linear`` (same end point, linear decay).
-      warmup_steps: linear warmup from 0 over this many optimizer updates.
-      total_steps: length of the decay (updates, warmup included); needed by cosine / linear.
-      min_lr_ratio: final learning rate as a fraction of the peak.
-      b1, b2, eps: Adam moments and epsilon.
-      weight_decay: decoupled weight decay, applied to matrices only (ndim >= 2; not to norms
-        or biases).
-      max_grad_norm: global-norm clipping threshold (<= 0: no clipping).
-    """
-
-    learning_rate: float = 1e-6
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    total_steps: int = 0
-    min_lr_ratio: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    learning_rate: float = option(1e-6, "peak learning rate (after warmup)", minimum=0)
+    schedule: str = option(
+        "constant",
+        "constant | cosine | linear (decay to min_lr_ratio x the peak at total_steps)",
+        choices=SCHEDULES,
+    )
+    warmup_steps: int = option(0, "linear warmup from 0 over this many updates", minimum=0)
+    total_steps: int = option(
+        0,
+        "updates of the decay, warmup included (cosine / linear)",
+        minimum=0,
+        derived="total_steps x algorithm.num_passes",
+    )
+    min_lr_ratio: float = option(0.0, "final learning rate as a fraction of the peak", minimum=0)
+    b1: float = option(0.9, "AdamW beta1")
+    b2: float = option(0.999, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    weight_decay: float = option(
+        0.0, "AdamW decoupled weight decay, on matrices only (not norms or biases)", minimum=0
+    )
+    max_grad_norm: float = option(1.0, "global-norm gradient clipping (<= 0: off)")
 
     def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"OptimizerConfig.schedule={self.schedule!r}; choose one of {SCHEDULES}"
-            )
+        validate_fields(self)
         if self.schedule != "constant" and self.total_steps <= self.warmup_steps:
             raise ValueError(
                 f"OptimizerConfig: schedule={self.schedule!r} needs total_steps "
                 f"({self.total_steps}) > warmup_steps ({self.warmup_steps})"
-            )
-        if self.learning_rate < 0 or self.warmup_steps < 0:
-            raise ValueError(
-                f"OptimizerConfig: learning_rate={self.learning_rate} and "
-                f"warmup_steps={self.warmup_steps} must be >= 0"
             )
 
     @classmethod

@@ -37,6 +37,7 @@ def paper_config(size: str, *, mel: bool):
     c.data.path = "data/dapo_math_17k/dapo_math_17k.parquet"
     c.data.preset = "dapo_math_17k"
     c.data.prompt_template = "raw"  # base models: no chat template
+    c.data.stop_strings = ("\nQuestion:",)  # a base model that starts the next question stops
     c.data.max_prompt_tokens = 1024
     c.reward.mode = "boxed"
     c.reward.num_workers = 16

@@ -17,13 +17,17 @@ import pytest
 from meljax.data import Problem
 from meljax.evaluation import (
     BenchmarkSpec,
-    default_stop_token_ids,
+    EvalConfig,
     evaluate,
     load_benchmarks,
+    mean_interval,
     parse_benchmark_specs,
     pass_at_k,
+    wilson_interval,
 )
-from meljax.sampling import SampleResult, SamplingParams
+from meljax.policy import Policy, PromptConfig, stop_token_ids
+from meljax.rewards import RewardConfig, Verifier
+from meljax.sampling import SamplerEngine, SampleResult, SamplingParams
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,19 +184,27 @@ def problems(*questions):
 BENCHMARKS = {"alpha": problems("apples?", "pears?"), "beta": problems("plums?", "figs?", "kiwis?")}
 
 
-def scripted_report(tok, **kw):
-    sampler = ScriptedSampler(tok, GREEDY, SAMPLES, truncated={"I do not know..."})
-    args = dict(
-        num_samples=4,
-        pass_ks=(1, 2, 4),
-        batch_size=8,
-        instruction="",
-        progress=False,
-        keep_sample_completions=True,
-        verifier_workers=0,  # math-verify in this process: no worker start-up in tests
+def scripted_policy(tok, sampler, max_rows=8):
+    prompt = PromptConfig(instruction="none")
+    return Policy(
+        tok,
+        SamplerEngine(sampler, max_rows=max_rows),
+        prompt,
+        stop_ids=[tok.eos_token_id],
+        pad_id=tok.pad_token_id,
     )
+
+
+# math-verify in this process: no worker start-up in tests
+IN_PROCESS = Verifier(RewardConfig(num_workers=0))
+
+
+def scripted_report(tok, verifier=IN_PROCESS, **kw):
+    sampler = ScriptedSampler(tok, GREEDY, SAMPLES, truncated={"I do not know..."})
+    args = dict(num_samples=4, pass_ks=(1, 2, 4), keep_sample_completions=True)
     args.update(kw)
-    return evaluate(None, tok, BENCHMARKS, sampler=sampler, **args), sampler
+    policy = scripted_policy(tok, sampler)
+    return evaluate(policy, verifier, BENCHMARKS, EvalConfig(**args), progress=False), sampler
 
 
 def test_metrics_per_benchmark_and_macro_average(tok):
@@ -255,7 +267,7 @@ def test_passes_use_the_protocol_s_sampling_settings_and_batches(tok):
         s.num_samples == 4 and s.temperature == 0.7 and s.max_new_tokens == 33
         for _, s in sampled_calls
     )
-    assert report.timing["sampled"]["sampler_calls"] == 3
+    assert len(sampled_calls) == 3
 
 
 def test_sampled_or_greedy_pass_can_be_skipped(tok):
@@ -287,7 +299,9 @@ def test_table_json_and_files(tok, tmp_path):
         "Pass@4",
     ]
     rows = {line.strip("|").split("|")[0].strip(): line for line in table[2:]}
-    assert [c.strip() for c in rows["alpha"].strip("|").split("|")] == [
+    # Each cell: the value, then its 95% interval (Wilson for Pass@1).
+    assert rows["alpha"].split("|")[3].strip() == "50.0 (9.5-90.5)"
+    assert [c.split()[0] for c in rows["alpha"].strip("|").split("|")] == [
         "alpha",
         "2",
         "50.0",
@@ -295,7 +309,7 @@ def test_table_json_and_files(tok, tmp_path):
         "41.7",
         "50.0",
     ]
-    assert [c.strip() for c in rows["average"].strip("|").split("|")][:4] == [
+    assert [c.split()[0] for c in rows["average"].strip("|").split("|")][:4] == [
         "average",
         "5",
         "58.3",
@@ -321,33 +335,32 @@ def test_table_json_and_files(tok, tmp_path):
     assert report.to_json()["records"] == lines
 
 
-def test_custom_verifier_and_pool_like_objects_are_used(tok):
+def test_custom_verifiers_are_used(tok):
     seen = []
 
-    def everything_right(completions, answers):
-        seen.append(len(completions))
-        return [Verdict(1.0, "ok", "x") for _ in completions]
+    class EverythingRight:
+        def score(self, completions, answers):
+            seen.append(len(completions))
+            return [Verdict(1.0, "ok", "x") for _ in completions]
 
     class Pool:
         def score(self, completions, answers):
             return [Verdict(0.0, "no", None) for _ in completions]
 
-    report, _ = scripted_report(tok, verify=everything_right)
+    report, _ = scripted_report(tok, verifier=EverythingRight())
     assert seen == [5, 20]  # one call per pass: 5 greedy, 5 x 4 sampled
     assert report.average.pass1 == 1.0 and report.average.avg == 1.0
-    report, _ = scripted_report(tok, verify=Pool())
+    report, _ = scripted_report(tok, verifier=Pool())
     assert report.average.pass1 == 0.0 and report.average.pass_at[4] == 0.0
 
 
 def test_evaluate_rejects_bad_input(tok):
     with pytest.raises(ValueError, match="'empty' has no problems"):
-        evaluate(None, tok, {"empty": []}, sampler=object(), progress=False)
+        evaluate(scripted_policy(tok, None), IN_PROCESS, {"empty": []}, progress=False)
     with pytest.raises(ValueError, match="pass_ks"):
         scripted_report(tok, pass_ks=(5,))
     with pytest.raises(ValueError, match="temperature > 0"):
         scripted_report(tok, temperature=0.0)
-    with pytest.raises(ValueError, match="give a model or a sampler"):
-        evaluate(None, tok, BENCHMARKS, progress=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -412,7 +425,7 @@ def tiny_model(tok):
 
 
 def test_stop_tokens_include_eos_and_end_of_turn(tok, tiny_model):
-    ids = default_stop_token_ids(tok, tiny_model.cfg)
+    ids = stop_token_ids(tok, tiny_model.cfg)
     assert ids == [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
@@ -424,8 +437,6 @@ def even_length_is_right(completions, answers):
 def test_tiny_model_report_matches_direct_sampling(tok, tiny_model):
     from flax import nnx
 
-    from meljax.sampling import Sampler
-
     # Short questions keep every prompt in one length bucket (one compile per pass).
     benchmarks = {
         "arith": [
@@ -436,26 +447,25 @@ def test_tiny_model_report_matches_direct_sampling(tok, tiny_model):
             for i, (q, a) in enumerate([("10-7?", "3"), ("6/3?", "2"), ("2*5?", "10")])
         ],
     }
-    kw = dict(
-        num_samples=2,
-        max_new_tokens=6,
-        temperature=1.0,
-        batch_size=4,
-        instruction="",
-        verify=even_length_is_right,
-        keep_sample_completions=True,
-        progress=False,
+    graphdef, params = nnx.split(tiny_model)
+    policy = Policy.build(graphdef, tok, PromptConfig(instruction="none"), max_rows=4)
+    policy.set_params(params)
+    config = EvalConfig(
+        num_samples=2, max_new_tokens=6, temperature=1.0, keep_sample_completions=True
     )
-    report = evaluate(tiny_model, tok, benchmarks, seed=3, **kw)
+
+    class EvenLength:
+        score = staticmethod(even_length_is_right)
+
+    def run(seed):
+        return evaluate(policy, EvenLength(), benchmarks, config, seed=seed, progress=False)
+
+    report = run(3)
     assert [r.benchmark for r in report.records] == ["arith"] * 2 + ["more"] * 3
 
     # Greedy completions equal one-prompt-at-a-time sampling: batching, sorting by length and
     # padding did not mix problems up.
-    graphdef, params = nnx.split(tiny_model)
-    # The batch bucket of the greedy pass (batch_size=4), so its compiled program is reused.
-    sampler = Sampler(
-        graphdef, stop_token_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, batch_buckets=(4,)
-    )
+    sampler = policy.engine.sampler
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0, num_samples=1)
     import jax
 
@@ -485,11 +495,11 @@ def test_tiny_model_report_matches_direct_sampling(tok, tiny_model):
     )
 
     # Same seed: same samples; another seed: other samples.
-    again = evaluate(tiny_model, tok, benchmarks, seed=3, **kw)
+    again = run(3)
     assert [r.sample_completions for r in again.records] == [
         r.sample_completions for r in report.records
     ]
-    other = evaluate(tiny_model, tok, benchmarks, seed=4, **kw)
+    other = run(4)
     assert [r.sample_completions for r in other.records] != [
         r.sample_completions for r in report.records
     ]
@@ -535,12 +545,18 @@ def test_cli_writes_report_for_saved_model(tok, tiny_model, tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| benchmark | n | Pass@1 | Avg@2 | Pass@2 |" in proc.stdout.replace("  ", " ")
+    assert [c.strip() for c in proc.stdout.splitlines()[0].strip("|").split("|")] == [
+        "benchmark",
+        "n",
+        "Pass@1",
+        "Avg@2",
+        "Pass@2",
+    ]
     report_path = tmp_path / "eval_report.json"  # the default, in the current folder
     saved = json.loads(report_path.read_text())
     assert list(saved["benchmarks"]) == ["gsm8k", "math500"]
     assert saved["benchmarks"]["gsm8k"]["num_problems"] == 2
-    assert saved["config"]["answer_mode"] == "last_number" and saved["config"]["instruction"] == ""
+    assert saved["meta"]["answer_mode"] == "last_number" and saved["meta"]["instruction"] == ""
     assert saved["meta"]["model"] == model_dir
     records = [
         json.loads(line)
@@ -569,3 +585,32 @@ def test_cli_errors_name_the_missing_path(tmp_path):
     )
     assert proc.returncode == 2
     assert "model folder not found" in proc.stderr and "missing_model" in proc.stderr
+
+
+def test_confidence_intervals_by_hand(tok):
+    # Wilson 95% for 1 of 2: center (0.5 + z^2/4) / (1 + z^2/2) = 0.5, half-width 0.4055.
+    lo, hi = wilson_interval(1, 2)
+    assert (lo, hi) == pytest.approx((0.0945, 0.9055), abs=1e-4)
+    assert wilson_interval(0, 10)[0] == pytest.approx(0.0) and wilson_interval(10, 10)[
+        1
+    ] == pytest.approx(1.0)
+    # Avg@k: a normal interval over per-problem means (mean 0.5, sd 0.2041, n 4 -> se 0.1021).
+    lo, hi, se = mean_interval([0.25, 0.5, 0.75, 0.5])
+    assert se == pytest.approx(math.sqrt(0.125 / 3) / 2, abs=1e-9)
+    assert (lo, hi) == pytest.approx((0.5 - 1.959964 * se, 0.5 + 1.959964 * se), abs=1e-6)
+    # No spread at all (nothing solved): the Wilson interval over the problems, not [0, 0].
+    assert mean_interval([0.0, 0.0, 0.0])[:2] == pytest.approx(wilson_interval(0, 3))
+    assert wilson_interval(0, 3)[1] == pytest.approx(0.5615, abs=1e-4)
+    report, _ = scripted_report(tok)
+    alpha, avg = report.benchmarks["alpha"], report.average
+    assert alpha.ci["pass@1"] == pytest.approx(wilson_interval(1, 2))
+    # alpha's per-problem Avg@4 values are 2/4 and 0/4.
+    assert alpha.ci["avg@4"] == pytest.approx(mean_interval([0.5, 0.0])[:2])
+    # The macro average's interval combines the benchmarks' standard errors.
+    beta = report.benchmarks["beta"]
+    se = math.sqrt(alpha.se["avg@4"] ** 2 + beta.se["avg@4"] ** 2) / 2
+    assert avg.ci["avg@4"] == pytest.approx(
+        (avg.avg - 1.959964 * se, min(1.0, avg.avg + 1.959964 * se)), abs=1e-6
+    )
+    saved = report.to_json()
+    assert saved["benchmarks"]["alpha"]["pass@1_ci95"] == pytest.approx(list(wilson_interval(1, 2)))

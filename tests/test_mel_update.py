@@ -10,7 +10,9 @@ from meljax.meta import MetaConfig, MetaExperiencePipeline
 from meljax.models import ModelConfig, Transformer
 from meljax.models.tokenizer import make_tiny_tokenizer
 from meljax.optim import make_optimizer
-from meljax.sampling import SampleResult
+from meljax.policy import Policy, PromptConfig
+from meljax.rewards import RewardResult
+from meljax.sampling import SamplerEngine, SampleResult
 from meljax.train_step import init_train_state, make_train_step
 
 TOK = make_tiny_tokenizer()
@@ -56,34 +58,40 @@ def test_kept_meta_experience_is_trained_into_the_policy():
     )
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
 
-    def render(msg):
-        return TOK.apply_chat_template(
-            [{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True
-        )
+    class LastWord:
+        def score(self, completions, answers):
+            ok = [
+                x.strip().rstrip(".").split()[-1] == y
+                for x, y in zip(completions, answers, strict=True)
+            ]
+            return [RewardResult(float(o), "correct" if o else "mismatch", None) for o in ok]
 
+    prompt_config = PromptConfig(instruction="none")
+    policy = Policy(
+        TOK,
+        SamplerEngine(ScriptedPolicy()),
+        prompt_config,
+        stop_ids=[TOK.eos_token_id],
+        pad_id=TOK.pad_token_id,
+    )
     pipeline = MetaExperiencePipeline(
-        sampler=ScriptedPolicy(),
-        tokenizer=TOK,
-        render_prompt=render,
+        policy=policy,
+        verifier=LastWord(),
         config=MetaConfig(
             analysis_max_prompt_tokens=1600,
             analysis_max_new_tokens=64,
             replay_max_new_tokens=16,
-            answer_mode="last_number",
             max_pairs_per_query=1,
         ),
-        verify=lambda c, a: [
-            float(x.strip().rstrip(".").split()[-1] == y) for x, y in zip(c, a, strict=True)
-        ],
     )
     answers = ["It is 8", "It is 7", "It is 8", "It is 9"]
-    meta = pipeline.run(1, [Q], answers, [1.0, 0.0, 1.0, 0.0], 4, params, jax.random.key(0))
+    meta = pipeline.run(1, [Q], answers, [1.0, 0.0, 1.0, 0.0], 4, jax.random.key(0))
     assert meta.counts.kept == 1 and meta.retention_ratio == 1.0
     nll_rows = np.nonzero(meta.batch.weight)[0]
     target = meta.batch.tokens[nll_rows[0]][meta.batch.loss_mask[nll_rows[0]] > 0]
     assert TOK.decode(list(target), skip_special_tokens=True) == LESSON
 
-    prompt = TOK.encode(render(Q.question), add_special_tokens=False)
+    prompt = policy.encode(Q.question)
     comps = [TOK.encode(a, add_special_tokens=False) for a in answers]
     policy = build_policy_batch(
         [prompt] * 4, comps, advantages=[0.0] * 4, rewards=[1, 0, 1, 0], group_index=[0] * 4

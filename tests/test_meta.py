@@ -17,7 +17,9 @@ from transformers import PreTrainedTokenizerFast
 from meljax.data import last_boxed_answer
 from meljax.meta import filters, pairs, parse, templates
 from meljax.meta.pipeline import MetaConfig, MetaExperiencePipeline
-from meljax.sampling import SampleResult, SamplingParams
+from meljax.policy import Policy, PromptConfig
+from meljax.rewards import RewardResult
+from meljax.sampling import SamplerEngine, SampleResult, SamplingParams
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -42,8 +44,19 @@ EOS = TOK.eos_token_id
 PAD = TOK.pad_token_id
 
 
+RAW = "<|user|>\n{question}\n<|assistant|>\n"
+PROMPT = PromptConfig(
+    prompt_template="raw", raw_template=RAW, instruction="none", max_prompt_tokens=0
+)
+
+
 def render(user: str) -> str:
-    return f"<|user|>\n{user}\n<|assistant|>\n"
+    return RAW.format(question=user.strip())
+
+
+def as_policy(engine_like) -> Policy:
+    """A real Policy (rendering, encoding, stop handling) over a scripted or real sampler."""
+    return Policy(TOK, SamplerEngine(engine_like), PROMPT, stop_ids=[EOS], pad_id=PAD)
 
 
 def encode(text: str) -> list[int]:
@@ -57,8 +70,20 @@ class P:
     answer: str
 
 
-def verify_boxed(completions: list[str], answers: list[str]) -> list[float]:
-    return [float(last_boxed_answer(c) == a) for c, a in zip(completions, answers, strict=True)]
+class BoxedVerifier:
+    """Verifier double: right when the last box holds the answer."""
+
+    def score(self, completions, answers):
+        out = []
+        for c, a in zip(completions, answers, strict=True):
+            got = last_boxed_answer(c)
+            out.append(RewardResult(float(got == a), "correct" if got == a else "mismatch", got))
+        return out
+
+
+class AcceptAll:
+    def score(self, completions, answers):
+        return [RewardResult(1.0, "correct", None) for _ in completions]
 
 
 class StubPolicy:
@@ -389,19 +414,14 @@ def make_pipeline(policy, tmp_path, **cfg):
         **cfg,
     )
     return MetaExperiencePipeline(
-        sampler=policy,
-        tokenizer=TOK,
-        render_prompt=render,
-        config=config,
-        verify=verify_boxed,
-        workdir=str(tmp_path),
+        policy=as_policy(policy), verifier=BoxedVerifier(), config=config, workdir=str(tmp_path)
     )
 
 
 def test_step_with_stub_policy(tmp_path):
     policy = StubPolicy(analysis_respond)
     pipe = make_pipeline(policy, tmp_path)
-    res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS.reshape(-1), 4, None, jax.random.key(0))
+    res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS.reshape(-1), 4, jax.random.key(0))
     c = res.counts
     assert (c.questions, c.mixed_groups, c.pairs, c.generated) == (4, 3, 5, 5)
     assert (c.empty, c.truncated, c.leak, c.replayed, c.kept) == (1, 1, 1, 2, 1)
@@ -454,7 +474,7 @@ def test_step_with_stub_policy(tmp_path):
     assert metrics["mel/kept"] == 1.0 and metrics["mel/retention_ratio"] == pytest.approx(0.2)
 
     # same step and seed -> same pairs and records; appended, not overwritten
-    res2 = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, None, jax.random.key(0))
+    res2 = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
     assert res2.records == res.records
     assert len((tmp_path / "meta_experiences.jsonl").read_text().splitlines()) == 10
 
@@ -463,10 +483,10 @@ def test_leak_filter_switch(tmp_path):
     policy = StubPolicy(lambda p: ("\\boxed{8}", False) if "<experience>" in p else (LEAKY, False))
     r = np.array([[0, 1]], float)
     prob = [P("q1", "Compute eight.", "8")]
-    on = make_pipeline(policy, tmp_path).run(0, prob, ["a", "b"], r, 2, None, jax.random.key(0))
+    on = make_pipeline(policy, tmp_path).run(0, prob, ["a", "b"], r, 2, jax.random.key(0))
     assert (on.counts.leak, on.counts.kept) == (1, 0)
     off = make_pipeline(policy, tmp_path, filter_leaks=False).run(
-        0, prob, ["a", "b"], r, 2, None, jax.random.key(0)
+        0, prob, ["a", "b"], r, 2, jax.random.key(0)
     )
     assert (off.counts.leak, off.counts.kept) == (0, 1)
 
@@ -475,7 +495,7 @@ def test_no_mixed_group_skips_sampling(tmp_path):
     policy = StubPolicy(lambda p: pytest.fail("the sampler must not be called"))
     pipe = make_pipeline(policy, tmp_path)
     r = np.array([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], float)
-    res = pipe.run(0, PROBLEMS, COMPLETIONS, r, 4, None, jax.random.key(0))
+    res = pipe.run(0, PROBLEMS, COMPLETIONS, r, 4, jax.random.key(0))
     assert policy.calls == []
     assert res.counts.pairs == res.counts.generated == res.counts.kept == 0
     assert res.records == [] and res.retention_ratio == 0.0
@@ -488,24 +508,22 @@ def test_no_mixed_group_skips_sampling(tmp_path):
 def test_non_chief_writes_nothing_and_input_checks(tmp_path):
     policy = StubPolicy(analysis_respond)
     pipe = MetaExperiencePipeline(
-        sampler=policy,
-        tokenizer=TOK,
-        render_prompt=render,
-        verify=verify_boxed,
+        policy=as_policy(policy),
+        verifier=BoxedVerifier(),
         config=MetaConfig(analysis_max_prompt_tokens=1600, analysis_max_new_tokens=400),
         workdir=str(tmp_path),
         is_chief=False,
     )
-    res = pipe.run(0, PROBLEMS, COMPLETIONS, REWARDS, 4, None, jax.random.key(0))
+    res = pipe.run(0, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
     assert res.counts.generated == 5 and not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="completions"):
-        pipe.run(0, PROBLEMS, COMPLETIONS[:-1], REWARDS, 4, None, jax.random.key(0))
+        pipe.run(0, PROBLEMS, COMPLETIONS[:-1], REWARDS, 4, jax.random.key(0))
 
     class Limited(StubPolicy):
         max_prompt_len = 512
 
     with pytest.raises(ValueError, match="max_prompt_len=512"):
-        MetaExperiencePipeline(sampler=Limited(None), tokenizer=TOK, render_prompt=render)
+        MetaExperiencePipeline(policy=as_policy(Limited(None)), verifier=AcceptAll())
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -542,18 +560,15 @@ def test_end_to_end_tiny_model(tmp_path):
         analysis_max_new_tokens=8,
         replay_max_new_tokens=8,
     )
+    policy = as_policy(sampler)
+    policy.set_params(params)
     pipe = MetaExperiencePipeline(
-        sampler=sampler,
-        tokenizer=TOK,
-        render_prompt=render,
-        config=config,
-        verify=lambda texts, answers: [1.0] * len(texts),
-        workdir=str(tmp_path),
+        policy=policy, verifier=AcceptAll(), config=config, workdir=str(tmp_path)
     )
     comps = [f"answer {g} " + "z" * 200 for g in range(8)]  # long: shortened to fit
     r = np.array([[1, 0, 1, 0], [0, 1, 1, 1]], float)
     probs = [P("a", "first question", "99999"), P("b", "second one", "88888")]
-    res = pipe.run(0, probs, comps, r, 4, params, jax.random.key(1))
+    res = pipe.run(0, probs, comps, r, 4, jax.random.key(1))
     c = res.counts
     assert c.pairs == c.generated == 3 and c.shortened == 3
     assert c.empty + c.truncated + c.leak + c.replayed == c.generated
@@ -567,22 +582,22 @@ def test_end_to_end_tiny_model(tmp_path):
         np.testing.assert_array_equal(b.loss_mask[i, n_ctx : n_ctx + n_m], 1)
         assert b.loss_mask[i].sum() == n_m and b.kv_mask[i].sum() == n_ctx + n_m
     assert res.timings["analysis_s"] > 0
-    again = pipe.run(0, probs, comps, r, 4, params, jax.random.key(1))
+    again = pipe.run(0, probs, comps, r, 4, jax.random.key(1))
     np.testing.assert_array_equal(again.batch.tokens, b.tokens)
     assert len((tmp_path / "meta_experiences.jsonl").read_text().splitlines()) == 6
 
 
 def test_bucketed_nll_batch(tmp_path):
     fixed = make_pipeline(StubPolicy(analysis_respond), tmp_path).run(
-        3, PROBLEMS, COMPLETIONS, REWARDS, 4, None, jax.random.key(0)
+        3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0)
     )
     pipe = make_pipeline(StubPolicy(analysis_respond), tmp_path, nll_bucketed=True)
-    res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, None, jax.random.key(0))
+    res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
     row_len = int(fixed.batch.kv_mask[0].sum())
     t = min(b for b in (32, 64, 128, 256, 512, 1024, 2000) if b >= row_len)
     assert res.batch.tokens.shape == (1, t)  # one kept row; T capped at 1600 + 400
     np.testing.assert_array_equal(res.batch.tokens[0], fixed.batch.tokens[0, :t])
     np.testing.assert_array_equal(res.batch.loss_mask[0], fixed.batch.loss_mask[0, :t])
     empty = np.zeros((4, 4))
-    none = pipe.run(0, PROBLEMS, COMPLETIONS, empty, 4, None, jax.random.key(0))
+    none = pipe.run(0, PROBLEMS, COMPLETIONS, empty, 4, jax.random.key(0))
     assert none.batch.tokens.shape == (1, 32) and none.batch.weight.sum() == 0

@@ -102,5 +102,6 @@ def test_notebook_runs_headless_with_tiny_config(tmp_path, monkeypatch):
     assert len(meta) == sum(int(r["mel/generated"]) for r in records)
 
     evaluation = cell_text(find_cell(nb, "evaluate("))
-    assert re.search(r"\| arithmetic \| 3 \| +[\d.]+ \|", evaluation), evaluation
+    # Pass@1 in percent, then its 95% interval.
+    assert re.search(r"\| arithmetic \| 3 \| +[\d.]+ \([\d.]+-[\d.]+\) \|", evaluation), evaluation
     assert len(re.findall(r"-> reward (0\.0|1\.0)", evaluation)) == 3

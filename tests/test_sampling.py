@@ -6,6 +6,7 @@ new-token bucket 32, one stop id, G=2) so the jitted core compiles once for all 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import subprocess
@@ -201,14 +202,15 @@ def test_demo_model_greedy_matches_transformers():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from meljax.models import demo_model_dir, from_pretrained, load_tokenizer
+    from meljax.policy import Policy, PromptConfig
     from meljax.sampling import generate
-    from meljax.sampling.generate import encode_prompts
 
     path = demo_model_dir()
     tok = load_tokenizer(path)
     model = from_pretrained(path)
     texts = ["What is 7 times 8?", "Name a colour.", "Write a haiku about the sea."]
-    ids = encode_prompts(tok, texts, chat=True)
+    policy = Policy.build(nnx.split(model)[0], tok, PromptConfig.plain(chat=True))
+    ids = [policy.encode(t) for t in texts]
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     refs = []
     for prompt in ids:
@@ -224,8 +226,8 @@ def test_demo_model_greedy_matches_transformers():
     got = generate(model, tok, texts, max_new_tokens=20, temperature=0.0)
     for ref, texts_i in zip(refs, got, strict=True):
         assert texts_i == [tok.decode(ref, skip_special_tokens=True)]
-    graphdef, params = nnx.split(model)
-    sampler = Sampler(graphdef, stop_token_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    params = nnx.split(model)[1]
+    sampler = policy.engine.sampler  # the policy's stops: EOS and <|endoftext|> (end of turn)
     result = sampler.sample(params, ids, SamplingParams(20, temperature=0.0), jax.random.key(0))
     for i, ref in enumerate(refs):
         assert result.completion(i) == ref, i
@@ -382,7 +384,9 @@ def test_mesh_greedy_equals_single_device(llama):
     sharded = jax.device_put(params, shd.param_shardings(params, mesh))
     sampler = make_sampler(graphdef, mesh=mesh)
     out = sampler.sample_device(sharded, PROMPTS, sampling, jax.random.key(0))
-    assert out.tokens.shape[0] == 8 * G  # batch padded to a multiple of the 8 data shards
+    # ROWS (prompts x G) are padded to a multiple of the 8 data shards, not prompts:
+    # 3 prompts -> 4 (x G=2 = 8 rows), not 8 prompts (16 rows).
+    assert out.tokens.shape[0] == 4 * G
     assert out.tokens.sharding.spec[0] == ("data", "fsdp")
     res = sampler.sample(sharded, PROMPTS, sampling, jax.random.key(0))
     np.testing.assert_array_equal(res.tokens, plain.tokens)
@@ -406,7 +410,10 @@ def test_memory_estimate_and_validation(llama):
     half = make_sampler(graphdef, cache_dtype="bfloat16", batch_buckets=(1, 2, 4, 8))
     assert half.memory_estimate(3, 20, sampling)["kv_cache_bytes"] * 2 == est["kv_cache_bytes"]
     mesh_sampler = make_sampler(graphdef, mesh=shd.make_mesh(None), batch_buckets=(1, 2, 4))
-    assert mesh_sampler.memory_estimate(3, 20, sampling)["batch"] == 8  # multiple of 8 devices
+    # 3 prompts x G=4 on 8 devices: 4 prompts = 16 rows, a multiple of 8 (not 8 prompts).
+    assert mesh_sampler.memory_estimate(3, 20, sampling)["batch"] == 4
+    one = dataclasses.replace(sampling, num_samples=1)
+    assert mesh_sampler.memory_estimate(3, 20, one)["batch"] == 8  # G=1: 8 rows
 
     sampler = make_sampler(graphdef, max_prompt_len=4)
     key = jax.random.key(0)

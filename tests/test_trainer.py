@@ -84,6 +84,52 @@ def test_resume_reproduces_uninterrupted_run(full_run, tmp_path):
     assert strip(read_metrics(workdir)) == strip(read_metrics(full_run))
 
 
+def meta_keys(workdir):
+    with open(os.path.join(workdir, "meta_experiences.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [(r["step"], r["question_id"], r["pair"]["incorrect"], r["text"]) for r in records]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_equals_the_uninterrupted_run(full_run, tmp_path):
+    workdir = str(tmp_path)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "meljax", "train", f"--config={TINY}", f"--workdir={workdir}"]
+    # No periodic checkpoint before the end: all that survives is what SIGTERM saves.
+    proc = subprocess.Popen(
+        [*cmd, "--config.total_steps=4", "--config.checkpoint.every_steps=100"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not read_metrics(workdir):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # during step 2 (or, at the latest, right after it)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM" in err and "rerun the same command to resume" in err
+    saved = [int(x) for x in os.listdir(os.path.join(workdir, "checkpoints"))]
+    assert len(saved) == 1 and 1 <= saved[0] < 4
+    meljax("train", f"--config={TINY}", f"--workdir={workdir}", "--config.total_steps=4")
+    assert strip(read_metrics(workdir)) == strip(read_metrics(full_run))
+    assert meta_keys(workdir) == meta_keys(full_run)  # no duplicated meta-experience records
+
+
+def test_resume_drops_meta_log_records_of_unsaved_steps(full_run, tmp_path):
+    # A run killed after writing step 4's records but before its checkpoint: the copied run
+    # resumes from step 2 and must not keep (or duplicate) the records of steps 3 and 4.
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(full_run, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    meljax("train", f"--config={TINY}", f"--workdir={workdir}", "--config.total_steps=4")
+    assert meta_keys(workdir) == meta_keys(full_run)
+    assert strip(read_metrics(workdir)) == strip(read_metrics(full_run))
+
+
 def test_killed_run_resumes_from_last_complete_checkpoint(full_run, tmp_path):
     workdir = str(tmp_path)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -146,3 +192,67 @@ def test_missing_model_path_is_one_clear_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "model folder not found: /nope/model" in proc.stderr
+
+
+def test_internal_errors_keep_their_traceback():
+    from meljax.commands.common import is_user_error
+
+    def raise_in_meljax():
+        from meljax.config import validate
+
+        cfg = __import__("meljax.config", fromlist=["base_config"]).base_config()
+        cfg.rollout.group_size = 1
+        validate(cfg)
+
+    try:
+        raise_in_meljax()
+    except ValueError as e:
+        assert is_user_error(e)  # a bad config: one line, exit code 2
+    try:
+        None.nope  # noqa: B018 - an internal bug
+    except AttributeError as e:
+        assert not is_user_error(e)
+    try:
+        import numpy as np
+
+        np.zeros(3).reshape(2)  # a ValueError from inside a library: a bug, not the user's
+    except ValueError as e:
+        assert not is_user_error(e)
+
+
+def test_eval_of_a_run_uses_the_run_s_prompts_stops_and_verifier(full_run, tmp_path):
+    """`meljax eval --workdir` builds the run's Policy: same prompt ids and stops as training."""
+    from flax import nnx
+
+    from meljax.config import settings
+    from meljax.trainer import setup
+    from meljax.trainer.loop import load_config_from_workdir
+
+    gsm8k = os.path.join(REPO, "tests", "fixtures", "eval", "gsm8k", "test.jsonl")
+    out = str(tmp_path / "report.json")
+    meljax(
+        "eval",
+        f"--workdir={full_run}",
+        f"--benchmarks={gsm8k}",
+        "--limit=2",
+        "--num_samples=2",
+        "--max_new_tokens=4",
+        "--verifier_workers=0",
+        "--noprogress",
+        f"--output={out}",
+    )
+    with open(out) as f:
+        report = json.load(f)
+    cfg = load_config_from_workdir(full_run)
+    model, tok = setup.build_model_and_tokenizer(cfg)
+    policy = setup.build_policy(cfg, nnx.split(model)[0], tok)
+    meta = report["meta"]
+    assert meta["answer_mode"] == settings(cfg).reward.mode == "last_number"
+    assert meta["instruction"] == policy.instruction and meta["stop_token_ids"] == list(
+        policy.stop_ids
+    )
+    with open(str(tmp_path / "report.records.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["prompt_tokens"] for r in records] == [
+        len(policy.encode(r["question"])) for r in records
+    ]

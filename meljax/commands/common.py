@@ -8,14 +8,29 @@ import sys
 
 from absl import logging
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def is_user_error(e: BaseException) -> bool:
+    """A bad config, a missing file or bad data: a ``ValueError`` / ``FileNotFoundError`` that
+    meljax itself raised with a message for the user. Anything else (a ``TypeError``, an
+    ``AttributeError``, an error from inside a library) is a bug and keeps its traceback."""
+    if not isinstance(e, ValueError | FileNotFoundError):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE)
+
 
 @contextlib.contextmanager
 def clean_errors(command: str):
-    """Turns user errors (bad config, missing files, bad data) into one line and exit code 2."""
+    """Turns user errors (bad config, missing files, bad data) into one line and exit code 2;
+    internal errors keep their traceback (see :func:`is_user_error`)."""
     try:
         yield
-    except (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError) as e:
-        if os.environ.get("MELJAX_TRACEBACK"):
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("MELJAX_TRACEBACK") or not is_user_error(e):
             raise
         msg = str(e).strip("'\"") or type(e).__name__
         print(f"meljax {command}: error: {msg}", file=sys.stderr)

@@ -25,7 +25,7 @@ def convert(source: str, output: str, *, step: int | None = None, dtype: str | N
         load_tokenizer,
         save_pretrained,
     )
-    from meljax.trainer.checkpointing import CHECKPOINT_DIR, load_policy_from_workdir
+    from meljax.trainer.checkpointing import has_checkpoint, load_policy_from_workdir
 
     if source == "demo":
         source = demo_gguf_path()
@@ -34,14 +34,14 @@ def convert(source: str, output: str, *, step: int | None = None, dtype: str | N
         if dtype is None:
             return output
         source = output
-    if os.path.isdir(os.path.join(source, CHECKPOINT_DIR)):
+    if has_checkpoint(source):
         model, tokenizer, _ = load_policy_from_workdir(source, step)
     elif os.path.exists(os.path.join(source, "config.json")):
         model, tokenizer = from_pretrained(source), load_tokenizer(source)
     else:
         raise FileNotFoundError(
             f"--source={source!r} is neither a .gguf file, a Hugging Face folder "
-            f"(config.json) nor a training workdir ({CHECKPOINT_DIR}/)"
+            f"(config.json) nor a training workdir (config.json and checkpoints)"
         )
     return save_pretrained(model, output, tokenizer=tokenizer, dtype=dtype)
 

@@ -13,12 +13,14 @@ or the current folder) and a JSONL of per-problem records beside it are written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
 
 from absl import app, flags
 
+from meljax import files
 from meljax.commands.common import clean_errors, maybe_initialize_distributed
 
 _MODEL = flags.DEFINE_string(
@@ -64,6 +66,13 @@ _INSTRUCTION = flags.DEFINE_string(
     "'default' (step by step, \\boxed{}), 'demo' (answer with a number), 'none', or the text.",
 )
 _SYSTEM_PROMPT = flags.DEFINE_string("system_prompt", "", "Optional system message (chat).")
+_BOS = flags.DEFINE_enum("bos", "auto", ["auto", "always", "never"], "BOS token policy.")
+_STOP_STRINGS = flags.DEFINE_multi_string(
+    "stop_string", [], "Completions end at this string (repeat for several), e.g. '\nQuestion:'."
+)
+_MAX_PROMPT_TOKENS = flags.DEFINE_integer(
+    "max_prompt_tokens", 0, "Cut longer prompts from the left (0 = no limit)."
+)
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 64, "Sequences per sampler call (the sampled pass sends batch_size/k prompts)."
 )
@@ -82,19 +91,12 @@ _KEEP_COMPLETIONS = flags.DEFINE_boolean(
     "keep_completions", False, "Also store every sampled completion's text in the records."
 )
 _VERIFIER_WORKERS = flags.DEFINE_integer(
-    "verifier_workers", None, "Answer-checking processes (default: the rewards module's; 0: none)."
+    "verifier_workers", 2, "Answer-checking processes (0: in this process)."
 )
 _VERIFY_TIMEOUT = flags.DEFINE_float("verify_timeout_s", 5.0, "Time limit per answer check (s).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
 
 _DEFAULT_REPORT = "eval_report.json"
-
-
-def resolve_instruction(value: str) -> str:
-    """``default`` / ``demo`` / ``none`` -> the instruction text; anything else is literal."""
-    from meljax.data import DEFAULT_INSTRUCTION, DEMO_INSTRUCTION
-
-    return {"default": DEFAULT_INSTRUCTION, "demo": DEMO_INSTRUCTION, "none": ""}.get(value, value)
 
 
 def parse_mesh(value: str):
@@ -152,37 +154,21 @@ def load_model(model: str, *, dtype: str, tokenizer: str | None, mesh) -> tuple[
 
 def load_workdir(workdir: str, *, step: int | None, tokenizer: str | None, mesh):
     """``(model, tokenizer, run config)`` of a training run's checkpoint."""
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"--workdir: no such folder: {workdir}")
-    try:
-        from meljax.trainer.checkpointing import load_policy_from_workdir
-    except ImportError as e:
-        raise ValueError(
-            f"--workdir needs meljax.trainer.checkpointing.load_policy_from_workdir, which could "
-            f"not be imported ({e}); evaluate the run's export/ folder with --model instead"
-        ) from e
-    from meljax.trainer.checkpointing import CHECKPOINT_DIR
+    from meljax import files
+    from meljax.trainer.checkpointing import has_checkpoint, load_policy_from_workdir
 
-    workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
-    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
-        raise FileNotFoundError(f"--workdir: no {CHECKPOINT_DIR}/ folder in {workdir}")
+    if files.is_local(workdir):
+        workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
+    if not files.path(workdir).exists():
+        raise FileNotFoundError(f"--workdir: no such folder: {workdir}")
+    if not has_checkpoint(workdir):
+        raise FileNotFoundError(f"--workdir: no training run with a checkpoint in {workdir}")
     model, tok, run_cfg = load_policy_from_workdir(workdir, step, mesh=mesh)
     if tokenizer:
         from meljax.models import load_tokenizer, resolve_model_path
 
         tok = load_tokenizer(resolve_model_path(tokenizer))
     return model, tok, run_cfg
-
-
-def _run_default(run_cfg: Any, path: str, fallback: Any) -> Any:
-    """``run_cfg.a.b`` for ``path='a.b'``, or ``fallback`` when absent."""
-    value = run_cfg
-    for part in path.split("."):
-        try:
-            value = value[part]
-        except (KeyError, TypeError, AttributeError):
-            return fallback
-    return value
 
 
 def run():
@@ -192,8 +178,6 @@ def run():
         raise ValueError("give exactly one of --model (a model folder / .gguf / demo) or --workdir")
     if _MODEL.value:
         check_model_arg(_MODEL.value)
-    elif not os.path.isdir(_WORKDIR.value):
-        raise FileNotFoundError(f"--workdir: no such folder: {_WORKDIR.value}")
     if not _BENCHMARKS.value:
         raise ValueError("--benchmarks is required (comma-separated PATH or PRESET=PATH)")
     if _LIMIT.value < 0:
@@ -205,72 +189,89 @@ def run():
         except ValueError:
             raise ValueError(f"--pass_k: {k!r} is not an integer") from None
 
-    from meljax.evaluation import evaluate, load_benchmarks, parse_benchmark_specs
+    from meljax.evaluation import EvalConfig, evaluate, load_benchmarks, parse_benchmark_specs
+    from meljax.policy import Policy, PromptConfig
+    from meljax.rewards import RewardConfig, Verifier
 
     specs = parse_benchmark_specs(_BENCHMARKS.value)
     # Read the data first: a typo in a path should fail before a model is loaded.
-    benchmarks, files = load_benchmarks(specs, limit=_LIMIT.value, on_bad_row=_ON_BAD_ROW.value)
-
-    # Same multi-host start-up as `meljax train` (TPU / SLURM detection); no-op on one host.
-    from meljax.config import base_config
-
-    maybe_initialize_distributed(base_config().distributed)
-    mesh = parse_mesh(_MESH.value)
-    template = _PROMPT_TEMPLATE.value
-    instruction = resolve_instruction(_INSTRUCTION.value)
-    system_prompt = _SYSTEM_PROMPT.value or None
-    answer_mode = _ANSWER_MODE.value
-    meta: dict[str, Any] = {"benchmarks": files}
-    if _MODEL.value:
-        model, tokenizer, path = load_model(
-            _MODEL.value, dtype=_DTYPE.value, tokenizer=_TOKENIZER.value, mesh=mesh
-        )
-        meta["model"] = path
-        default_output = _DEFAULT_REPORT
-    else:
-        model, tokenizer, run_cfg = load_workdir(
-            _WORKDIR.value, step=_STEP.value, tokenizer=_TOKENIZER.value, mesh=mesh
-        )
-        meta.update(workdir=os.path.abspath(_WORKDIR.value), step=_STEP.value or "latest")
-        # The run's own prompt format and answer extraction, unless a flag says otherwise:
-        # a policy trained on one prompt format is judged on that format.
-        if not fl["prompt_template"].present:
-            template = _run_default(run_cfg, "data.prompt_template", template)
-        if not fl["instruction"].present:
-            instruction = resolve_instruction(
-                _run_default(run_cfg, "data.instruction", _INSTRUCTION.value)
-            )
-        if not fl["system_prompt"].present:
-            system_prompt = _run_default(run_cfg, "data.system_prompt", "") or None
-        if not fl["answer_mode"].present:
-            answer_mode = _run_default(run_cfg, "reward.mode", answer_mode)
-        default_output = os.path.join(_WORKDIR.value, _DEFAULT_REPORT)
-
-    report = evaluate(
-        model,
-        tokenizer,
-        benchmarks,
+    benchmarks, files_info = load_benchmarks(
+        specs, limit=_LIMIT.value, on_bad_row=_ON_BAD_ROW.value
+    )
+    eval_config = EvalConfig(
         num_samples=_NUM_SAMPLES.value,
         temperature=_TEMPERATURE.value,
         top_p=_TOP_P.value,
         top_k=_TOP_K.value,
         max_new_tokens=_MAX_NEW_TOKENS.value,
         greedy=_GREEDY.value,
-        answer_mode=answer_mode,
-        prompt_template=template,
-        instruction=instruction,
-        system_prompt=system_prompt,
-        batch_size=_BATCH_SIZE.value,
-        seed=_SEED.value,
-        pass_ks=pass_ks,
+        pass_ks=tuple(pass_ks),
         keep_sample_completions=_KEEP_COMPLETIONS.value,
-        progress=_PROGRESS.value,
-        verifier_workers=_VERIFIER_WORKERS.value,
-        verify_timeout_s=_VERIFY_TIMEOUT.value,
+    )
+
+    # Same multi-host start-up as `meljax train` (TPU / SLURM detection); no-op on one host.
+    from meljax.config import base_config, settings
+
+    maybe_initialize_distributed(base_config().distributed)
+    mesh = parse_mesh(_MESH.value)
+    # Prompt and verifier settings: a run's own (a policy trained on one prompt format is
+    # judged on that format), else the defaults; a flag given on the command line wins.
+    run_cfg = None
+    meta: dict[str, Any] = {"benchmarks": files_info}
+    if _MODEL.value:
+        model, tokenizer, path = load_model(
+            _MODEL.value, dtype=_DTYPE.value, tokenizer=_TOKENIZER.value, mesh=mesh
+        )
+        meta["model"] = path
+        default_output = _DEFAULT_REPORT
+        prompt = PromptConfig(max_prompt_tokens=0)
+        reward = RewardConfig()
+    else:
+        model, tokenizer, run_cfg = load_workdir(
+            _WORKDIR.value, step=_STEP.value, tokenizer=_TOKENIZER.value, mesh=mesh
+        )
+        meta.update(workdir=_WORKDIR.value, step=_STEP.value or "latest")
+        default_output = str(files.path(_WORKDIR.value, _DEFAULT_REPORT))
+        run = settings(run_cfg)
+        prompt, reward = run.prompt, run.reward
+    prompt_flags = {
+        "prompt_template": _PROMPT_TEMPLATE,
+        "instruction": _INSTRUCTION,
+        "system_prompt": _SYSTEM_PROMPT,
+        "bos": _BOS,
+        "max_prompt_tokens": _MAX_PROMPT_TOKENS,
+    }
+    given = {k: f.value for k, f in prompt_flags.items() if fl[f.name].present or run_cfg is None}
+    if fl["stop_string"].present or run_cfg is None:
+        given["stop_strings"] = tuple(_STOP_STRINGS.value)
+    prompt = dataclasses.replace(prompt, **given)
+    reward_given = {"num_workers": _VERIFIER_WORKERS.value, "timeout_s": _VERIFY_TIMEOUT.value}
+    if fl["answer_mode"].present or run_cfg is None:
+        reward_given["mode"] = _ANSWER_MODE.value
+    reward = dataclasses.replace(reward, **reward_given)
+
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    policy = Policy.build(
+        graphdef,
+        tokenizer,
+        prompt,
         mesh=mesh,
         cache_dtype=_CACHE_DTYPE.value or None,
-        meta=meta,
+        max_rows=_BATCH_SIZE.value,
     )
+    policy.set_params(params)
+    with Verifier(reward) as verifier:
+        report = evaluate(
+            policy,
+            verifier,
+            benchmarks,
+            eval_config,
+            seed=_SEED.value,
+            progress=_PROGRESS.value,
+            meta=meta,
+        )
     output = _OUTPUT.value or default_output
     stem = output[: -len(".json")] if output.endswith(".json") else output
     paths = (output, stem + ".records.jsonl")

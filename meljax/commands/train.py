@@ -2,12 +2,14 @@
 
 With no flags it runs the embedded CPU demo (``configs/demo.py``) into ``workdirs/demo``.
 Rerunning the same command resumes from the latest checkpoint; a larger
-``--config.total_steps`` continues a finished run.
+``--config.total_steps`` continues a finished run. On SIGTERM (a preempted VM) the run stops at
+its next phase boundary, saves a checkpoint and exits with code 143; rerun to resume.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,6 +21,8 @@ def default_config_path() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     return os.path.join(os.path.dirname(os.path.dirname(here)), "configs", "demo.py")
 
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped on request, checkpoint saved, resumable
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", default_config_path(), "Config file (configs/*.py).", lock_config=True
@@ -39,7 +43,7 @@ def main(argv):
         import jax
 
         from meljax.config import validate
-        from meljax.trainer.loop import train
+        from meljax.trainer.loop import Preempted, train
 
         validate(cfg, jax.device_count())
         workdir = _WORKDIR.value
@@ -48,7 +52,11 @@ def main(argv):
                 os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
             )[0]
             workdir = os.path.join("workdirs", name)
-        summary = train(cfg, workdir)
+        try:
+            summary = train(cfg, workdir)
+        except Preempted as e:
+            print(f"meljax train: {e}", file=sys.stderr, flush=True)
+            sys.exit(PREEMPTED_EXIT_CODE)
     if jax.process_index() == 0:
         print(summary.describe())
 

@@ -12,12 +12,10 @@ from meljax.meta.pairs import ContrastivePair, mixed_groups, pair_rng, select_pa
 from meljax.meta.parse import ParsedAnalysis, parse_analysis
 from meljax.meta.pipeline import (
     META_LOG_FILE,
-    JsonlWriter,
     MetaConfig,
     MetaCounts,
     MetaExperiencePipeline,
     MetaResult,
-    PolicySampler,
 )
 from meljax.meta.templates import (
     DEFAULT_ANALYSIS_TEMPLATE,
@@ -35,13 +33,11 @@ __all__ = [
     "DEFAULT_REPLAY_TEMPLATE",
     "META_LOG_FILE",
     "ContrastivePair",
-    "JsonlWriter",
     "MetaConfig",
     "MetaCounts",
     "MetaExperiencePipeline",
     "MetaResult",
     "ParsedAnalysis",
-    "PolicySampler",
     "contains_answer",
     "fill_analysis_prompt",
     "fill_replay_prompt",

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from meljax.rewards.verify import is_correct
+
 __all__ = [
     "ContrastivePair",
     "group_rewards",
@@ -57,14 +59,13 @@ def group_rewards(rewards: Sequence[float] | np.ndarray, group_size: int) -> np.
     return r.reshape(-1, group_size)
 
 
-def mixed_groups(rewards: np.ndarray, *, correct_threshold: float = 0.5) -> list[int]:
+def mixed_groups(rewards: np.ndarray) -> list[int]:
     """Indices of the questions whose group holds both a correct and an incorrect answer.
 
     Args:
-      rewards: float ``[N, G]``.
-      correct_threshold: an answer is correct when its reward is ``>=`` this.
+      rewards: float ``[N, G]``; correct means :func:`meljax.rewards.is_correct`.
     """
-    correct = np.asarray(rewards) >= correct_threshold
+    correct = np.atleast_2d(is_correct(rewards))
     return [int(i) for i in np.nonzero(correct.any(axis=1) & ~correct.all(axis=1))[0]]
 
 
@@ -81,7 +82,6 @@ def select_pairs(
     *,
     max_pairs_per_query: int = 2,
     rng: np.random.Generator,
-    correct_threshold: float = 0.5,
 ) -> list[ContrastivePair]:
     """Draws contrastive pairs from every mixed group.
 
@@ -93,7 +93,6 @@ def select_pairs(
       rewards: float ``[N, G]`` per-answer rewards.
       max_pairs_per_query: at most this many pairs per question (``>= 1``).
       rng: source of randomness (see :func:`pair_rng`).
-      correct_threshold: an answer is correct when its reward is ``>=`` this.
 
     Returns:
       The pairs, grouped by question in increasing question order.
@@ -104,10 +103,10 @@ def select_pairs(
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [N, G], got shape {rewards.shape}")
     pairs: list[ContrastivePair] = []
-    for q in mixed_groups(rewards, correct_threshold=correct_threshold):
-        is_correct = rewards[q] >= correct_threshold
-        correct = rng.permutation(np.nonzero(is_correct)[0])
-        incorrect = rng.permutation(np.nonzero(~is_correct)[0])
+    for q in mixed_groups(rewards):
+        right = np.asarray(is_correct(rewards[q]))
+        correct = rng.permutation(np.nonzero(right)[0])
+        incorrect = rng.permutation(np.nonzero(~right)[0])
         n = min(len(correct), len(incorrect), max_pairs_per_query)
         pairs.extend(
             ContrastivePair(question=q, incorrect=int(incorrect[k]), correct=int(correct[k]))

@@ -16,6 +16,11 @@
    once; a step with nothing kept gives an all-padding batch (weight 0, loss term 0);
 7. appends one JSON record per generated analysis to ``meta_experiences.jsonl`` (chief only).
 
+All sampling goes through the run's :class:`meljax.policy.Policy` (same rendering, BOS, stop ids
+and stop strings as the rollouts) and all scoring through its :class:`meljax.rewards.Verifier`
+(the same on every host). Pairs, filters and survivors are pure functions of values every host
+shares, so the jitted calls they shape agree across hosts by construction.
+
 Retention ratio (the quantity MEL.md asks to log): ``kept / generated``, where *generated*
 counts every analysis the policy produced this step (empty, truncated and leaking ones
 included). ``replay_pass_ratio = kept / replayed`` is logged too: the share of analyses that
@@ -27,48 +32,32 @@ A step without any mixed group skips everything: no sampler call, all counts 0.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
 import numpy as np
 
+from meljax import files
 from meljax.batch import SequenceBatch, build_sequence_batch
 from meljax.buckets import DEFAULT_LENGTH_BUCKETS
 from meljax.meta import filters, pairs, parse, templates
-from meljax.sampling import SampleResult, SamplingParams
+from meljax.rewards.pool import Scorer
+from meljax.rewards.verify import is_correct
+from meljax.sampling import SamplingParams
+from meljax.schema import option, validate_fields
 
 __all__ = [
     "META_LOG_FILE",
-    "JsonlWriter",
     "MetaConfig",
     "MetaCounts",
     "MetaExperiencePipeline",
     "MetaResult",
-    "PolicySampler",
     "ProblemLike",
 ]
 
 META_LOG_FILE = "meta_experiences.jsonl"
-
-# One call scores a list of completions against their answers; it may return plain floats or
-# reward results with ``.score`` (and optionally ``.extracted``), e.g. ``VerifierPool.score``.
-VerifyFn = Callable[[list[str], list[str]], Sequence[Any]]
-
-
-class PolicySampler(Protocol):
-    """Anything that samples from the current policy like :class:`meljax.sampling.Sampler`."""
-
-    def sample(
-        self,
-        params: Any,
-        prompts: Sequence[Sequence[int]],
-        sampling: SamplingParams,
-        key: jax.Array,
-    ) -> SampleResult: ...
 
 
 class ProblemLike(Protocol):
@@ -81,81 +70,64 @@ class ProblemLike(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
-    """Every knob of the meta-experience pipeline (the trainer maps config fields of the same
-    names onto it).
+    """Every knob of the meta-experience pipeline (config section ``mel``; see ``meljax.schema``).
 
-    Attributes:
-      max_pairs_per_query: at most this many contrastive pairs per question.
-      correct_threshold: a reward ``>=`` this counts as a correct answer (rollouts and replay).
-      analysis_template: ``None`` (built-in), a file path, or the template text; placeholders
-        ``{question}``, ``{incorrect_answer}``, ``{correct_answer}``.
-      replay_template: ``None``, a file path or the text; placeholders ``{experience}``,
-        ``{question}`` and optionally ``{instruction}``.
-      replay_instruction: text put at the replay template's ``{instruction}`` (it should ask
-        for the answer format the verifier reads).
-      analysis_max_prompt_tokens: limit of the rendered analysis prompt; answers are shortened
-        in the middle to fit. Pairs whose question alone does not fit are skipped
-        (``too_long``).
-      min_answer_tokens: an answer is never shortened below this many tokens.
-      analysis_max_new_tokens, analysis_temperature, analysis_top_p, analysis_top_k: sampling
-        of the analysis pass.
-      replay_max_new_tokens, replay_temperature, replay_top_p, replay_top_k: sampling of the
-        replay pass (one answer per analysis).
-      filter_leaks: drop analyses that contain the ground-truth answer.
-      answer_mode: how the default verifier extracts answers (``meljax.rewards.score_batch``
-        mode: ``"boxed"``, ``"last_number"``, ``"boxed_or_last_number"``).
-      nll_max_len: tokens per NLL row; ``None``: analysis prompt limit + analysis new tokens.
-      nll_rows: minimum NLL rows; ``None``: ``max_pairs_per_query`` x the step's questions.
-      nll_batch_multiple: NLL rows are a multiple of this (the data-parallel size).
-      nll_bucketed: ``False`` (default): the NLL batch always has the fixed shape
-        ``[bucket(nll_rows), nll_length]``, so the update compiles once, but pays for every
-        padding row. ``True``: rows are bucketed to the kept count (at least
-        ``nll_batch_multiple``) and T to the longest kept row (power-of-two buckets, at most
-        ``nll_length``): cheaper updates, a few more compiled shapes.
-      seed: pairs of step ``s`` are drawn from ``np.random.default_rng([seed, s])``.
-      log_file: name of the JSONL log inside the work directory.
+    An answer is correct as :func:`meljax.rewards.is_correct` says (rollouts and replay alike).
     """
 
-    max_pairs_per_query: int = 2
-    correct_threshold: float = 0.5
-    analysis_template: str | None = None
-    replay_template: str | None = None
-    replay_instruction: str = templates.DEFAULT_REPLAY_INSTRUCTION
-    analysis_max_prompt_tokens: int = 1024
-    min_answer_tokens: int = 16
-    analysis_max_new_tokens: int = 1024
-    analysis_temperature: float = 1.0
-    analysis_top_p: float = 1.0
-    analysis_top_k: int = 0
-    replay_max_new_tokens: int = 256
-    replay_temperature: float = 1.0
-    replay_top_p: float = 1.0
-    replay_top_k: int = 0
-    filter_leaks: bool = True
-    answer_mode: str = "boxed"
-    nll_max_len: int | None = None
-    nll_rows: int | None = None
-    nll_batch_multiple: int = 1
-    nll_bucketed: bool = False
-    seed: int = 0
-    log_file: str = META_LOG_FILE
+    max_pairs_per_query: int = option(2, "contrastive pairs per mixed question", minimum=1)
+    analysis_template: str = option(
+        "",
+        '"" = built-in; else template text or a path to a file ({question}, '
+        "{incorrect_answer}, {correct_answer})",
+    )
+    replay_template: str = option(
+        "",
+        '"" = built-in; else template text or a path to a file ({experience}, {question}, '
+        "optionally {instruction})",
+    )
+    replay_instruction: str = option(
+        templates.DEFAULT_REPLAY_INSTRUCTION,
+        "text at the replay template's {instruction}",
+        derived="data.instruction",
+    )
+    analysis_max_prompt_tokens: int = option(
+        1024,
+        "filled analysis prompt limit (answers shortened in the middle; pairs whose "
+        "question alone does not fit are skipped as too_long)",
+        minimum=1,
+    )
+    min_answer_tokens: int = option(16, "an answer is never shortened below this", minimum=0)
+    analysis_max_new_tokens: int = option(1024, "meta-experience length limit", minimum=1)
+    analysis_temperature: float = option(
+        1.0, "sampling temperature of the analysis pass", minimum=0
+    )
+    analysis_top_p: float = option(1.0, "nucleus sampling of the analysis pass", minimum=1e-9)
+    analysis_top_k: int = option(0, "top-k sampling of the analysis pass (0 = off)", minimum=0)
+    replay_max_new_tokens: int = option(256, "replay answer length limit", minimum=1)
+    replay_temperature: float = option(1.0, "sampling temperature of the replay pass", minimum=0)
+    replay_top_p: float = option(1.0, "nucleus sampling of the replay pass", minimum=1e-9)
+    replay_top_k: int = option(0, "top-k sampling of the replay pass (0 = off)", minimum=0)
+    filter_leaks: bool = option(True, "drop meta-experiences that contain the ground-truth answer")
+    nll_max_len: int = option(
+        0,
+        "tokens per NLL row (0 = analysis_max_prompt_tokens + analysis_max_new_tokens)",
+        minimum=0,
+    )
+    nll_rows: int = option(0, "minimum NLL rows (0 = max_pairs_per_query x questions)", minimum=0)
+    nll_batch_multiple: int = option(
+        1, "NLL rows are a multiple of this", minimum=1, derived="the data-parallel size"
+    )
+    nll_bucketed: bool = option(
+        False,
+        "True: NLL batch sized to the kept rows (more compiles, less memory); False: "
+        "one fixed shape, one compile",
+    )
+    seed: int = option(0, "pairs of step s come from default_rng([seed, s])", derived="seed")
 
     def __post_init__(self):
-        positive = (
-            "max_pairs_per_query",
-            "analysis_max_prompt_tokens",
-            "analysis_max_new_tokens",
-            "replay_max_new_tokens",
-            "nll_batch_multiple",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"MetaConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.min_answer_tokens < 0:
-            raise ValueError(
-                f"MetaConfig.min_answer_tokens must be >= 0, got {self.min_answer_tokens}"
-            )
-        if self.nll_max_len is not None and self.nll_max_len < self.max_nll_row:
+        validate_fields(self)
+        if self.nll_max_len and self.nll_max_len < self.max_nll_row:
             raise ValueError(
                 f"MetaConfig.nll_max_len={self.nll_max_len} is shorter than "
                 f"analysis_max_prompt_tokens + analysis_max_new_tokens = {self.max_nll_row}"
@@ -169,7 +141,7 @@ class MetaConfig:
     @property
     def nll_length(self) -> int:
         """T of the NLL batch."""
-        return self.nll_max_len if self.nll_max_len is not None else self.max_nll_row
+        return self.nll_max_len or self.max_nll_row
 
     def analysis_sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -254,122 +226,67 @@ class MetaResult:
         return out
 
 
-class JsonlWriter:
-    """Appends records to a JSON Lines file, one object per line (UTF-8, flushed per call)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __call__(self, records: Sequence[Mapping[str, Any]]) -> None:
-        if not records:
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-def _scores(results: Sequence[Any]) -> tuple[list[float], list[str | None]]:
-    """Accepts floats or reward results (``.score``, optional ``.extracted``)."""
-    scores, extracted = [], []
-    for r in results:
-        if hasattr(r, "score"):
-            scores.append(float(r.score))
-            extracted.append(getattr(r, "extracted", None))
-        else:
-            scores.append(float(r))
-            extracted.append(None)
-    return scores, extracted
-
-
-def _default_verify(mode: str) -> VerifyFn:
-    def verify(completions: list[str], answers: list[str]) -> Sequence[Any]:
-        from meljax.rewards import score_batch  # lazy: only needed without a caller's verifier
-
-        return score_batch(completions, answers, mode=mode)
-
-    return verify
-
-
 class MetaExperiencePipeline:
     """Generates, filters, validates and batches meta-experiences, one call per step.
 
     Args:
-      sampler: samples from the current policy (see :class:`PolicySampler`). Its prompt limit,
-        if any (``max_prompt_len``), must admit ``analysis_max_prompt_tokens``: a prompt cut by
-        the sampler would no longer be the NLL context.
-      tokenizer: a ``transformers`` tokenizer (counting/cutting answers, decoding outputs).
-      render_prompt: user-message text -> full policy prompt text (chat template included),
-        the same rendering the rollouts use.
+      policy: the run's :class:`meljax.policy.Policy` (its current weights are sampled). Its
+        sampler's prompt limit must admit ``analysis_max_prompt_tokens``: a prompt cut by the
+        sampler would no longer be the NLL context.
+      verifier: the run's :class:`meljax.rewards.Verifier` (anything with its ``score``).
       config: the knobs.
-      verify: ``(completions, answers) -> scores or reward results``; default
-        ``meljax.rewards.score_batch(..., mode=config.answer_mode)``.
-      encode: full prompt text -> token ids fed to the sampler; default
-        ``tokenizer.encode(text, add_special_tokens=False)`` (chat templates carry their own
-        special tokens). Pass the rollouts' own encoder to keep both identical.
-      workdir: where ``config.log_file`` is appended to (chief only); ``None``: no file.
+      workdir: where ``meta_experiences.jsonl`` is appended to (chief only); ``None``: no file.
       is_chief: only the chief writes the log.
       writer: a custom ``records -> None`` sink, replacing the file (still chief only).
-      pad_id: NLL batch padding id; default the tokenizer's pad (else EOS, else 0).
     """
 
     def __init__(
         self,
         *,
-        sampler: PolicySampler,
-        tokenizer: Any,
-        render_prompt: Callable[[str], str],
+        policy: Any,
+        verifier: Scorer,
         config: MetaConfig = MetaConfig(),
-        verify: VerifyFn | None = None,
-        encode: Callable[[str], Sequence[int]] | None = None,
         workdir: str | None = None,
         is_chief: bool = True,
         writer: Callable[[list[dict[str, Any]]], None] | None = None,
-        pad_id: int | None = None,
     ):
-        limit = getattr(sampler, "max_prompt_len", None)
+        limit = policy.max_prompt_len
         if limit is not None and limit < config.analysis_max_prompt_tokens:
             raise ValueError(
                 f"the sampler cuts prompts to max_prompt_len={limit} tokens, below "
                 f"MetaConfig.analysis_max_prompt_tokens={config.analysis_max_prompt_tokens}; "
                 f"raise the sampler's limit or lower the analysis prompt limit"
             )
-        self.sampler = sampler
-        self.tokenizer = tokenizer
-        self.render_prompt = render_prompt
+        self.policy = policy
+        self.verifier = verifier
         self.config = config
-        self.verify = verify if verify is not None else _default_verify(config.answer_mode)
-        self.encode = encode or (lambda s: tokenizer.encode(s, add_special_tokens=False))
-        self.cutter = templates.TokenCutter(tokenizer)
+        self.cutter = templates.TokenCutter(policy.tokenizer)
         self.analysis_template = templates.load_template(
-            config.analysis_template,
+            config.analysis_template or None,
             default=templates.DEFAULT_ANALYSIS_TEMPLATE,
             required=templates.ANALYSIS_FIELDS,
             what="analysis_template",
         )
         self.replay_template = templates.load_template(
-            config.replay_template,
+            config.replay_template or None,
             default=templates.DEFAULT_REPLAY_TEMPLATE,
             required=templates.REPLAY_FIELDS,
             what="replay_template",
         )
         if writer is None and workdir is not None:
-            writer = JsonlWriter(os.path.join(workdir, config.log_file))
+            log = files.path(workdir, META_LOG_FILE)
+
+            def writer(records):
+                files.append_jsonl(log, records)
+
         self.writer = writer if is_chief else None
-        if pad_id is None:
-            pad_id = getattr(tokenizer, "pad_token_id", None)
-            if pad_id is None:
-                pad_id = getattr(tokenizer, "eos_token_id", None)
-        self.pad_id = int(pad_id or 0)
+        self.pad_id = policy.pad_id
 
     # -- helpers
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
     def nll_rows(self, num_questions: int) -> int:
         """Minimum rows of the NLL batch for a step of ``num_questions`` questions."""
-        if self.config.nll_rows is not None:
+        if self.config.nll_rows:
             return self.config.nll_rows
         return max(1, self.config.max_pairs_per_query * num_questions)
 
@@ -409,7 +326,6 @@ class MetaExperiencePipeline:
         completions: Sequence[str],
         rewards: Sequence[float] | np.ndarray,
         group_size: int,
-        params: Any,
         key: jax.Array,
     ) -> MetaResult:
         """Runs steps 4 to 7 of MEL.md for one training step.
@@ -420,7 +336,6 @@ class MetaExperiencePipeline:
           completions: ``N*G`` decoded answers; row ``i*G + g`` answers question ``i``.
           rewards: ``N*G`` (or ``[N, G]``) rewards of those answers.
           group_size: ``G``.
-          params: the current policy parameters, passed to the sampler.
           key: PRNG key of this step's meta sampling (split into analysis and replay keys).
         """
         cfg = self.config
@@ -436,12 +351,9 @@ class MetaExperiencePipeline:
                 f"{len(completions)} completions, expected {n} problems x {group_size} = "
                 f"{n * group_size}"
             )
-        mixed = pairs.mixed_groups(r, correct_threshold=cfg.correct_threshold)
+        mixed = pairs.mixed_groups(r)
         chosen = pairs.select_pairs(
-            r,
-            max_pairs_per_query=cfg.max_pairs_per_query,
-            rng=pairs.pair_rng(cfg.seed, step),
-            correct_threshold=cfg.correct_threshold,
+            r, max_pairs_per_query=cfg.max_pairs_per_query, rng=pairs.pair_rng(cfg.seed, step)
         )
         counts = {"questions": n, "mixed_groups": len(mixed), "pairs": len(chosen)}
 
@@ -456,8 +368,8 @@ class MetaExperiencePipeline:
                 completions[inc_row],
                 completions[cor_row],
                 template=self.analysis_template,
-                render=self.render_prompt,
-                encode=self.encode,
+                render=self.policy.render_message,
+                encode=self.policy.encode_text,
                 cutter=self.cutter,
                 max_prompt_tokens=cfg.analysis_max_prompt_tokens,
                 min_answer_tokens=cfg.min_answer_tokens,
@@ -470,12 +382,11 @@ class MetaExperiencePipeline:
         key_analysis, key_replay = jax.random.split(key)
         analyses: list[tuple[list[int], str, bool]] = []  # (ids incl. stop, text, truncated)
         if filled:
-            out = self.sampler.sample(
-                params, [p.ids for _, p in filled], cfg.analysis_sampling(), key_analysis
+            out = self.policy.generate(
+                [p.ids for _, p in filled], cfg.analysis_sampling(), key_analysis
             )
-            for i in range(len(filled)):
-                ids = out.completion(i)
-                analyses.append((ids, self._decode(ids), bool(out.truncated[i])))
+            for (c,) in out:
+                analyses.append(([int(t) for t in c.tokens], c.text, c.truncated))
         analysis_s = time.perf_counter() - t0
 
         # Steps 3-4 of the brief: parse for the log, then filter.
@@ -532,21 +443,21 @@ class MetaExperiencePipeline:
                     template=self.replay_template,
                     instruction=cfg.replay_instruction,
                 )
-                replay_prompts.append(list(self.encode(self.render_prompt(user))))
-            out = self.sampler.sample(params, replay_prompts, cfg.replay_sampling(), key_replay)
-            replay_texts = [self._decode(out.completion(j)) for j in range(len(survivors))]
+                replay_prompts.append(self.policy.encode_message(user))
+            out = self.policy.generate(replay_prompts, cfg.replay_sampling(), key_replay)
+            replay_texts = [c.text for (c,) in out]
             answers = [problems[filled[k][0].question].answer for k in survivors]
-            scores, extracted = _scores(self.verify(replay_texts, answers))
-            if len(scores) != len(survivors):
-                raise ValueError(
-                    f"verify returned {len(scores)} results for {len(survivors)} replay answers"
+            results = self.verifier.score(replay_texts, answers)
+            if len(results) != len(survivors):
+                raise RuntimeError(
+                    f"verifier returned {len(results)} results for {len(survivors)} replays"
                 )
             for j, k in enumerate(survivors):
-                ok = scores[j] >= cfg.correct_threshold
+                ok = is_correct(results[j].score)
                 records[k].update(
                     replay_text=replay_texts[j],
-                    replay_extracted=extracted[j],
-                    replay_score=scores[j],
+                    replay_extracted=results[j].extracted,
+                    replay_score=float(results[j].score),
                     replay_failed=not ok,
                     status="kept" if ok else "replay_failed",
                     kept=ok,

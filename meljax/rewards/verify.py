@@ -18,42 +18,48 @@ import re
 from typing import Any
 
 from meljax.rewards.extract import MODES, clip_tail, extract_answer, nesting_depth
+from meljax.schema import option, validate_fields
 
 REASONS: tuple[str, ...] = ("correct", "no_answer", "parse_error", "mismatch", "timeout", "crash")
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """How completions are scored.
+    """How completions are scored (config section ``reward``; see ``meljax.schema``)."""
 
-    Attributes:
-      mode: answer extraction, one of "boxed", "last_number", "boxed_or_last_number".
-      timeout_s: wall-clock limit per item in seconds (extraction + parsing + comparison).
-      max_input_chars: completions longer than this are clipped to their last
-        `max_input_chars` characters before extraction.
-      max_answer_chars: the extracted answer is clipped to this many characters.
-      max_nesting_depth: answers nesting (), [] and {} deeper than this score 0 with reason
-        "parse_error" without being parsed (the LaTeX parser is very slow on deep nesting).
-      float_rounding: decimal places math-verify rounds floats to before comparing.
-      numeric_precision: significant digits for math-verify's numeric comparison.
-      strict: math-verify's strict mode (variable names matter; sets and tuples differ).
-    """
-
-    mode: str = "boxed"
-    timeout_s: float = 5.0
-    max_input_chars: int = 20_000
-    max_answer_chars: int = 1_000
-    max_nesting_depth: int = 12
-    float_rounding: int = 6
-    numeric_precision: int = 15
-    strict: bool = True
+    mode: str = option(
+        "boxed", "answer extraction: boxed | last_number | boxed_or_last_number", choices=MODES
+    )
+    timeout_s: float = option(
+        5.0, "per-answer time limit (s); a hung answer scores 0", minimum=1e-3
+    )
+    num_workers: int = option(2, "verifier processes (0 = in the calling process)", minimum=0)
+    max_input_chars: int = option(
+        20_000, "completions are clipped to their last this many characters first", minimum=1
+    )
+    max_answer_chars: int = option(1_000, "the extracted answer is clipped to this", minimum=1)
+    max_nesting_depth: int = option(
+        12, "answers nesting (), [] and {} deeper score 0 (parse_error) unparsed", minimum=1
+    )
+    float_rounding: int = option(6, "decimal places math-verify rounds floats to")
+    numeric_precision: int = option(15, "significant digits of math-verify's comparison")
+    strict: bool = option(True, "math-verify strict mode (variable names matter)")
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"RewardConfig.mode={self.mode!r}; expected one of {MODES}")
-        for name in ("timeout_s", "max_input_chars", "max_answer_chars", "max_nesting_depth"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"RewardConfig.{name} must be positive, got {getattr(self, name)}")
+        validate_fields(self)
+
+
+CORRECT_SCORE = 1.0
+"""The score of a verified answer; every other outcome scores 0."""
+
+
+def is_correct(score: Any) -> Any:
+    """THE definition of a correct answer, for rollouts, MEL pairs and replay, and evaluation:
+    its reward is the verified score (a float, or an array of them, elementwise)."""
+    import numpy as np
+
+    out = np.asarray(score) >= CORRECT_SCORE
+    return bool(out) if out.ndim == 0 else out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Jitted grouped-rollout sampling (KV cache, ``lax.while_loop`` decode) and a text helper."""
 
-from meljax.sampling.generate import encode_prompts, generate, sample_model, stop_token_ids
+from meljax.sampling.engine import Engine, Generation, Request, SamplerEngine
+from meljax.sampling.generate import generate, sample_model
 from meljax.sampling.sampler import (
     SampleOutput,
     Sampler,
@@ -13,16 +14,18 @@ from meljax.sampling.sampler import (
 )
 
 __all__ = [
+    "Engine",
+    "Generation",
+    "Request",
+    "SamplerEngine",
     "SampleOutput",
     "SampleResult",
     "Sampler",
     "SamplingParams",
-    "encode_prompts",
     "filter_logits",
     "generate",
     "sample_core",
     "sample_model",
     "select_tokens",
-    "stop_token_ids",
     "token_logprobs",
 ]

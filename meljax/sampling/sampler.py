@@ -500,10 +500,16 @@ class Sampler:
     def shapes(
         self, num_prompts: int, prompt_len: int, sampling: SamplingParams
     ) -> tuple[int, int, int]:
-        """Bucketed ``(batch, prompt_len, new_tokens)`` a call with these sizes compiles for."""
+        """Bucketed ``(batch, prompt_len, new_tokens)`` a call with these sizes compiles for.
+
+        The ROWS (``batch * G``) are padded to a multiple of the data-parallel size, not the
+        prompts: 128 prompts x G=8 on 256 chips stay 128 prompts (1,024 rows).
+        """
         if self.max_prompt_len is not None:
             prompt_len = min(prompt_len, self.max_prompt_len)
-        b = bucket(max(num_prompts, 1), self.batch_buckets, multiple=self._dp())
+        dp = self._dp()
+        multiple = dp // math.gcd(dp, sampling.num_samples)
+        b = bucket(max(num_prompts, 1), self.batch_buckets, multiple=multiple)
         p = bucket(prompt_len, self.prompt_buckets)
         m = sampling.max_new_tokens
         if self.new_token_buckets is not None:
@@ -583,8 +589,13 @@ class Sampler:
         b, p, m = self.shapes(len(prompts), max(len(x) for x in prompts), sampling)
         tokens, mask, valid = pad_prompts(prompts, b, p, self.pad_id)
         if self.mesh is not None:
+            # Fewer prompts than data-parallel shards: the (small) prompt arrays are replicated
+            # and the prefill is spread unevenly; the G-times repeated rows divide evenly.
+            split = b % self._dp() == 0
             tokens, mask, valid = (
-                shd.put_global(x, shd.batch_sharding(self.mesh, x.ndim))
+                shd.put_global(
+                    x, shd.batch_sharding(self.mesh, x.ndim) if split else shd.replicated(self.mesh)
+                )
                 for x in (tokens, mask, valid)
             )
         before = _TRACE_COUNT

@@ -8,7 +8,6 @@ when complete, so a run killed while saving resumes from the last complete check
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -16,7 +15,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from meljax import files
+
 CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
 
 
 def _key(path) -> str:
@@ -49,13 +51,18 @@ def unflatten_like(template: Any, flat: dict[str, Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [flat[_key(p)] for p, _ in paths])
 
 
-class Checkpointer:
-    """Saves and restores ``(train_state, extra_json)`` pairs by step."""
+def checkpoint_dir(workdir: str, directory: str = "") -> str:
+    """Where a run's checkpoints are: ``checkpoint.directory`` or ``WORKDIR/checkpoints``."""
+    return directory or str(files.path(workdir, CHECKPOINT_DIR))
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 2, create: bool = True):
-        if "://" not in workdir:  # orbax wants absolute paths; gs:// ones already are
-            workdir = os.path.abspath(workdir)
-        self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+
+class Checkpointer:
+    """Saves and restores ``(train_state, extra_json)`` pairs by step in ``directory``."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 2, create: bool = True):
+        if "://" not in directory:  # orbax wants absolute paths; gs:// ones already are
+            directory = os.path.abspath(os.path.expanduser(directory))
+        self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "extra")
@@ -109,6 +116,20 @@ class Checkpointer:
         self.manager.close()
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """True when ``workdir`` holds a run (its ``config.json``) with at least one checkpoint."""
+    cfg_file = files.path(workdir, CONFIG_FILE)
+    if not cfg_file.exists():
+        return False
+    from meljax.config import config_from_json
+
+    try:
+        cfg = config_from_json(cfg_file.read_text())
+    except ValueError:  # e.g. a Hugging Face folder's config.json
+        return False
+    return files.path(checkpoint_dir(workdir, cfg.checkpoint.directory)).exists()
+
+
 def load_policy_from_workdir(workdir: str, step: int | None = None, *, mesh=None):
     """The policy model of a training run's checkpoint (latest by default).
 
@@ -117,17 +138,19 @@ def load_policy_from_workdir(workdir: str, step: int | None = None, *, mesh=None
     """
     from flax import nnx
 
+    from meljax.config import config_from_json
     from meljax.trainer import setup
 
-    if "://" not in workdir and not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
-        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, CHECKPOINT_DIR)}")
-    ckpt = Checkpointer(workdir, create=False)
+    cfg_file = files.path(workdir, CONFIG_FILE)
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"no training run in {workdir} (no {CONFIG_FILE})")
+    cfg = config_from_json(cfg_file.read_text())
+    where = checkpoint_dir(workdir, cfg.checkpoint.directory)
+    if not files.path(where).exists():
+        raise FileNotFoundError(f"no checkpoint under {where}")
+    ckpt = Checkpointer(where, create=False)
     if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, CHECKPOINT_DIR)}")
-    extra = ckpt.read_extra(step)
-    import ml_collections
-
-    cfg = ml_collections.ConfigDict(json.loads(extra["config"]))
+        raise FileNotFoundError(f"no checkpoint under {where}")
     model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
     graphdef, params = nnx.split(model, nnx.Param)
     flat = ckpt.manager.restore(

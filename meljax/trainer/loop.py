@@ -7,8 +7,10 @@ state is checkpointed with the weights, so a resumed run repeats the uninterrupt
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
 
 import jax
@@ -17,13 +19,14 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from meljax import files, multihost
 from meljax import sharding as shd
 from meljax.batch import TrainBatch, build_sequence_batch
 from meljax.buckets import bucket
-from meljax.losses import LossConfig
-from meljax.meta import MetaConfig, MetaExperiencePipeline
+from meljax.config import config_from_json, settings
+from meljax.meta import META_LOG_FILE, MetaExperiencePipeline
 from meljax.models import save_pretrained
-from meljax.optim import OptimizerConfig, make_optimizer
+from meljax.optim import make_optimizer
 from meljax.train_step import (
     init_train_state,
     make_compute_logprobs,
@@ -31,7 +34,7 @@ from meljax.train_step import (
     train_on_batch,
 )
 from meljax.trainer import setup
-from meljax.trainer.checkpointing import Checkpointer
+from meljax.trainer.checkpointing import CONFIG_FILE, Checkpointer, checkpoint_dir
 from meljax.trainer.metrics import MetricsWriter, Progress, read_metrics
 from meljax.trainer.rollout import run_rollouts
 
@@ -64,112 +67,91 @@ class TrainSummary:
                 )
         w = self.workdir
         lines += [
-            f"metrics:          {os.path.join(w, 'metrics.jsonl')}",
-            f"meta-experiences: {os.path.join(w, 'meta_experiences.jsonl')}",
-            f"checkpoints:      {os.path.join(w, 'checkpoints')}",
+            f"metrics:          {files.path(w, 'metrics.jsonl')}",
+            f"meta-experiences: {files.path(w, META_LOG_FILE)}",
+            f"checkpoints:      {files.path(w, 'checkpoints')}",
         ]
         if self.export_dir:
             lines.append(f"exported model:   {self.export_dir}")
         return "\n".join(lines)
 
 
-def loss_config(cfg: ml_collections.ConfigDict) -> LossConfig:
-    a = cfg.algorithm
-    return LossConfig(
-        algorithm=a.name,
-        advantage=a.advantage,
-        eps_low=a.eps_low,
-        eps_high=a.eps_high,
-        aggregation=a.aggregation,
-        max_len=cfg.rollout.max_new_tokens,
-        kl_beta=a.kl_beta,
-        kl_estimator=a.kl_estimator,
-        use_mel=cfg.mel.enabled,
-        lambda_mel=cfg.mel.lambda_mel,
-        rft_threshold=a.rft_threshold,
-        logprob_chunk_size=a.logprob_chunk,
-    )
-
-
-def meta_config(cfg: ml_collections.ConfigDict, dp: int) -> MetaConfig:
-    m = cfg.mel
-    return MetaConfig(
-        max_pairs_per_query=m.max_pairs_per_query,
-        analysis_template=m.analysis_template or None,
-        replay_template=m.replay_template or None,
-        replay_instruction=setup.instruction_text(cfg),
-        analysis_max_prompt_tokens=m.analysis_max_prompt_tokens,
-        analysis_max_new_tokens=m.analysis_max_new_tokens,
-        analysis_temperature=m.analysis_temperature,
-        analysis_top_p=m.analysis_top_p,
-        replay_max_new_tokens=m.replay_max_new_tokens,
-        replay_temperature=m.replay_temperature,
-        filter_leaks=m.filter_leaks,
-        answer_mode=cfg.reward.mode,
-        nll_batch_multiple=dp,
-        nll_bucketed=m.nll_bucketed,
-        seed=cfg.seed,
-    )
-
-
-def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
-    o = cfg.optim
-    return OptimizerConfig(
-        learning_rate=o.learning_rate,
-        schedule=o.schedule,
-        warmup_steps=o.warmup_steps,
-        # one update per pass; the schedule spans the whole run
-        total_steps=max(cfg.total_steps * cfg.algorithm.num_passes, o.warmup_steps + 1),
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm,
-    )
-
-
 class PeriodicEval:
-    """Evaluation on the configured benchmarks during training (``eval.every_steps``)."""
+    """Evaluation on the configured benchmarks during training (``eval.every_steps`` and
+    ``eval.at_start``): the run's own policy and verifier, so prompts, stops and verdicts are
+    those of the rollouts. Reports go to ``WORKDIR/eval/step_N.json``."""
 
-    def __init__(self, cfg, workdir, tokenizer, stop_ids, mesh, verifier):
+    def __init__(self, cfg, workdir, policy, verifier, eval_config):
         from meljax import evaluation
 
-        self.cfg, self.workdir, self.tokenizer = cfg, workdir, tokenizer
-        self.stop_ids, self.mesh, self.verifier = stop_ids, mesh, verifier
-        specs = evaluation.parse_benchmark_specs(cfg.eval.benchmarks)
+        self.cfg, self.workdir, self.policy, self.verifier = cfg, workdir, policy, verifier
+        self.config = eval_config
+        specs = evaluation.parse_benchmark_specs(eval_config.benchmarks)
         self.benchmarks, _ = evaluation.load_benchmarks(
-            specs, limit=cfg.eval.limit, on_bad_row=cfg.data.on_bad_row
+            specs, limit=eval_config.limit, on_bad_row=cfg.data.on_bad_row
         )
 
-    def __call__(self, step: int, graphdef, params) -> dict[str, float]:
+    def __call__(self, step: int, params) -> dict[str, float]:
         from meljax import evaluation
 
-        c = self.cfg
+        self.policy.set_params(params)
         report = evaluation.evaluate(
-            (graphdef, params),
-            self.tokenizer,
+            self.policy,
+            self.verifier,
             self.benchmarks,
-            num_samples=c.eval.num_samples,
-            temperature=c.eval.temperature,
-            max_new_tokens=c.eval.max_new_tokens,
-            answer_mode=c.reward.mode,
-            prompt_template=c.data.prompt_template,
-            instruction=setup.instruction_text(c),
-            system_prompt=c.data.system_prompt or None,
-            seed=c.seed + step,
+            self.config,
+            seed=self.cfg.seed + step,
             progress=False,
-            verify=self.verifier,
-            stop_token_ids=self.stop_ids,
-            mesh=self.mesh,
+            meta={"step": step},
         )
         if jax.process_index() == 0:
-            report.write(os.path.join(self.workdir, "eval", f"step_{step}.json"))
+            report.write(str(files.path(self.workdir, "eval", f"step_{step}.json")))
         out = {}
         for name, m in list(report.benchmarks.items()) + [("average", report.average)]:
             for k, v in m.to_json().items():
                 if isinstance(v, int | float) and k != "num_samples":
                     out[f"eval/{name}/{k}"] = float(v)
+                elif k.endswith("_ci95") and v:
+                    out[f"eval/{name}/{k[: -len('_ci95')]}_ci_low"] = float(v[0])
+                    out[f"eval/{name}/{k[: -len('_ci95')]}_ci_high"] = float(v[1])
         return out
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint; rerun the command to resume."""
+
+    def __init__(self, step: int, saved: int, workdir: str):
+        self.step, self.saved, self.workdir = step, saved, workdir
+        where = f"the checkpoint of step {saved} is in {workdir}" if saved else "no step finished"
+        super().__init__(
+            f"stopped by SIGTERM during step {step}; {where}; rerun the same command to resume"
+        )
+
+
+class StopSignal:
+    """SIGTERM asks the run to stop at its next phase boundary (a second one kills at once).
+
+    :meth:`requested` is a collective on several hosts: all hosts stop at the same boundary, so
+    they save the same step (orbax saves are collective too).
+    """
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self._flag = True
+        logging.warning("SIGTERM: stopping at the next phase boundary, then saving")
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+    def requested(self) -> bool:
+        return multihost.any_process(self._flag)
+
+    def close(self) -> None:
+        if self._previous is not None and not self._flag:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _scalars(metrics: list[dict]) -> dict[str, float]:
@@ -178,172 +160,203 @@ def _scalars(metrics: list[dict]) -> dict[str, float]:
     return {f"train/{k}": float(np.asarray(v)) for k, v in last.items()}
 
 
+def _export(graphdef, params, tokenizer, workdir: str, dtype: str, is_chief: bool) -> str:
+    """``WORKDIR/export`` (a Hugging Face folder), staged locally for a remote workdir."""
+    target = files.path(workdir, EXPORT_DIR)
+    model = nnx.merge(graphdef, params)
+    if files.is_local(workdir):
+        save_pretrained(model, str(target), tokenizer=tokenizer, dtype=dtype or None)
+        return str(target)
+    staging = tempfile.mkdtemp(prefix="meljax-export-")
+    try:
+        save_pretrained(model, staging, tokenizer=tokenizer, dtype=dtype or None)
+        if is_chief:
+            files.copy_tree(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
-    """Runs (or resumes) training until ``cfg.total_steps``; returns a summary."""
+    """Runs (or resumes) training until ``cfg.total_steps``; returns a summary.
+
+    Raises:
+      Preempted: on SIGTERM, after saving a checkpoint (see :class:`StopSignal`).
+    """
     is_chief = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    files.path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = setup.build_mesh(cfg)
     dp = shd.data_parallel_size(mesh)
+    s = settings(cfg, data_parallel=dp)
     model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
     graphdef, params = nnx.split(model, nnx.Param)
     del model
-    stop_ids = setup.stop_token_ids(nnx.merge(graphdef, params), tokenizer)
-    pad_id = setup.pad_token_id(tokenizer, stop_ids)
 
-    optimizer, schedule = make_optimizer(optimizer_config(cfg))
+    optimizer, schedule = make_optimizer(s.optim)
     master = "bfloat16" if cfg.model.param_dtype == "bfloat16" else "float32"
     state = init_train_state(params, optimizer, mesh, master_dtype=master)
     ref_params = (
         jax.tree.map(lambda x: x.copy(), state.params) if cfg.algorithm.kl_beta > 0 else None
     )
     del params
-    lcfg = loss_config(cfg)
     train_step = make_train_step(
         graphdef,
         optimizer,
-        lcfg,
+        s.loss,
         mesh=mesh,
-        num_microbatches=cfg.algorithm.num_microbatches,
+        num_microbatches=s.update.num_microbatches,
         schedule=schedule,
     )
     compute_logprobs = make_compute_logprobs(
-        graphdef, mesh=mesh, chunk_size=cfg.algorithm.logprob_chunk
+        graphdef, mesh=mesh, chunk_size=s.loss.logprob_chunk_size
     )
-    sampler = setup.build_sampler(cfg, graphdef, stop_ids, pad_id, mesh)
-    render = setup.prompt_renderer(cfg, tokenizer)
+    policy = setup.build_policy(cfg, graphdef, tokenizer, mesh)
     source, skipped_rows = setup.build_problem_source(cfg)
     data_iter = setup.build_data_iterator(cfg, source)
 
-    ckpt = Checkpointer(workdir, max_to_keep=cfg.checkpoint.max_to_keep)
-    writer = MetricsWriter(workdir, is_chief=is_chief, tensorboard=cfg.logging.tensorboard)
+    ckpt = Checkpointer(
+        checkpoint_dir(workdir, s.checkpoint.directory), max_to_keep=s.checkpoint.max_to_keep
+    )
+    writer = MetricsWriter(workdir, is_chief=is_chief, tensorboard=s.logging.tensorboard)
     start = ckpt.latest_step() or 0
     if start:
         state, extra = ckpt.restore(start, state)
         data_iter.set_state(extra["data_iterator"])
         logging.info("resumed from step %d in %s", start, workdir)
-    writer.truncate_after(start)
+    # Records written after the checkpoint we resume from are redone: drop them (a step-0
+    # evaluation too when nothing was saved yet: it is redone as well).
+    writer.truncate_after(start if start else -1)
     if is_chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json(indent=2))
+        files.truncate_jsonl(files.path(workdir, META_LOG_FILE), lambda r: r["step"] <= start)
+        files.write_text(files.path(workdir, CONFIG_FILE), cfg.to_json(indent=2))
         if skipped_rows:
             logging.warning("data: %d bad rows skipped", skipped_rows)
 
-    rollout_sampling = setup.rollout_sampling(cfg)
-    pool = setup.build_verifier(cfg)
+    verifier = setup.build_verifier(cfg)
     pipeline = None
-    if cfg.mel.enabled:
+    if s.loss.use_mel:
         pipeline = MetaExperiencePipeline(
-            sampler=sampler,
-            tokenizer=tokenizer,
-            render_prompt=setup.message_renderer(cfg, tokenizer),
-            config=meta_config(cfg, dp),
-            verify=pool.score,
-            workdir=workdir,
-            is_chief=is_chief,
-            pad_id=pad_id,
+            policy=policy, verifier=verifier, config=s.meta, workdir=workdir, is_chief=is_chief
         )
     # Without MEL the update still takes a (tiny, all-padding) NLL batch: one code path.
     no_mel = build_sequence_batch(
-        [], [], pad_id=pad_id, min_rows=dp, batch_multiple=dp, max_len=bucket(1)
+        [], [], pad_id=policy.pad_id, min_rows=dp, batch_multiple=dp, max_len=bucket(1)
     )
-    evaluator = (
-        PeriodicEval(cfg, workdir, tokenizer, stop_ids, mesh, pool)
-        if cfg.eval.every_steps
-        else None
-    )
+    evaluator = None
+    if s.eval.every_steps or s.eval.at_start:
+        evaluator = PeriodicEval(cfg, workdir, policy, verifier, s.eval)
     base_key = jax.random.key(cfg.seed)
-    progress = Progress(start, cfg.total_steps, cfg.logging.progress_bar, cfg.logging.log_every)
+    progress = Progress(start, cfg.total_steps, s.logging.progress_bar, s.logging.log_every)
+    stop = StopSignal()
+    saved = start
+
+    def save(step: int, iterator_state) -> None:
+        nonlocal saved
+        ckpt.save(
+            step, state, {"data_iterator": iterator_state, "config": cfg.to_json(), "step": step}
+        )
+        saved = step
+
     try:
+        if evaluator is not None and s.eval.at_start and start == 0:
+            t_eval = time.perf_counter()
+            metrics = evaluator(0, state.params)
+            writer.write(0, metrics | {"time/eval": time.perf_counter() - t_eval})
         for step in range(start + 1, cfg.total_steps + 1):
             t_step = time.perf_counter()
             k_rollout, k_meta = jax.random.split(jax.random.fold_in(base_key, step))
+            before = data_iter.get_state()
             problems = next(data_iter)
+            policy.set_params(state.params)
             ro = run_rollouts(
-                sampler=sampler,
-                params=state.params,
-                tokenizer=tokenizer,
+                policy=policy,
+                verifier=verifier,
                 problems=problems,
-                render_prompt=render,
-                sampling=rollout_sampling,
+                sampling=s.rollout.sampling(),
                 key=k_rollout,
-                verify=pool.score,
-                advantage=cfg.algorithm.advantage,
-                max_prompt_tokens=cfg.data.max_prompt_tokens,
-                pad_id=pad_id,
+                advantage=s.loss.advantage,
                 batch_multiple=dp,
             )
+            if stop.requested():
+                raise _Abandon(step, before)
             metrics = ro.metrics()
             timings = {f"time/{k}": v for k, v in ro.timings.items()}
-            mel_batch = no_mel
+            mel_batch, statuses = no_mel, []
             if pipeline is not None:
                 meta = pipeline.run(
-                    step,
-                    problems,
-                    ro.texts,
-                    ro.rewards,
-                    cfg.rollout.group_size,
-                    state.params,
-                    k_meta,
+                    step, problems, ro.texts, ro.rewards, s.rollout.group_size, k_meta
                 )
                 mel_batch = meta.batch
+                statuses = [r["status"] for r in meta.records]
                 metrics.update(meta.metrics())
                 metrics["retention_ratio"] = meta.retention_ratio
                 timings["time/meta_analysis"] = meta.timings.get("analysis_s", 0.0)
                 timings["time/meta_replay"] = meta.timings.get("replay_s", 0.0)
-            policy = ro.batch
+            policy_batch = ro.batch
+            multihost.check_agreement(
+                f"step {step}",
+                {
+                    "rewards": ro.rewards,
+                    "policy batch": jax.tree.leaves(policy_batch),
+                    "meta-experiences": statuses,
+                    "NLL batch": jax.tree.leaves(mel_batch),
+                },
+            )
+            if stop.requested():
+                raise _Abandon(step, before)
             if ref_params is not None:
-                policy = policy.replace(ref_logprobs=compute_logprobs(ref_params, policy.seq))
+                policy_batch = policy_batch.replace(
+                    ref_logprobs=compute_logprobs(ref_params, policy_batch.seq)
+                )
             t_update = time.perf_counter()
             state, updates = train_on_batch(
                 state,
-                TrainBatch(policy=policy, mel=mel_batch),
+                TrainBatch(policy=policy_batch, mel=mel_batch),
                 train_step,
-                num_passes=cfg.algorithm.num_passes,
-                old_logprobs=cfg.algorithm.old_logprobs,
+                num_passes=s.update.num_passes,
+                old_logprobs=s.update.old_logprobs,
                 compute_logprobs=compute_logprobs,
             )
             metrics.update(_scalars(updates))
             timings["time/update"] = time.perf_counter() - t_update
             timings["time/step"] = time.perf_counter() - t_step
-            gen_tokens = float(ro.sample.lengths.sum())
-            metrics["rollout_tokens_per_s"] = gen_tokens / max(ro.timings["rollout"], 1e-9)
+            metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(
+                ro.timings["rollout"], 1e-9
+            )
             train_tokens = float(
-                np.asarray(policy.seq.kv_mask).sum() + np.asarray(mel_batch.kv_mask).sum()
+                np.asarray(policy_batch.seq.kv_mask).sum() + np.asarray(mel_batch.kv_mask).sum()
             )
             metrics["update_tokens_per_s"] = train_tokens / max(timings["time/update"], 1e-9)
-            if evaluator is not None and (
-                step % cfg.eval.every_steps == 0 or step == cfg.total_steps
+            if (
+                evaluator is not None
+                and s.eval.every_steps
+                and (step % s.eval.every_steps == 0 or step == cfg.total_steps)
             ):
                 t_eval = time.perf_counter()
-                metrics.update(evaluator(step, graphdef, state.params))
+                metrics.update(evaluator(step, state.params))
                 timings["time/eval"] = time.perf_counter() - t_eval
             metrics.update(timings)
             writer.write(step, metrics)
             progress.update(step, cfg.total_steps, metrics)
-            if step % cfg.checkpoint.every_steps == 0 or step == cfg.total_steps:
-                ckpt.save(
-                    step,
-                    state,
-                    {
-                        "data_iterator": data_iter.get_state(),
-                        "config": cfg.to_json(),
-                        "step": step,
-                    },
-                )
+            stopping = stop.requested()
+            if step % s.checkpoint.every_steps == 0 or step == cfg.total_steps or stopping:
+                save(step, data_iter.get_state())
+            if stopping:
+                raise Preempted(step, step, workdir)
+    except _Abandon as a:
+        # The step is dropped; its records (if any) are truncated away on resume.
+        if a.step - 1 > saved:
+            save(a.step - 1, a.iterator_state)
+        raise Preempted(a.step, saved, workdir) from None
     finally:
+        stop.close()
         progress.close()
-        pool.close()
+        verifier.close()
         writer.close()
         ckpt.close()
     export_dir = None
-    if cfg.export.at_end and cfg.total_steps > start:
-        export_dir = os.path.join(workdir, EXPORT_DIR)
-        save_pretrained(
-            nnx.merge(graphdef, state.params),
-            export_dir,
-            tokenizer=tokenizer,
-            dtype=cfg.export.dtype or None,
-        )
+    if s.export.at_end and cfg.total_steps > start:
+        export_dir = _export(graphdef, state.params, tokenizer, workdir, s.export.dtype, is_chief)
     return TrainSummary(
         workdir=workdir,
         start_step=start,
@@ -353,6 +366,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
     )
 
 
+class _Abandon(Exception):
+    def __init__(self, step: int, iterator_state):
+        self.step, self.iterator_state = step, iterator_state
+
+
 def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return config_from_json(files.path(workdir, CONFIG_FILE).read_text())

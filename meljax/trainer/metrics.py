@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
+import shutil
 import sys
+import tempfile
 import time
 
 from absl import logging
+
+from meljax import files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -20,62 +22,61 @@ def _clean(value):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All metric records of a run, in order (malformed trailing lines are ignored)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return out
+    """All metric records of a run, in order (a malformed trailing line is ignored)."""
+    return files.read_jsonl(files.path(workdir, METRICS_FILE))
 
 
 class MetricsWriter:
-    """Writes one JSON line per step (only on the chief process) and optional TensorBoard."""
+    """Writes one JSON line per step (only on the chief process) and optional TensorBoard.
+
+    Everything goes to the workdir through :mod:`meljax.files` (gs:// included). TensorBoard
+    writes local event files; for a remote workdir they are written to a local staging folder
+    and copied to ``WORKDIR/tensorboard`` after every step.
+    """
 
     def __init__(self, workdir: str, *, is_chief: bool = True, tensorboard: bool = True):
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = files.path(workdir, METRICS_FILE)
         self.is_chief = is_chief
         self._tb = None
+        self._tb_remote = None
         if is_chief and tensorboard:
+            target = files.path(workdir, "tensorboard")
+            local = str(target)
+            if not files.is_local(workdir):
+                local = tempfile.mkdtemp(prefix="meljax-tb-")
+                self._tb_remote = (local, target)
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(local)
             except Exception as e:  # TensorBoard is optional; the JSONL file is the record
                 logging.warning("TensorBoard disabled: %s", e)
 
     def truncate_after(self, step: int) -> None:
         """Drops records newer than ``step`` (written after the checkpoint a resume starts from),
         so a resumed run's file reads as if it had never stopped."""
-        if not self.is_chief or not os.path.exists(self.path):
-            return
-        kept = [r for r in read_metrics(os.path.dirname(self.path)) if r.get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        if self.is_chief:
+            files.truncate_jsonl(self.path, lambda r: r.get("step", 0) <= step)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.is_chief:
             return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        files.append_jsonl(self.path, [record])
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, int | float) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+            if self._tb_remote is not None:
+                files.copy_tree(*self._tb_remote)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            if self._tb_remote is not None:
+                files.copy_tree(*self._tb_remote)
+                shutil.rmtree(self._tb_remote[0], ignore_errors=True)
 
 
 class Progress:

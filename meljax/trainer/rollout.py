@@ -1,4 +1,8 @@
-"""One step's rollouts: prompts -> G sampled answers each -> rewards -> advantages -> batch."""
+"""Rollouts: prompts -> G completions each (the policy) -> rewards (the verifier) -> a batch.
+
+:func:`sample_and_score` is the one rollout, shared by training (G = ``rollout.group_size``)
+and evaluation (G = 1 greedy, G = k sampled): the same prompts, stops and verdicts.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,55 @@ from meljax import losses
 from meljax.batch import PolicyBatch, build_policy_batch
 from meljax.buckets import bucket
 from meljax.data import Problem
-from meljax.sampling import SampleResult, SamplingParams
+from meljax.policy import Completion, Policy
+from meljax.rewards import RewardResult, Scorer, is_correct
+from meljax.sampling import SamplingParams
+from meljax.sampling.engine import Request
+
+
+@dataclasses.dataclass
+class Groups:
+    """``N`` prompts x ``G`` completions and their verdicts.
+
+    Attributes:
+      completions: ``[N][G]`` :class:`~meljax.policy.Completion`.
+      results: ``[N][G]`` verifier results.
+      rewards: float32 ``[N, G]``.
+      seconds: ``{"rollout": sampling time, "reward": scoring time}``.
+    """
+
+    completions: list[list[Completion]]
+    results: list[list[RewardResult]]
+    rewards: np.ndarray
+    seconds: dict[str, float]
+
+    def flat(self) -> list[Completion]:
+        return [c for group in self.completions for c in group]
+
+
+def sample_and_score(
+    policy: Policy,
+    verifier: Scorer,
+    prompt_ids: Sequence[Sequence[int]],
+    answers: Sequence[str],
+    sampling: SamplingParams,
+    key: jax.Array,
+    progress: Callable[[int], None] | None = None,
+) -> Groups:
+    """``sampling.num_samples`` completions per prompt from ``policy``, scored by ``verifier``."""
+    t0 = time.perf_counter()
+    out = policy.generate(
+        [Request(tuple(p), sampling) for p in prompt_ids], key=key, progress=progress
+    )
+    t1 = time.perf_counter()
+    g = sampling.num_samples
+    texts = [c.text for group in out for c in group]
+    flat = verifier.score(texts, [a for a in answers for _ in range(g)])
+    if len(flat) != len(texts):
+        raise RuntimeError(f"verifier returned {len(flat)} results for {len(texts)} answers")
+    results = [list(flat[i * g : (i + 1) * g]) for i in range(len(out))]
+    rewards = np.asarray([r.score for r in flat], np.float32).reshape(len(out), g)
+    return Groups(out, results, rewards, {"rollout": t1 - t0, "reward": time.perf_counter() - t1})
 
 
 @dataclasses.dataclass
@@ -23,104 +75,81 @@ class Rollouts:
     Attributes:
       problems: the N questions of the step.
       prompt_ids: N prompt token lists (as the policy saw them).
-      sample: the sampler's output, rows ``i*G .. i*G+G-1`` for question ``i``.
-      texts: N*G decoded answers (special tokens stripped).
-      rewards: float32 ``[N, G]``.
-      reasons: N*G verifier reasons (``correct``, ``mismatch``, ``no_answer`` ...).
+      groups: the completions and their verdicts (rows ``i*G + g`` in :meth:`Groups.flat`).
       advantages: float32 ``[N, G]``.
       batch: the policy-gradient batch built from all of the above.
-      timings: seconds per phase (``rollout``, ``reward``).
     """
 
     problems: list[Problem]
     prompt_ids: list[list[int]]
-    sample: SampleResult
-    texts: list[str]
-    rewards: np.ndarray
-    reasons: list[str]
+    groups: Groups
     advantages: np.ndarray
     batch: PolicyBatch
-    timings: dict[str, float]
 
     @property
-    def group_size(self) -> int:
-        return self.rewards.shape[1]
+    def rewards(self) -> np.ndarray:
+        return self.groups.rewards
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.groups.flat()]
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.groups.seconds
 
     def metrics(self) -> dict[str, float]:
         r = self.rewards
-        lengths = self.sample.lengths.astype(np.float64)
-        correct = r > 0.5
+        flat = self.groups.flat()
+        lengths = np.asarray([c.num_tokens for c in flat], np.float64)
+        reasons = [x.reason for group in self.groups.results for x in group]
+        correct = is_correct(r)
         mixed = np.any(correct, axis=1) & ~np.all(correct, axis=1)
-        out = {
+        return {
             "reward_mean": float(r.mean()),
             "accuracy": float(correct.mean()),
             "pass_at_group": float(np.any(correct, axis=1).mean()),
             "mixed_group_fraction": float(mixed.mean()),
             "completion_len_mean": float(lengths.mean()),
             "completion_len_max": float(lengths.max()),
-            "truncation_rate": float(self.sample.truncated.mean()),
-            "no_answer_rate": float(np.mean([x == "no_answer" for x in self.reasons])),
+            "truncation_rate": float(np.mean([c.truncated for c in flat])),
+            "stop_string_rate": float(np.mean([c.finish_reason == "stop_string" for c in flat])),
+            "no_answer_rate": float(np.mean([x == "no_answer" for x in reasons])),
+            "verifier_timeout_rate": float(np.mean([x == "timeout" for x in reasons])),
             "advantage_abs_mean": float(np.abs(self.advantages).mean()),
+            "rollout_tokens": float(lengths.sum()),
         }
-        return out
 
 
 def run_rollouts(
     *,
-    sampler,
-    params,
-    tokenizer,
+    policy: Policy,
+    verifier: Scorer,
     problems: Sequence[Problem],
-    render_prompt: Callable[[str], str],
     sampling: SamplingParams,
     key: jax.Array,
-    verify: Callable[[list[str], list[str]], list],
     advantage: str,
-    max_prompt_tokens: int,
-    pad_id: int,
     batch_multiple: int = 1,
 ) -> Rollouts:
-    """Samples G answers per question with the current policy and scores them."""
-    t0 = time.perf_counter()
-    prompt_ids = []
-    for p in problems:
-        ids = tokenizer(render_prompt(p.question), add_special_tokens=False)["input_ids"]
-        prompt_ids.append(list(ids[-max_prompt_tokens:]))
-    sample = sampler.sample(params, prompt_ids, sampling, key)
-    g = sampling.num_samples
-    texts = tokenizer.batch_decode(
-        [sample.completion(i) for i in range(len(sample))], skip_special_tokens=True
+    """Samples G answers per question with the current policy, scores them, builds the batch."""
+    prompt_ids = [policy.encode(p.question) for p in problems]
+    groups = sample_and_score(
+        policy, verifier, prompt_ids, [p.answer for p in problems], sampling, key
     )
-    t1 = time.perf_counter()
-    answers = [p.answer for p in problems for _ in range(g)]
-    results = verify(texts, answers)
-    rewards = np.asarray([r.score for r in results], np.float32).reshape(len(problems), g)
-    reasons = [r.reason for r in results]
-    adv = np.asarray(losses.compute_advantages(advantage, rewards), np.float32)
-    t2 = time.perf_counter()
-    completions = [sample.completion(i) for i in range(len(sample))]
-    longest_prompt = max(len(p) for p in prompt_ids)
+    g = sampling.num_samples
+    adv = np.asarray(losses.compute_advantages(advantage, groups.rewards), np.float32)
+    flat = groups.flat()
     # Fixed T per (prompt bucket, max_new_tokens): the update step then compiles rarely.
-    max_len = bucket(longest_prompt) + sampling.max_new_tokens
+    max_len = bucket(max(len(p) for p in prompt_ids)) + sampling.max_new_tokens
     batch = build_policy_batch(
-        [prompt_ids[i // g] for i in range(len(completions))],
-        completions,
+        [prompt_ids[i // g] for i in range(len(flat))],
+        [c.tokens.tolist() for c in flat],
         advantages=adv.reshape(-1),
-        rewards=rewards.reshape(-1),
-        group_index=[i // g for i in range(len(completions))],
-        old_logprobs=[sample.logprobs[i, : len(c)] for i, c in enumerate(completions)],
-        pad_id=pad_id,
+        rewards=groups.rewards.reshape(-1),
+        group_index=[i // g for i in range(len(flat))],
+        old_logprobs=[c.logprobs for c in flat],
+        pad_id=policy.pad_id,
         batch_multiple=batch_multiple,
         max_len=max_len,
     )
-    return Rollouts(
-        problems=list(problems),
-        prompt_ids=prompt_ids,
-        sample=sample,
-        texts=texts,
-        rewards=rewards,
-        reasons=reasons,
-        advantages=adv,
-        batch=batch,
-        timings={"rollout": t1 - t0, "reward": t2 - t1},
-    )
+    return Rollouts(list(problems), prompt_ids, groups, adv, batch)

@@ -1,4 +1,4 @@
-"""Builds what a run needs from its config: mesh, model, tokenizer, data, prompt rendering."""
+"""Builds what a run needs from its config: mesh, model, tokenizer, policy, verifier, data."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ import ml_collections
 from flax import nnx
 
 from meljax import sharding as shd
-from meljax.data import (
-    DEFAULT_INSTRUCTION,
-    DEMO_INSTRUCTION,
-    ArithmeticProblems,
-    format_prompt,
-    load_problems,
-    make_problem_iterator,
-)
+from meljax.data import ArithmeticProblems, load_problems, make_problem_iterator
 from meljax.models import (
     ModelConfig,
     Transformer,
@@ -69,84 +62,24 @@ def _dt(name: str):
     return resolve_dtype(name)
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """EOS ids from the tokenizer and the model config (deduplicated, order kept)."""
-    from meljax.sampling.generate import stop_token_ids as from_tokenizer_and_config
+def build_policy(cfg: ml_collections.ConfigDict, graphdef, tokenizer, mesh=None):
+    """The run's :class:`~meljax.policy.Policy`: rollouts, MEL analyses and replays and the
+    periodic evaluation all sample through it, so its sampler's prompt limit covers the longest
+    of them (the filled analysis prompt)."""
+    from meljax.config import settings
+    from meljax.policy import Policy
 
-    return from_tokenizer_and_config(tokenizer, model.cfg)
-
-
-def pad_token_id(tokenizer, stop_ids: list[int]) -> int:
-    """The tokenizer's pad id, or the first stop id when it has none."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-
-
-def build_sampler(cfg: ml_collections.ConfigDict, graphdef, stop_ids, pad_id: int, mesh):
-    """The one jitted sampler of a run: rollouts, analyses and replays all go through it, so
-    its prompt limit covers the longest of them (the filled analysis prompt)."""
-    from meljax.sampling import Sampler
-
-    return Sampler(
+    s = settings(cfg)
+    r = s.rollout
+    return Policy.build(
         graphdef,
-        stop_token_ids=stop_ids,
-        pad_id=pad_id,
+        tokenizer,
+        s.prompt,
         mesh=mesh,
-        cache_dtype=cfg.rollout.cache_dtype or None,
-        max_prompt_len=max(cfg.data.max_prompt_tokens, cfg.mel.analysis_max_prompt_tokens),
+        cache_dtype=r.cache_dtype or None,
+        max_prompt_len=max(s.prompt.max_prompt_tokens, s.meta.analysis_max_prompt_tokens),
+        max_rows=r.max_rows or r.num_questions * r.group_size,
     )
-
-
-def rollout_sampling(cfg: ml_collections.ConfigDict):
-    """Sampling controls of the rollouts (G answers per question)."""
-    from meljax.sampling import SamplingParams
-
-    r = cfg.rollout
-    return SamplingParams(
-        max_new_tokens=r.max_new_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        num_samples=r.group_size,
-    )
-
-
-def instruction_text(cfg: ml_collections.ConfigDict) -> str:
-    name = cfg.data.instruction
-    return {"default": DEFAULT_INSTRUCTION, "demo": DEMO_INSTRUCTION}.get(name, name)
-
-
-def prompt_renderer(cfg: ml_collections.ConfigDict, tokenizer):
-    """``question -> full prompt text`` (chat template or raw) with the task instruction."""
-    instruction = instruction_text(cfg)
-    system = cfg.data.system_prompt or None
-
-    def render(question: str, *, with_instruction: bool = True) -> str:
-        return format_prompt(
-            question,
-            tokenizer=tokenizer,
-            template=cfg.data.prompt_template,
-            instruction=instruction if with_instruction else "",
-            system_prompt=system,
-        )
-
-    return render
-
-
-def message_renderer(cfg: ml_collections.ConfigDict, tokenizer):
-    """``user message -> full prompt text`` without the task instruction (MEL's prompts carry
-    their own instructions)."""
-    system = cfg.data.system_prompt or None
-
-    def render(message: str) -> str:
-        return format_prompt(
-            message,
-            tokenizer=tokenizer,
-            template=cfg.data.prompt_template,
-            instruction="",
-            system_prompt=system,
-        )
-
-    return render
 
 
 def build_problem_source(cfg: ml_collections.ConfigDict):
@@ -185,26 +118,9 @@ def build_data_iterator(cfg: ml_collections.ConfigDict, source):
     )
 
 
-class InProcessVerifier:
-    """``score`` / ``close`` like ``VerifierPool``, scoring in this process (num_workers=0)."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def score(self, completions, answers):
-        from meljax.rewards.pool import score_in_process
-
-        return score_in_process(completions, answers, self.config)
-
-    def close(self) -> None:
-        pass
-
-
 def build_verifier(cfg: ml_collections.ConfigDict):
-    """The reward verifier of a run: a pool of spawned processes, or in-process."""
-    from meljax.rewards import RewardConfig, VerifierPool
+    """The run's :class:`~meljax.rewards.Verifier` (host-shared on several processes)."""
+    from meljax.config import settings
+    from meljax.rewards import Verifier
 
-    config = RewardConfig(mode=cfg.reward.mode, timeout_s=cfg.reward.timeout_s)
-    if cfg.reward.num_workers == 0:
-        return InProcessVerifier(config)
-    return VerifierPool(cfg.reward.num_workers, config=config)
+    return Verifier(settings(cfg).reward)

@@ -1,0 +1,240 @@
+"""One Policy for every caller: the same prompt ids, BOS and stops in training rollouts, the MEL
+replay, evaluation and ``generate()``; stop strings that keep log-probs aligned."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from meljax.config import base_config, settings
+from meljax.data import Problem
+from meljax.evaluation import EvalConfig, evaluate
+from meljax.meta import MetaExperiencePipeline
+from meljax.meta.templates import fill_replay_prompt
+from meljax.policy import Policy, PromptConfig
+from meljax.rewards import RewardConfig, RewardResult, Verifier
+from meljax.sampling import Sampler, SamplingParams, generate
+from meljax.train_step import make_compute_logprobs
+from meljax.trainer import setup
+from meljax.trainer.rollout import run_rollouts
+
+QUESTION = "What is 1 plus 1?"
+
+
+def tiny_cfg(model_type: str, template: str):
+    cfg = base_config()
+    cfg.unlock()
+    cfg.model.random_init = True
+    cfg.model.random.model_type = model_type
+    cfg.model.random.num_layers = 1
+    cfg.data.instruction = "demo"
+    cfg.data.prompt_template = template
+    cfg.data.max_prompt_tokens = 96
+    cfg.data.stop_strings = ("\nQuestion:",)
+    cfg.rollout.num_questions = 1
+    cfg.rollout.group_size = 2
+    cfg.rollout.max_new_tokens = 4
+    cfg.mel.analysis_max_prompt_tokens = 1600
+    cfg.mel.analysis_max_new_tokens = 4
+    cfg.mel.replay_max_new_tokens = 4
+    cfg.mel.filter_leaks = False
+    cfg.reward.num_workers = 0
+    cfg.lock()
+    return cfg
+
+
+class Recorder:
+    """Wraps ``Sampler.sample`` (the real one runs) and records what every caller sent it."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[dict] = []
+        real = Sampler.sample
+
+        def sample(sampler, params, prompts, sampling, key):
+            self.calls.append(
+                {
+                    "prompts": [list(map(int, p)) for p in prompts],
+                    "stops": sampler.stop_token_ids,
+                    "pad": sampler.pad_id,
+                }
+            )
+            return real(sampler, params, prompts, sampling, key)
+
+        monkeypatch.setattr(Sampler, "sample", sample)
+
+    def take(self) -> list[dict]:
+        out, self.calls = self.calls, []
+        return out
+
+
+class AcceptAll:
+    def score(self, completions, answers):
+        return [RewardResult(1.0, "correct", None) for _ in completions]
+
+
+@pytest.mark.parametrize("template", ["chat", "raw"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monkeypatch):
+    cfg = tiny_cfg(model_type, template)
+    s = settings(cfg)
+    model, tok = setup.build_model_and_tokenizer(cfg)
+    graphdef, params = nnx.split(model)
+    rec = Recorder(monkeypatch)
+    policy = setup.build_policy(cfg, graphdef, tok)
+    policy.set_params(params)
+    expected = policy.encode(QUESTION)
+    problem = Problem("q", QUESTION, "2")
+
+    # 1. training rollouts
+    with Verifier(RewardConfig(num_workers=0, mode="last_number")) as verifier:
+        run_rollouts(
+            policy=policy,
+            verifier=verifier,
+            problems=[problem],
+            sampling=s.rollout.sampling(),
+            key=jax.random.key(0),
+            advantage="grpo",
+        )
+        (rollout,) = rec.take()
+        # 2. evaluation (what `meljax eval --workdir` runs: the run's PromptConfig)
+        evaluate(
+            policy,
+            verifier,
+            {"b": [problem]},
+            EvalConfig(num_samples=2, max_new_tokens=4),
+            progress=False,
+        )
+        greedy, sampled = rec.take()
+    # 3. generate() with the run's prompt settings (its own Policy, its own sampler)
+    generate(model, tok, [QUESTION], max_new_tokens=4, temperature=0.0, prompt=s.prompt)
+    (gen,) = rec.take()
+    # 4. the MEL analysis and replay. A greedy analysis of a random model rarely ends by
+    # itself, so a stop string taken from its own text ends it (and it is replayed).
+    meta = dataclasses.replace(s.meta, analysis_temperature=0.0, analysis_max_new_tokens=12)
+
+    def mel(p):
+        pipe = MetaExperiencePipeline(policy=p, verifier=AcceptAll(), config=meta)
+        return pipe, pipe.run(1, [problem], ["a 1", "a 2"], [0.0, 1.0], 2, jax.random.key(1))
+
+    pipe, res = mel(policy)
+    mel_policy = policy
+    if not res.counts.replayed:
+        text = res.records[0]["text"]
+        stop = next(
+            text[k : k + 2]
+            for k in range(2, len(text) - 1)
+            if text[: text.find(text[k : k + 2])].strip()
+        )
+        prompt = dataclasses.replace(policy.prompt, stop_strings=(stop,))
+        mel_policy = Policy(
+            tok, policy.engine, prompt, stop_ids=policy.stop_ids, pad_id=policy.pad_id
+        )
+        mel_policy.set_params(params)
+        rec.take()
+        pipe, res = mel(mel_policy)
+    analysis, replay = rec.take()[-2:]
+    assert res.counts.replayed == 1
+    user = fill_replay_prompt(
+        res.records[0]["text"],
+        QUESTION,
+        template=pipe.replay_template,
+        instruction=meta.replay_instruction,
+    )
+    assert replay["prompts"] == [mel_policy.encode_message(user)]
+    assert mel_policy.encode(QUESTION) == expected
+
+    for call in (rollout, greedy, sampled, gen):
+        assert call["prompts"] == [expected]
+    for call in (rollout, greedy, sampled, gen, analysis, replay):
+        assert call["stops"] == policy.stop_ids and call["pad"] == policy.pad_id
+    assert tok.eos_token_id in policy.stop_ids
+    # A user message holding the question and the instruction renders like the question.
+    assert policy.encode_message(f"{QUESTION}\n{policy.instruction}") == expected
+    # BOS: chat templates write their own; raw prompts get the tokenizer's default (none here).
+    assert (expected[0] == tok.bos_token_id) == (template == "chat")
+
+
+def test_bos_policy_always_and_never():
+    cfg = tiny_cfg("llama", "raw")
+    model, tok = setup.build_model_and_tokenizer(cfg)
+    graphdef = nnx.split(model)[0]
+    base = settings(cfg).prompt
+    ids = {
+        mode: Policy.build(graphdef, tok, dataclasses.replace(base, bos=mode)).encode(QUESTION)
+        for mode in ("auto", "always", "never")
+    }
+    assert ids["always"] == [tok.bos_token_id] + ids["auto"] and ids["never"] == ids["auto"]
+    chat = dataclasses.replace(base, prompt_template="chat", bos="never")
+    assert Policy.build(graphdef, tok, chat).encode(QUESTION)[0] != tok.bos_token_id
+
+
+def test_stop_string_cuts_text_tokens_and_logprobs_consistently():
+    """A base-style prompt; the stop string is taken from the model's own greedy output so that
+    it is sure to occur. The cut completion's log-probs equal a recomputed forward pass over
+    exactly the tokens that are trained on."""
+    from meljax.batch import build_policy_batch
+
+    cfg = tiny_cfg("qwen3", "raw")
+    model, tok = setup.build_model_and_tokenizer(cfg)
+    graphdef, params = nnx.split(model)
+    raw = PromptConfig(prompt_template="raw", instruction="demo")
+    sampling = SamplingParams(max_new_tokens=24, temperature=0.0)
+    free = Policy.build(graphdef, tok, raw)
+    free.set_params(params)
+    ids = free.encode(QUESTION)
+    assert tok.decode(ids).startswith("Question: What is 1 plus 1?")
+    (full,) = free.generate([ids], sampling, jax.random.key(0))[0]
+    assert full.finish_reason == "length" and len(full.text) > 12
+    stop = full.text[8:11]
+    stopped = Policy.build(graphdef, tok, dataclasses.replace(raw, stop_strings=(stop,)))
+    stopped.set_params(params)
+    (cut,) = stopped.generate([ids], sampling, jax.random.key(0))[0]
+    assert cut.finish_reason == "stop_string" and not cut.truncated
+    assert cut.text == full.text[: full.text.find(stop)] and stop not in cut.text
+    n = cut.num_tokens
+    np.testing.assert_array_equal(cut.tokens, full.tokens[:n])  # the same tokens, cut
+    assert stop in tok.decode(cut.tokens) and stop not in tok.decode(cut.tokens[:-1])
+    np.testing.assert_array_equal(cut.logprobs, full.logprobs[:n])
+
+    # What the trainer builds from it: old log-probs at the loss mask == a fresh forward pass.
+    batch = build_policy_batch(
+        [ids],
+        [cut.tokens.tolist()],
+        advantages=[1.0],
+        rewards=[1.0],
+        group_index=[0],
+        old_logprobs=[cut.logprobs],
+    )
+    fresh = np.asarray(make_compute_logprobs(graphdef)(params, batch.seq))
+    mask = batch.seq.loss_mask > 0
+    assert mask.sum() == n
+    np.testing.assert_allclose(fresh[mask], batch.old_logprobs[mask], atol=1e-4)
+
+
+def test_rows_not_prompts_are_padded_to_the_data_parallel_size():
+    from meljax import sharding as shd
+
+    cfg = tiny_cfg("llama", "chat")
+    model, tok = setup.build_model_and_tokenizer(cfg)
+    graphdef, params = nnx.split(model)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    sharded = Policy.build(graphdef, tok, PromptConfig(), mesh=mesh)
+    sampler = sharded.engine.sampler
+    g4 = SamplingParams(max_new_tokens=4, temperature=1.0, num_samples=4)
+    # 2 prompts x G=4 = 8 rows on 8 shards: no padding prompts (was 8 prompts, 32 rows).
+    assert sampler.shapes(2, 10, g4)[0] == 2
+    assert sampler.shapes(3, 10, g4)[0] == 4  # 3 -> bucket 4 (16 rows)
+    assert sampler.shapes(3, 10, dataclasses.replace(g4, num_samples=1))[0] == 8
+    # And the sharded call with unevenly split prompts gives the one-device result.
+    sharded.set_params(jax.device_put(params, shd.param_shardings(params, mesh)))
+    local = Policy.build(graphdef, tok, PromptConfig())
+    local.set_params(params)
+    ids = [local.encode("1+1?"), local.encode("2+2?")]
+    a = sharded.generate(ids, g4, jax.random.key(5))
+    b = local.generate(ids, g4, jax.random.key(5))
+    for x, y in zip(sum(a, []), sum(b, []), strict=True):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
