@@ -87,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
         False  # True: NLL batch sized to the kept rows (more compiles, less memory)
     )
     c.mel.filter_leaks = True  # drop meta-experiences that contain the ground-truth answer
+    # drop analyses missing a section or with an empty heuristics section (counted: malformed)
+    c.mel.filter_malformed = True
     c.mel.analysis_template = ""  # "" = built-in; else template text or a path to a file
     c.mel.replay_template = ""  # "" = built-in; else template text or a path to a file
 

@@ -105,6 +105,7 @@ def meta_config(cfg: ml_collections.ConfigDict, dp: int) -> MetaConfig:
         replay_max_new_tokens=m.replay_max_new_tokens,
         replay_temperature=m.replay_temperature,
         filter_leaks=m.filter_leaks,
+        filter_malformed=m.filter_malformed,
         answer_mode=cfg.reward.mode,
         nll_batch_multiple=dp,
         nll_bucketed=m.nll_bucketed,
