@@ -31,7 +31,10 @@ from meljax.data import (
 from meljax.data.records import get_path, parse_path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-SHARED_DATA = Path(os.environ.get("MELJAX_SHARED_DATA", "/work/shared/data"))
+# The project's data folder next to the repository (or MELJAX_SHARED_DATA); tests skip without it.
+SHARED_DATA = Path(
+    os.environ.get("MELJAX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 # ---------------------------------------------------------------------------------------
