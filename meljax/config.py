@@ -31,9 +31,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.random.head_dim = 8  # per-head width
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "arithmetic"  # arithmetic (procedural, no files) | file
-    c.data.path = ""  # file or folder for source=file (local, gs://, ...)
-    c.data.preset = ""  # layout preset (dapo_math_17k, math500, gsm8k, ...); "" = infer from path
+    c.data.source = "arithmetic"  # arithmetic (procedural, no files) | file | tfds (array_record)
+    # source=file: a JSONL / JSON / Parquet file or folder (local, gs://, ...); source=tfds: a
+    # TFDS dataset folder (meljax.data.tfds_builder or any builder, array_record) or the name
+    # of a TFDS dataset prepared under data.tfds_data_dir (never downloaded)
+    c.data.path = ""
+    # layout preset (dapo_math_17k, math500, gsm8k, ...); "" = infer from the path, else the
+    # question / answer (/ id) fields
+    c.data.preset = ""
+    c.data.split = "train"  # source=tfds: the split to read (slices such as "train[:1000]" too)
+    c.data.tfds_data_dir = ""  # source=tfds with a dataset name: its data dir ("" = tfds default)
     c.data.limit = 0  # use only the first N problems (0 = all)
     c.data.on_bad_row = "error"  # error | skip (skipped rows are counted and logged)
     c.data.shuffle = True  # shuffle questions each epoch (seeded)
@@ -163,7 +170,7 @@ def validate_distributed(dist: ml_collections.ConfigDict) -> None:
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks values early, with one clear message naming the field."""
     choices = {
-        "data.source": ("arithmetic", "file"),
+        "data.source": ("arithmetic", "file", "tfds"),
         "data.prompt_template": ("chat", "raw"),
         "data.on_bad_row": ("error", "skip"),
         "reward.mode": ("boxed", "last_number", "boxed_or_last_number"),
@@ -213,8 +220,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         _fail("algorithm.eps_low / eps_high must not be negative")
     if cfg.mel.lambda_mel < 0 or cfg.algorithm.kl_beta < 0:
         _fail("mel.lambda_mel and algorithm.kl_beta must not be negative")
-    if cfg.data.source == "file" and not cfg.data.path:
-        _fail("data.source='file' needs data.path")
+    if cfg.data.source in ("file", "tfds") and not cfg.data.path:
+        _fail(f"data.source={cfg.data.source!r} needs data.path")
     if cfg.eval.every_steps and not cfg.eval.benchmarks:
         _fail("eval.every_steps is set but eval.benchmarks is empty")
     if cfg.data.arithmetic_min > cfg.data.arithmetic_max:

@@ -30,11 +30,14 @@ __all__ = [
     "FieldMap",
     "LoadResult",
     "Problem",
+    "generic_layout_hint",
     "get_path",
     "infer_preset",
+    "layout_for_row",
     "last_boxed_answer",
     "load_problems",
     "parse_path",
+    "problem_from_row",
 ]
 
 OnBadRow = Literal["error", "skip"]
@@ -669,6 +672,29 @@ def _row_to_problem(row: Any, index: int, fields: FieldMap) -> Problem:
     return Problem(id=problem_id, question=question, answer=answer.strip(), extra=extra)
 
 
+def problem_from_row(row: Any, index: int, fields: FieldMap) -> Problem:
+    """One decoded row (a dict) -> :class:`Problem` with the layout ``fields``.
+
+    For random-access sources (tfds records) that convert rows one at a time; the row
+    ``index`` gives the id when the layout names no id field.
+
+    Raises:
+      ValueError / LookupError: the row lacks a usable question or answer (a row that the
+        layout would drop on purpose, ``drop_empty_answers``, is an error here too).
+    """
+    try:
+        return _row_to_problem(row, index, fields)
+    except _Filtered:
+        raise ValueError(f"answer {fields.answer_field!r} is empty") from None
+
+
+def layout_for_row(row: Any) -> FieldMap:
+    """:data:`GENERIC_FIELDS`, reading ``id`` too when ``row`` has a string or integer one."""
+    if isinstance(row, Mapping) and isinstance(row.get("id"), str | int):
+        return dataclasses.replace(GENERIC_FIELDS, id_field="id")
+    return GENERIC_FIELDS
+
+
 def _top_key(path: str) -> str | int:
     return parse_path(path)[0]
 
@@ -678,7 +704,8 @@ GENERIC_FIELDS = FieldMap()
 the first row has one), as the README describes."""
 
 
-def _generic_hint() -> str:
+def generic_layout_hint() -> str:
+    """What a row needs without a preset (for error messages)."""
     return (
         f"without a preset, rows need 'question' and 'answer' fields; name a preset "
         f"(known: {', '.join(sorted(PRESETS))}) or the fields (FieldMap(question_field=..., "
@@ -749,15 +776,13 @@ def load_problems(
     generic = field_map is GENERIC_FIELDS
     if _is_dir(path):
         if field_map.default_file is None:
-            hint = f"; name a file, or {_generic_hint()}" if generic else ""
+            hint = f"; name a file, or {generic_layout_hint()}" if generic else ""
             raise ValueError(f"{path!r} is a folder and the layout names no default_file{hint}")
         path = path.rstrip("/") + "/" + field_map.default_file
 
     reader = _READERS[_format_of(path, field_map)]
     if generic:
-        first = _first_row(reader, path)
-        if isinstance(first, Mapping) and isinstance(first.get("id"), str | int):
-            field_map = dataclasses.replace(field_map, id_field="id")
+        field_map = layout_for_row(_first_row(reader, path))
     problems: list[Problem] = []
     bad_rows: list[BadRow] = []
     num_filtered = 0
@@ -772,7 +797,7 @@ def load_problems(
         except (ValueError, LookupError) as e:
             reason = str(e)
             if generic and isinstance(e, LookupError):
-                reason += f" ({_generic_hint()})"
+                reason += f" ({generic_layout_hint()})"
             if on_bad_row == "error":
                 raise BadRowError(f"{path}: row {index}: {reason}") from e
             bad_rows.append(BadRow(index=index, reason=reason))
