@@ -130,6 +130,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging.tensorboard = True  # also write TensorBoard event files
     c.logging.progress_bar = "auto"  # auto (on a terminal) | on | off
     c.logging.log_every = 1  # plain log line every N steps when the bar is off
+    c.logging.wandb = False  # also log metrics to Weights & Biases (pip install "meljax[wandb]")
+    c.logging.wandb_project = "meljax"  # W&B project
+    c.logging.wandb_entity = ""  # W&B entity (team or user); "" = W&B's default
+    c.logging.wandb_name = ""  # W&B run name; "" = the run folder's name
+    c.logging.wandb_mode = ""  # online | offline | disabled; "" = W&B's default (WANDB_MODE)
 
     c.export = ml_collections.ConfigDict()
     c.export.at_end = True  # write WORKDIR/export (a Hugging Face folder) when the run ends
@@ -183,6 +188,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         "model.dtype": ("float32", "bfloat16"),
         "model.param_dtype": ("float32", "bfloat16"),
         "logging.progress_bar": ("auto", "on", "off"),
+        "logging.wandb_mode": ("", "online", "offline", "disabled"),
     }
     for key, allowed in choices.items():
         section, name = key.split(".")

@@ -16,8 +16,6 @@ from meljax.compare import compare, markdown_table, run_row
 from meljax.compare import load_run as load_compared_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny.py")
-SUMS = os.path.join(REPO, "tests", "fixtures", "eval", "sums", "test.jsonl")
 
 
 def png_size(path) -> tuple[int, int]:
@@ -147,29 +145,6 @@ def test_metrics_only_evaluation_gives_curves_without_intervals(tmp_path):
 # ----------------------------------------------------------------------------- two tiny runs
 
 
-def train(workdir, *flags):
-    # one CPU device: the runs are compile-bound
-    xla = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=xla)
-    proc = subprocess.run(
-        [sys.executable, "-m", "meljax", "train", f"--config={TINY}", f"--workdir={workdir}",
-         "--config.total_steps=2", "--config.eval.every_steps=1",
-         f"--config.eval.benchmarks={SUMS}", "--config.eval.num_samples=4",
-         "--config.eval.max_new_tokens=8", "--config.export.at_end=False", *flags],
-        capture_output=True, text=True, timeout=900, env=env, cwd=REPO,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
-    return str(workdir)
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare")
-    grpo = train(root / "grpo", "--config.mel.enabled=False")
-    mel = train(root / "mel")
-    return grpo, mel
-
-
 def meljax(*args):
     proc = subprocess.run(
         [sys.executable, "-m", "meljax", *args],
@@ -180,8 +155,8 @@ def meljax(*args):
     return proc.stdout
 
 
-def test_compare_two_tiny_runs_writes_figure_and_table(two_runs, tmp_path):
-    grpo, mel = two_runs
+def test_compare_two_tiny_runs_writes_figure_and_table(tiny_eval_runs, tmp_path):
+    grpo, mel = tiny_eval_runs
     prefix = str(tmp_path / "out" / "grpo_vs_mel")
     out = meljax("compare", grpo, mel, f"--output={prefix}")
     assert png_size(prefix + ".png") == (1800, 1000)
@@ -192,7 +167,7 @@ def test_compare_two_tiny_runs_writes_figure_and_table(two_runs, tmp_path):
     with open(prefix + ".json") as f:
         rows = json.load(f)["runs"]
     assert [r["run"] for r in rows] == ["grpo", "mel"]
-    for row, workdir in zip(rows, two_runs, strict=True):
+    for row, workdir in zip(rows, tiny_eval_runs, strict=True):
         assert row["steps"] == 2 and row["seed"] == 0 and row["heldout_steps"] == [1, 2]
         for step, side in ((1, "before"), (2, "after")):
             with open(os.path.join(workdir, "eval", f"step_{step}.json")) as f:
@@ -204,18 +179,18 @@ def test_compare_two_tiny_runs_writes_figure_and_table(two_runs, tmp_path):
         assert row["heldout_greedy_gain"] is not None
     assert rows[0]["generated"] is None and rows[1]["generated"] is not None
     # the same rows through the library
-    assert markdown_table([run_row(load_compared_run(w)) for w in two_runs]) == table.strip()
+    assert markdown_table([run_row(load_compared_run(w)) for w in tiny_eval_runs]) == table.strip()
     # default output: the runs' common parent folder
-    result = compare(list(two_runs))
+    result = compare(list(tiny_eval_runs))
     assert result.png == os.path.join(os.path.dirname(grpo), "compare.png")
 
 
-def test_report_shows_heldout_before_and_after(two_runs, tmp_path):
+def test_report_shows_heldout_before_and_after(tiny_eval_runs, tmp_path):
     png = str(tmp_path / "report.png")
-    out = meljax("report", f"--workdir={two_runs[1]}", f"--output={png}")
+    out = meljax("report", f"--workdir={tiny_eval_runs[1]}", f"--output={png}")
     assert png_size(png) == (1300, 1450)  # eight panels: the held-out row added
     assert "held-out, step 1 -> step 2 (95% intervals)" in out
-    results = heldout.read_heldout(two_runs[1])
+    results = heldout.read_heldout(tiny_eval_runs[1])
     first, last = heldout.before_after(results)
     assert f"greedy   {first.greedy.text()} -> {last.greedy.text()}" in out
 

@@ -34,6 +34,7 @@ from meljax.trainer import setup
 from meljax.trainer.checkpointing import Checkpointer
 from meljax.trainer.metrics import MetricsWriter, Progress, read_metrics
 from meljax.trainer.rollout import run_rollouts
+from meljax.trainer.wandb_log import build_loggers
 
 EXPORT_DIR = "export"
 
@@ -216,7 +217,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
     data_iter = setup.build_data_iterator(cfg, source)
 
     ckpt = Checkpointer(workdir, max_to_keep=cfg.checkpoint.max_to_keep)
-    writer = MetricsWriter(workdir, is_chief=is_chief, tensorboard=cfg.logging.tensorboard)
+    writer = MetricsWriter(
+        workdir,
+        is_chief=is_chief,
+        tensorboard=cfg.logging.tensorboard,
+        loggers=build_loggers(cfg, workdir, is_chief=is_chief),
+    )
     start = ckpt.latest_step() or 0
     if start:
         state, extra = ckpt.restore(start, state)

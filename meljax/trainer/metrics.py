@@ -35,11 +35,16 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class MetricsWriter:
-    """Writes one JSON line per step (only on the chief process) and optional TensorBoard."""
+    """Writes one JSON line per step (only on the chief process), optional TensorBoard, and
+    hands every record to ``loggers`` (objects with ``log(step, metrics)`` and ``close()``,
+    e.g. :class:`meljax.trainer.wandb_log.WandbLogger`)."""
 
-    def __init__(self, workdir: str, *, is_chief: bool = True, tensorboard: bool = True):
+    def __init__(
+        self, workdir: str, *, is_chief: bool = True, tensorboard: bool = True, loggers=()
+    ):
         self.path = os.path.join(workdir, METRICS_FILE)
         self.is_chief = is_chief
+        self.loggers = list(loggers) if is_chief else []
         self._tb = None
         if is_chief and tensorboard:
             try:
@@ -72,10 +77,14 @@ class MetricsWriter:
                 if isinstance(v, int | float) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        for logger in self.loggers:
+            logger.log(step, metrics)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        for logger in self.loggers:
+            logger.close()
 
 
 class Progress:
