@@ -242,8 +242,16 @@ def _from_report(step: int, path: str) -> dict[str, HeldOut]:
     return out
 
 
+def _metric_estimate(m: Mapping[str, float], key: str | None) -> Estimate | None:
+    if key is None or key not in m:
+        return None
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return Estimate(m[key], low, high) if low is not None and high is not None else Estimate(m[key])
+
+
 def _from_metrics(records: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, HeldOut]]:
-    """``eval/<name>/pass@1`` and ``eval/<name>/avg@k`` of metric records (no intervals)."""
+    """``eval/<name>/pass@1`` and ``eval/<name>/avg@k`` of metric records, with intervals when
+    ``eval/<name>/<metric>_ci_low`` / ``_ci_high`` are there too."""
     out: dict[int, dict[str, HeldOut]] = {}
     for r in records:
         found: dict[str, dict[str, float]] = {}
@@ -252,12 +260,12 @@ def _from_metrics(records: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, H
             if len(parts) >= 3 and parts[0] == "eval" and isinstance(v, int | float):
                 found.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = float(v)
         for name, m in found.items():
-            avg_key = next((k for k in m if k.startswith("avg@")), None)
+            avg_key = next((k for k in m if re.fullmatch(r"avg@\d+", k)), None)
             out.setdefault(int(r["step"]), {})[name] = HeldOut(
                 step=int(r["step"]),
                 benchmark=name,
-                greedy=Estimate(m["pass@1"]) if "pass@1" in m else None,
-                sampled=Estimate(m[avg_key]) if avg_key else None,
+                greedy=_metric_estimate(m, "pass@1"),
+                sampled=_metric_estimate(m, avg_key),
                 num_samples=int(avg_key[4:]) if avg_key else 0,
             )
     return out
@@ -269,7 +277,8 @@ def read_heldout(
     """``{step: {benchmark or "average": HeldOut}}`` of a run, steps ascending.
 
     Reads ``WORKDIR/eval/step_*.json`` (with their records); steps with no report file fall
-    back to the ``eval/...`` keys of ``metric_records`` (values without intervals). Empty when
+    back to the ``eval/...`` keys of ``metric_records`` (their ``_ci_low`` / ``_ci_high`` are the
+    intervals when present). Empty when
     the run has no evaluation.
     """
     out = _from_metrics(metric_records)

@@ -140,6 +140,9 @@ def test_metrics_only_evaluation_gives_curves_without_intervals(tmp_path):
     assert res[2][heldout.AVERAGE].sampled.value == 0.5 and res[2]["sums"].num_samples == 4
     assert heldout.before_after_text(res) == [
         "step 2 (95% intervals)", "greedy   25.0%", "avg@4    50.0%"]  # fmt: skip
+    rows[0]["eval/sums/pass@1_ci_low"], rows[0]["eval/sums/pass@1_ci_high"] = 0.1, 0.6
+    res = heldout.read_heldout(str(tmp_path), rows)
+    assert res[2]["sums"].greedy == heldout.Estimate(0.25, 0.1, 0.6)
 
 
 # ----------------------------------------------------------------------------- two tiny runs
