@@ -8,8 +8,9 @@ PYTEST_ARGS ?=
 # demo-smoke (CI): the demo path, a few seconds of work, in a venv without the test extras
 SMOKE_DIR ?= workdirs/demo-smoke
 SMOKE_ARGS ?= --config.total_steps=1 --config.rollout.num_questions=2 \
-	--config.rollout.group_size=2 --config.rollout.max_new_tokens=8 \
+	--config.rollout.group_size=4 --config.rollout.max_new_tokens=8 \
 	--config.mel.analysis_max_new_tokens=16 --config.mel.replay_max_new_tokens=8 \
+	--config.eval.every_steps=1 --config.eval.benchmarks=tests/fixtures/eval/sums/test.jsonl \
 	--config.eval.limit=4 --config.eval.num_samples=2 --config.eval.max_new_tokens=8
 # compare: GRPO and MEL with the same config, seed and budget; COMPARE_ARGS go to both runs
 COMPARE_CONFIG ?= configs/demo.py
