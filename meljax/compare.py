@@ -147,11 +147,18 @@ def _rolling(xs: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def _steps_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _curves(ax, runs: Sequence[Run], values, title: str, ylabel: str, smooth: bool = False):
     ax.set_title(title)
-    ax.set_xlabel("step")
+    _steps_axis(ax)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
     drawn = False
     for i, run in enumerate(runs):
         x = [int(r["step"]) for r in run.records]
@@ -241,8 +248,7 @@ def render_comparison(runs: Sequence[Run], output: str) -> str:
             "training reward (mean per step)", "reward", smooth=True)  # fmt: skip
     ax = axes[0, 1]
     ax.set_title("held-out accuracy (average; greedy solid, sampled dashed; 95% bands)")
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
+    _steps_axis(ax)
     if draw_heldout(ax, [(run.label, run.heldout) for run in runs]):
         ax.legend(fontsize=7, loc="best")
     else:

@@ -78,14 +78,15 @@ def render_figure(
     if with_eval:
         curve_panels.append("heldout")
         eval_steps = list(heldout)
-        x_lim = (min(x + eval_steps), max(x + eval_steps))
+        ticks = sorted(set(x + eval_steps))  # an evaluation at the start is step 0
     else:
-        x_lim = (min(x), max(x))
+        ticks = x
+    x_lim = (min(ticks), max(ticks))
     for ax in (axes[n] for n in curve_panels):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if len(x) <= 12:
-            ax.set_xticks(x)  # every step (the integer locator falls back to fractions)
+        if len(ticks) <= 12:
+            ax.set_xticks(ticks)  # every step (the integer locator falls back to fractions)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         # Same steps on every panel, with room for the bars (width 0.8) at both ends.
