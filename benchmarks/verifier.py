@@ -16,6 +16,7 @@ import json
 import os
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -93,7 +94,12 @@ def cpu_seconds(pids: list[int]) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MATH-500 jsonl file")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="MATH-500 jsonl file (default: ../shared/data)",
+    )
     parser.add_argument("--num-problems", type=int, default=500, help="first N problems used")
     parser.add_argument("--num-completions", type=int, default=1000, help="batch size")
     parser.add_argument(
@@ -111,6 +117,13 @@ def main() -> None:
         "--step-completions", type=int, default=1024, help="completions per step (128 x G=8)"
     )
     args = parser.parse_args()
+    if not args.data.is_file():
+        print(
+            f"verifier benchmark skipped: no MATH-500 file at {args.data.resolve()} "
+            f"(pass --data=PATH of a MATH-500 test.jsonl)",
+            file=sys.stderr,
+        )
+        return
 
     rows = load_problems(args.data.resolve(), args.num_problems)
     completions, answers, intended = build_batch(rows, args.num_completions, args.group_size)

@@ -70,10 +70,25 @@ class RandomModelSettings:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = option(
-        "arithmetic", "arithmetic (procedural) | file", choices=("arithmetic", "file")
+        "arithmetic",
+        "arithmetic (procedural) | file | tfds (array_record)",
+        choices=("arithmetic", "file", "tfds"),
     )
-    path: str = option("", "file or folder for source=file (local, gs://, ...)")
-    preset: str = option("", 'layout preset (dapo_math_17k, math500, ...); "" = infer from path')
+    path: str = option(
+        "",
+        "source=file: a JSONL / JSON / Parquet file or folder (local, gs://, ...); source=tfds: "
+        "a TFDS dataset folder (meljax.data.tfds_builder or any builder, array_record) or the "
+        "name of a dataset prepared under data.tfds_data_dir (never downloaded)",
+    )
+    preset: str = option(
+        "",
+        'layout preset (dapo_math_17k, math500, ...); "" = infer from the path, else the '
+        "question / answer (/ id) fields",
+    )
+    split: str = option("train", 'source=tfds: the split to read (slices such as "train[:1000]")')
+    tfds_data_dir: str = option(
+        "", 'source=tfds with a dataset name: its data dir ("" = the tfds default)'
+    )
     limit: int = option(0, "use only the first N problems (0 = all)", minimum=0)
     on_bad_row: str = option(
         "error", "skipped rows are counted and logged", choices=("error", "skip")
@@ -85,8 +100,8 @@ class DataConfig:
 
     def __post_init__(self):
         validate_fields(self)
-        if self.source == "file" and not self.path:
-            raise ValueError("data.source='file' needs data.path")
+        if self.source in ("file", "tfds") and not self.path:
+            raise ValueError(f"data.source={self.source!r} needs data.path")
         if self.arithmetic_min > self.arithmetic_max:
             raise ValueError("data.arithmetic_min is larger than data.arithmetic_max")
         bad = set(self.arithmetic_ops) - set("+-*")
@@ -161,6 +176,17 @@ class LoggingConfig:
         "auto", "auto (on a terminal) | on | off", choices=("auto", "on", "off")
     )
     log_every: int = option(1, "plain log line every N steps when the bar is off", minimum=1)
+    wandb: bool = option(
+        False, 'also log metrics to Weights & Biases (pip install "meljax[wandb]")'
+    )
+    wandb_project: str = option("meljax", "W&B project")
+    wandb_entity: str = option("", 'W&B entity (team or user); "" = W&B\'s default')
+    wandb_name: str = option("", 'W&B run name; "" = the run folder\'s name')
+    wandb_mode: str = option(
+        "",
+        'online | offline | disabled; "" = W&B\'s default (WANDB_MODE)',
+        choices=("", "online", "offline", "disabled"),
+    )
 
     def __post_init__(self):
         validate_fields(self)

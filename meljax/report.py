@@ -1,5 +1,7 @@
 """A run's curves as one PNG plus a plain-text summary (``meljax report``, the notebook).
 
+The figure itself is drawn by :mod:`meljax.report_figure`.
+
 Reads ``WORKDIR/metrics.jsonl`` (one record per step, written by the trainer) and, for
 examples, ``WORKDIR/meta_experiences.jsonl`` (one record per generated analysis). Every metric
 is optional: a GRPO run has no ``mel/*`` keys, a failed measurement is ``null``; missing values
@@ -9,8 +11,8 @@ Public API:
   load_records(workdir) -> list[dict]                 # checked, sorted by step
   series(records, *keys) / retention_series(records) / mel_nll_series(records) -> [steps]
   summarize(records) -> RunSummary                    # pure; RunSummary.text()
-  render_figure(records, output) -> str               # the PNG
-  render_report(workdir, output=None) -> (png_path, summary_text)
+  summary_text(records, heldout=None) -> str          # summary + held-out before / after
+  render_report(workdir, output=None) -> (png_path, summary_text)   # held-out results too
   read_meta_experiences(workdir) -> list[dict]
   kept_examples(records, n) -> list[dict];  format_example(record, max_chars=...) -> str
 """
@@ -21,9 +23,10 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from meljax.heldout import HeldOut, before_after_text, read_heldout
 from meljax.trainer.metrics import METRICS_FILE, read_metrics
 
 __all__ = [
@@ -35,12 +38,12 @@ __all__ = [
     "load_records",
     "mel_nll_series",
     "read_meta_experiences",
-    "render_figure",
     "render_report",
     "retention_series",
     "series",
     "shorten",
     "summarize",
+    "summary_text",
 ]
 
 REPORT_FILE = "report.png"
@@ -256,199 +259,20 @@ def summarize(records: Sequence[dict]) -> RunSummary:
     )
 
 
-# -- figure
-
-
-def _plot(ax, x, y, label, **kw) -> bool:
-    """Draws a curve if it has any value; markers keep single points visible."""
-    if not _finite(y):
-        return False
-    ax.plot(x, y, marker="o" if len(x) <= 60 else None, markersize=3, label=label, **kw)
-    return True
-
-
-def _no_data(ax, text: str, y: float = 0.5) -> None:
-    ax.text(0.5, y, text, ha="center", va="center", transform=ax.transAxes, color="gray")
-
-
-def _legend(*axes) -> None:
-    handles, labels = [], []
-    for ax in axes:
-        h, lab = ax.get_legend_handles_labels()
-        handles += h
-        labels += lab
-    if handles:
-        # On the top-most axes (the twin, drawn last) so no curve is drawn over the legend.
-        axes[-1].legend(handles, labels, fontsize=7, loc="best")
-
-
-def render_figure(records: Sequence[dict], output: str, *, title: str = "") -> str:
-    """Draws the six-panel figure of ``records`` to ``output`` (PNG); returns ``output``.
-
-    Uses a bare :class:`matplotlib.figure.Figure` with the Agg canvas, so it neither needs a
-    display nor changes pyplot's backend (safe inside notebooks).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    x = [int(r["step"]) for r in records]
-    fig = Figure(figsize=(13, 11), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(3, 2)
-    for ax in axes.flat[:5]:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if len(x) <= 12:
-            ax.set_xticks(x)  # every step (the integer locator falls back to fractions)
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        # Same steps on every panel, with room for the bars (width 0.8) at both ends.
-        ax.set_xlim(min(x) - 0.6, max(x) + 0.6)
-
-    ax = axes[0, 0]
-    ax.set_title("reward and accuracy")
-    drawn = [
-        _plot(ax, x, series(records, "reward_mean"), "reward mean"),
-        _plot(ax, x, series(records, "accuracy"), "accuracy"),
-        _plot(ax, x, series(records, "pass_at_group"), "pass@group", linestyle=":"),
-    ]
-    if any(drawn):
-        _legend(ax)
-    else:
-        _no_data(ax, "no reward metrics")
-
-    ax = axes[0, 1]
-    ax.set_title("meta-experiences: kept / generated, retention ratio")
-    generated = series(records, "mel/generated")
-    kept = series(records, "mel/kept")
-    has_counts = bool(_finite(generated) or _finite(kept))
-    if has_counts:
-        width = 0.4
-        ax.bar(
-            [s - width / 2 for s in x],
-            _zeros_for_nan(generated),
-            width=width,
-            alpha=0.4,
-            color="tab:gray",
-            label="generated",
-        )
-        ax.bar(
-            [s + width / 2 for s in x],
-            _zeros_for_nan(kept),
-            width=width,
-            alpha=0.6,
-            color="tab:green",
-            label="kept",
-        )
-        ax.set_ylabel("analyses per step")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(0, max(_finite(generated) + _finite(kept) + [1.0]) * 1.3)
-    # The twin axes is drawn above ``ax``: the ratio line stays visible over the bars.
-    twin = ax.twinx()
-    ratio = retention_series(records)
-    if _plot(twin, x, ratio, "retention ratio", color="tab:blue"):
-        twin.set_ylim(-0.05, 1.3)
-        twin.set_ylabel("retention ratio (kept / generated)")
-    else:
-        twin.set_axis_off()
-    if has_counts or _finite(ratio):
-        _legend(ax, twin)
-        if not any(g > 0 for g in _finite(generated)):
-            _no_data(ax, "no analysis generated (no group had both right and wrong answers)")
-    else:
-        _no_data(ax, "no MEL metrics (GRPO run)")
-
-    ax = axes[1, 0]
-    ax.set_title("losses")
-    ax.set_ylabel("MEL NLL (nats / token)")
-    nll_drawn = _plot(ax, x, mel_nll_series(records), "MEL NLL")
-    # The policy loss sits near 0 while the NLL is O(1): it gets its own scale.
-    twin = ax.twinx()
-    pg_drawn = _plot(
-        twin, x, series(records, "train/policy_loss"), "policy loss", color="tab:orange"
-    )
-    if pg_drawn:
-        twin.set_ylabel("policy loss")
-    else:
-        twin.set_axis_off()
-    if nll_drawn or pg_drawn:
-        _legend(ax, twin)
-        if not nll_drawn:
-            _no_data(ax, "no MEL NLL (no meta-experience trained on)", y=0.95)
-    else:
-        _no_data(ax, "no loss metrics")
-
-    ax = axes[1, 1]
-    ax.set_title("completion length and truncation")
-    ax.set_ylabel("tokens")
-    drawn = [
-        _plot(ax, x, series(records, "completion_len_mean"), "length mean"),
-        _plot(ax, x, series(records, "completion_len_max"), "length max"),
-    ]
-    trunc = series(records, "truncation_rate")
-    twin = None
-    if _finite(trunc):
-        twin = ax.twinx()
-        _plot(twin, x, trunc, "truncation rate", color="tab:red", linestyle="--")
-        twin.set_ylabel("truncation rate")
-        twin.set_ylim(-0.05, 1.05)
-    if any(drawn) or twin is not None:
-        _legend(ax, *([twin] if twin is not None else []))
-    else:
-        _no_data(ax, "no length metrics")
-
-    ax = axes[2, 0]
-    ax.set_title("step time by phase")
-    ax.set_ylabel("seconds")
-    bottom = [0.0] * len(x)
-    any_phase = False
-    for phase in PHASES:
-        vals = series(records, f"time/{phase}")
-        if not _finite(vals):
-            continue
-        vals = _zeros_for_nan(vals)
-        ax.bar(x, vals, bottom=bottom, label=phase, width=0.8)
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-        any_phase = True
-    step_time = series(records, "time/step")
-    if _finite(step_time):
-        other = [
-            max(0.0, t - b) if not math.isnan(t) else 0.0
-            for t, b in zip(step_time, bottom, strict=True)
-        ]
-        ax.bar(x, other, bottom=bottom, label="other", width=0.8, color="lightgray")
-        any_phase = True
-    if any_phase:
-        ax.set_ylim(0, max(bottom + _finite(step_time) + [1e-3]) * 1.35)  # room for the legend
-        ax.legend(fontsize=7, loc="upper center", ncol=3)
-    else:
-        _no_data(ax, "no timings")
-
-    ax = axes[2, 1]
-    ax.axis("off")
-    ax.set_title("summary")
-    ax.text(
-        0.0,
-        1.0,
-        summarize(records).text(),
-        va="top",
-        ha="left",
-        family="monospace",
-        fontsize=8.5,
-        transform=ax.transAxes,
-        wrap=True,
-    )
-
-    if title:
-        fig.suptitle(title)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, format="png")
-    return output
+def summary_text(
+    records: Sequence[dict], heldout: Mapping[int, Mapping[str, HeldOut]] | None = None
+) -> str:
+    """:meth:`RunSummary.text` plus, with held-out results, the first and last evaluation."""
+    text = summarize(records).text()
+    lines = before_after_text(heldout or {})
+    if lines:
+        text += "\nheld-out, " + lines[0] + "\n" + "\n".join(f"  {line}" for line in lines[1:])
+    return text
 
 
 def render_report(workdir: str, output: str | None = None) -> tuple[str, str]:
-    """Plots a run's curves to ``output`` (default ``WORKDIR/report.png``).
+    """Plots a run's curves to ``output`` (default ``WORKDIR/report.png``), with the held-out
+    evaluation when the run has one (``WORKDIR/eval/step_*.json`` or ``eval/...`` metrics).
 
     Returns:
       ``(png_path, summary_text)``.
@@ -457,10 +281,13 @@ def render_report(workdir: str, output: str | None = None) -> tuple[str, str]:
       FileNotFoundError / ValueError: see :func:`load_records`.
     """
     records = load_records(workdir)
+    heldout = read_heldout(workdir, records)
     output = output or os.path.join(workdir, REPORT_FILE)
     title = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
-    png = render_figure(records, output, title=f"run {title}")
-    return png, summarize(records).text()
+    from meljax.report_figure import render_figure
+
+    png = render_figure(records, output, title=f"run {title}", heldout=heldout)
+    return png, summary_text(records, heldout)
 
 
 # -- meta-experience examples

@@ -10,3 +10,45 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# -- shared fixtures
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMS = os.path.join(REPO, "tests", "fixtures", "eval", "sums", "test.jsonl")
+
+
+def _train_tiny(workdir, *flags) -> str:
+    """Two tiny-config steps with a held-out evaluation on the sums fixture after each."""
+    # one CPU device: the runs are compile-bound
+    xla = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=xla)
+    proc = subprocess.run(
+        [sys.executable, "-m", "meljax", "train", "--config=configs/tiny.py",
+         f"--workdir={workdir}", "--config.total_steps=2", "--config.eval.every_steps=1",
+         f"--config.eval.benchmarks={SUMS}", "--config.eval.num_samples=4",
+         "--config.eval.max_new_tokens=8", "--config.export.at_end=False", *flags],
+        capture_output=True, text=True, timeout=900, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
+    return str(workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_runs(tmp_path_factory):
+    """``(grpo, mel)`` run folders: the same seed and budget, MEL off / on; the MEL run also
+    logs to W&B in offline mode when wandb is installed."""
+    import importlib.util
+
+    root = tmp_path_factory.mktemp("tiny_eval_runs")
+    grpo = _train_tiny(root / "grpo", "--config.mel.enabled=False")
+    wandb = []
+    if importlib.util.find_spec("wandb") is not None:
+        wandb = ["--config.logging.wandb=True", "--config.logging.wandb_mode=offline"]
+    mel = _train_tiny(root / "mel", *wandb)
+    return grpo, mel

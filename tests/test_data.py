@@ -31,7 +31,10 @@ from meljax.data import (
 from meljax.data.records import get_path, parse_path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-SHARED_DATA = Path(os.environ.get("MELJAX_SHARED_DATA", "/work/shared/data"))
+# The project's data folder next to the repository (or MELJAX_SHARED_DATA); tests skip without it.
+SHARED_DATA = Path(
+    os.environ.get("MELJAX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,13 +233,43 @@ def test_infer_preset(path, preset):
     assert infer_preset(path) == preset
 
 
-def test_unknown_layout_needs_preset_or_fields(tmp_path):
+def test_unknown_layout_names_the_missing_field(tmp_path):
     path = tmp_path / "mystery.jsonl"
-    path.write_text('{"q": "x", "a": "1"}\n')
-    with pytest.raises(ValueError, match="Cannot infer a preset"):
+    path.write_text('{"q": "x", "answer": "1"}\n')
+    with pytest.raises(BadRowError, match=r"row 0: no field 'question' \(available: answer, q\)"):
+        load_problems(str(path))
+    path.write_text('{"question": "x", "a": "1"}\n')
+    with pytest.raises(BadRowError, match="no field 'answer'.*rows need 'question' and 'answer'"):
         load_problems(str(path))
     with pytest.raises(ValueError, match="Unknown preset 'nope'"):
         load_problems(str(path), "nope")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])
+def test_question_answer_file_loads_without_a_preset(tmp_path, fmt):
+    rows = [
+        {"id": "a1", "question": " What is 2+2? ", "answer": 4, "level": 1},
+        {"id": "a2", "question": "What is 3+5?", "answer": "8", "level": 2},
+    ]
+    path = tmp_path / f"bench.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows[0]["answer"] = "4"  # one type per parquet column
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    result = load_problems(str(path))
+    assert result.preset is None
+    assert _triples(result) == [("a1", "What is 2+2?", "4"), ("a2", "What is 3+5?", "8")]
+    assert result[1].extra["level"] == 2
+    # without ids, the row index is the id
+    path = tmp_path / "no_ids.jsonl"
+    path.write_text('{"question": "Q0", "answer": "0"}\n{"question": "Q1", "answer": "1"}\n')
+    assert _triples(load_problems(str(path))) == [("0", "Q0", "0"), ("1", "Q1", "1")]
 
 
 def test_custom_fields_with_nested_paths_and_answer_transform(tmp_path):

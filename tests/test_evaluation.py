@@ -383,8 +383,11 @@ def test_parse_benchmark_specs_names_and_presets():
     ]
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         parse_benchmark_specs(["nope=x.jsonl"])
-    with pytest.raises(ValueError, match="cannot infer the layout"):
-        parse_benchmark_specs(["files/mystery.jsonl"])
+    # no preset: question / answer fields, named after the file (or its folder)
+    assert parse_benchmark_specs(["files/mystery.jsonl", "data/sums/test.jsonl"]) == [
+        BenchmarkSpec("mystery", None, "files/mystery.jsonl"),
+        BenchmarkSpec("sums", None, "data/sums/test.jsonl"),
+    ]
 
 
 def test_load_benchmarks_reads_fixtures_and_names_missing_files():

@@ -16,7 +16,11 @@ from meljax.sampling import SamplerEngine, SampleResult
 from meljax.train_step import init_train_state, make_train_step
 
 TOK = make_tiny_tokenizer()
-LESSON = "When adding, I must count on from the larger number."
+LESSON = (
+    "1. Failure point and error pattern\nI counted the wrong way.\n"
+    "2. Success factors\nCounting on.\n3. Reflective summary\nI slipped.\n"
+    "4. Heuristics\nWhen adding, I must count on from the larger number."
+)
 
 
 class ScriptedPolicy:
@@ -79,7 +83,7 @@ def test_kept_meta_experience_is_trained_into_the_policy():
         verifier=LastWord(),
         config=MetaConfig(
             analysis_max_prompt_tokens=1600,
-            analysis_max_new_tokens=64,
+            analysis_max_new_tokens=256,  # characters: the whole four-section lesson
             replay_max_new_tokens=16,
             max_pairs_per_query=1,
         ),

@@ -362,10 +362,51 @@ def test_leak_filter(text, answer, leak):
 
 
 def test_filter_reason_order():
+    leaky = WELL_FORMED + "so x=8\n"
     assert filters.filter_reason("  \n", truncated=True, answer="8") == "empty"
-    assert filters.filter_reason("x=8", truncated=True, answer="8") == "truncated"
-    assert filters.filter_reason("x=8", truncated=False, answer="8") == "leak"
-    assert filters.filter_reason("x=8", truncated=False, answer="8", check_leaks=False) == "ok"
+    assert filters.filter_reason(leaky, truncated=True, answer="8") == "truncated"
+    assert filters.filter_reason("x=8", truncated=False, answer="8") == "malformed"
+    assert filters.filter_reason(leaky, truncated=False, answer="8") == "leak"
+    assert filters.filter_reason(leaky, truncated=False, answer="8", check_leaks=False) == "ok"
+    assert filters.filter_reason("x=8", truncated=False, answer="8", check_malformed=False) == (
+        "leak"
+    )
+    off = dict(check_leaks=False, check_malformed=False)
+    assert filters.filter_reason("x=8", truncated=False, answer="8", **off) == "ok"
+
+
+# What the SmolLM2 demo wrote and kept before the quality filter existed (issue 15).
+GREETING = "I'm ready to help with your math problem. What's on your mind?"
+BARE_HEADINGS = """1. Failure point and error pattern
+2. Success factors
+3. Reflective summary (first person: review, insight, action)
+4. Heuristics (general rules)
+"""
+
+
+@pytest.mark.parametrize(
+    "text,missing",
+    [
+        (GREETING, ("failure", "success", "summary", "heuristics")),
+        (BARE_HEADINGS, ()),  # every heading, but the heuristics say nothing
+        (BARE_HEADINGS + "- ...\n* 1.\n", ()),  # bullets and numbers are no rule
+        (WELL_FORMED.split("4) Heuristics")[0], ("heuristics",)),
+    ],
+)
+def test_analysis_without_a_lesson_is_malformed_and_dropped(text, missing):
+    p = parse.parse_analysis(text)
+    assert p.malformed and not p.has_heuristic
+    assert p.missing_sections == missing
+    assert filters.filter_reason(text, truncated=False, answer="7") == "malformed"
+    # the switch: kept for replay when the quality filter is off
+    assert filters.filter_reason(text, truncated=False, answer="7", check_malformed=False) == "ok"
+
+
+def test_analysis_with_sections_and_a_heuristic_passes():
+    p = parse.parse_analysis(BARE_HEADINGS + "When adding, I count on from the larger number.")
+    assert not p.malformed and p.has_heuristic and p.missing_sections == ()
+    assert p.heuristics == "When adding, I count on from the larger number."
+    assert filters.filter_reason(WELL_FORMED, truncated=False, answer="7") == "ok"
 
 
 # ----------------------------------------------------------------------------- the step (stub)
@@ -424,16 +465,15 @@ def test_step_with_stub_policy(tmp_path):
     res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS.reshape(-1), 4, jax.random.key(0))
     c = res.counts
     assert (c.questions, c.mixed_groups, c.pairs, c.generated) == (4, 3, 5, 5)
-    assert (c.empty, c.truncated, c.leak, c.replayed, c.kept) == (1, 1, 1, 2, 1)
-    # empty, truncated (cut inside a repeat of the full text, so sections are all found) ...
-    assert c.malformed == 2  # the empty one and GOOD_B
+    # GOOD_B has no heuristics section: dropped as malformed before replay
+    assert (c.empty, c.truncated, c.malformed, c.leak, c.replayed, c.kept) == (1, 1, 1, 1, 1, 1)
     assert res.retention_ratio == pytest.approx(1 / 5)
-    assert res.replay_pass_ratio == pytest.approx(1 / 2)
+    assert res.replay_pass_ratio == pytest.approx(1 / 1)
 
-    # two sampler calls: all 5 analyses, then the 2 survivors' replays, each with its params
+    # two sampler calls: all 5 analyses, then the survivor's replay, each with its params
     assert len(policy.calls) == 2
     (a_prompts, a_params), (r_prompts, r_params) = policy.calls
-    assert len(a_prompts) == 5 and len(r_prompts) == 2
+    assert len(a_prompts) == 5 and len(r_prompts) == 1
     assert a_params == SamplingParams(max_new_tokens=400, temperature=1.0, num_samples=1)
     assert r_params == SamplingParams(max_new_tokens=64, temperature=0.7, num_samples=1)
     assert all(len(p) <= 1600 for p in a_prompts)
@@ -460,10 +500,13 @@ def test_step_with_stub_policy(tmp_path):
     assert recs == res.records and len(recs) == 5
     status = {(r["question_id"], r["pair"]["incorrect"]): r["status"] for r in recs}
     assert status[("q1", 0)] == "truncated" and status[("q1", 1)] == "leak"
-    assert status[("q3", 1)] == "kept" and status[("q3", 3)] == "replay_failed"
+    assert status[("q3", 1)] == "kept" and status[("q3", 3)] == "malformed"
     assert [r["status"] for r in recs if r["question_id"] == "q0"] == ["empty"]
+    # the quality flag is set whatever the fate (the empty one has no sections either)
+    assert sorted(r["malformed"] for r in recs) == [False, False, False, True, True]
     for r in recs:
         flags = {k: r[k] for k in ("empty", "truncated", "leak", "replay_failed", "kept")}
+        flags["malformed"] = r["status"] == "malformed"
         assert sum(flags.values()) == 1 and flags[r["status"]]
         assert r["step"] == 3 and REWARDS[int(r["question_id"][1]), r["pair"]["correct"]] == 1
         assert REWARDS[int(r["question_id"][1]), r["pair"]["incorrect"]] == 0
@@ -477,6 +520,18 @@ def test_step_with_stub_policy(tmp_path):
     res2 = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
     assert res2.records == res.records
     assert len((tmp_path / "meta_experiences.jsonl").read_text().splitlines()) == 10
+
+
+def test_quality_filter_switch(tmp_path):
+    policy = StubPolicy(analysis_respond)
+    pipe = make_pipeline(policy, tmp_path, filter_malformed=False)
+    res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, None, jax.random.key(0))
+    c = res.counts
+    # GOOD_B (no heuristics) now reaches the replay, which answers wrongly
+    assert (c.empty, c.truncated, c.malformed, c.leak, c.replayed, c.kept) == (1, 1, 0, 1, 2, 1)
+    status = {(r["question_id"], r["pair"]["incorrect"]): r["status"] for r in res.records}
+    assert status[("q3", 3)] == "replay_failed"
+    assert next(r for r in res.records if r["status"] == "replay_failed")["malformed"]
 
 
 def test_leak_filter_switch(tmp_path):
@@ -556,6 +611,7 @@ def test_end_to_end_tiny_model(tmp_path):
     template = "Q {question}\nS1 {incorrect_answer} Incorrect\nS2 {correct_answer} Correct"
     config = MetaConfig(
         analysis_template=template,
+        filter_malformed=False,  # a random model writes no sections
         analysis_max_prompt_tokens=160,
         analysis_max_new_tokens=8,
         replay_max_new_tokens=8,
@@ -571,7 +627,7 @@ def test_end_to_end_tiny_model(tmp_path):
     res = pipe.run(0, probs, comps, r, 4, jax.random.key(1))
     c = res.counts
     assert c.pairs == c.generated == 3 and c.shortened == 3
-    assert c.empty + c.truncated + c.leak + c.replayed == c.generated
+    assert c.empty + c.truncated + c.leak + c.replayed == c.generated and c.malformed == 0
     assert c.kept == c.replayed >= 1  # the verifier accepts everything
     b = res.batch
     assert b.tokens.shape == (4, 168) and b.weight.sum() == c.kept

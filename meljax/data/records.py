@@ -26,14 +26,18 @@ __all__ = [
     "PRESETS",
     "BadRow",
     "BadRowError",
+    "GENERIC_FIELDS",
     "FieldMap",
     "LoadResult",
     "Problem",
+    "generic_layout_hint",
     "get_path",
     "infer_preset",
+    "layout_for_row",
     "last_boxed_answer",
     "load_problems",
     "parse_path",
+    "problem_from_row",
 ]
 
 OnBadRow = Literal["error", "skip"]
@@ -668,8 +672,51 @@ def _row_to_problem(row: Any, index: int, fields: FieldMap) -> Problem:
     return Problem(id=problem_id, question=question, answer=answer.strip(), extra=extra)
 
 
+def problem_from_row(row: Any, index: int, fields: FieldMap) -> Problem:
+    """One decoded row (a dict) -> :class:`Problem` with the layout ``fields``.
+
+    For random-access sources (tfds records) that convert rows one at a time; the row
+    ``index`` gives the id when the layout names no id field.
+
+    Raises:
+      ValueError / LookupError: the row lacks a usable question or answer (a row that the
+        layout would drop on purpose, ``drop_empty_answers``, is an error here too).
+    """
+    try:
+        return _row_to_problem(row, index, fields)
+    except _Filtered:
+        raise ValueError(f"answer {fields.answer_field!r} is empty") from None
+
+
+def layout_for_row(row: Any) -> FieldMap:
+    """:data:`GENERIC_FIELDS`, reading ``id`` too when ``row`` has a string or integer one."""
+    if isinstance(row, Mapping) and isinstance(row.get("id"), str | int):
+        return dataclasses.replace(GENERIC_FIELDS, id_field="id")
+    return GENERIC_FIELDS
+
+
 def _top_key(path: str) -> str | int:
     return parse_path(path)[0]
+
+
+GENERIC_FIELDS = FieldMap()
+"""The layout of a file no preset matches: ``question`` and ``answer`` fields (``id`` too when
+the first row has one), as the README describes."""
+
+
+def generic_layout_hint() -> str:
+    """What a row needs without a preset (for error messages)."""
+    return (
+        f"without a preset, rows need 'question' and 'answer' fields; name a preset "
+        f"(known: {', '.join(sorted(PRESETS))}) or the fields (FieldMap(question_field=..., "
+        f"answer_field=...))"
+    )
+
+
+def _first_row(reader: Callable[[str], Iterator[_Row]], path: str) -> Any:
+    for _, row in reader(path):
+        return row
+    return None
 
 
 def _resolve_fields(
@@ -678,10 +725,7 @@ def _resolve_fields(
     if preset is None and fields is None:
         preset = infer_preset(path)
         if preset is None:
-            raise ValueError(
-                f"Cannot infer a preset for {path!r} (known: {', '.join(sorted(PRESETS))}); "
-                f"pass preset= or fields=FieldMap(question_field=..., answer_field=...)"
-            )
+            return None, GENERIC_FIELDS
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
     base = PRESETS[preset] if preset is not None else FieldMap()
@@ -710,7 +754,10 @@ def load_problems(
       path: a file, or a folder holding the preset's ``default_file``. Remote URLs
         (``gs://``, ``hf://``...) are opened with ``etils.epath`` or ``fsspec``.
       preset: a key of :data:`PRESETS`; inferred from the folder / file name when ``None``
-        and ``fields`` is not given.
+        and ``fields`` is not given. When no preset matches, rows are read with the README's
+        layout (:data:`GENERIC_FIELDS`: ``question``, ``answer``, and ``id`` when the first
+        row has one); a row without those fields is a bad row whose message names the
+        missing field.
       fields: a :class:`FieldMap` replacing the preset's layout, or a dict of
         :class:`FieldMap` attributes overriding it (e.g. ``{"answer_field": "target"}``).
       on_bad_row: ``"error"`` raises :class:`BadRowError` naming the file and the 0-based
@@ -726,12 +773,16 @@ def load_problems(
         raise ValueError(f"limit must be >= 0, got {limit}")
     path = str(path)
     preset, field_map = _resolve_fields(path, preset, fields)
+    generic = field_map is GENERIC_FIELDS
     if _is_dir(path):
         if field_map.default_file is None:
-            raise ValueError(f"{path!r} is a folder and the layout names no default_file")
+            hint = f"; name a file, or {generic_layout_hint()}" if generic else ""
+            raise ValueError(f"{path!r} is a folder and the layout names no default_file{hint}")
         path = path.rstrip("/") + "/" + field_map.default_file
 
     reader = _READERS[_format_of(path, field_map)]
+    if generic:
+        field_map = layout_for_row(_first_row(reader, path))
     problems: list[Problem] = []
     bad_rows: list[BadRow] = []
     num_filtered = 0
@@ -745,6 +796,8 @@ def load_problems(
             continue
         except (ValueError, LookupError) as e:
             reason = str(e)
+            if generic and isinstance(e, LookupError):
+                reason += f" ({generic_layout_hint()})"
             if on_bad_row == "error":
                 raise BadRowError(f"{path}: row {index}: {reason}") from e
             bad_rows.append(BadRow(index=index, reason=reason))

@@ -16,7 +16,11 @@ Two writers, one reader:
   with ``ArrayRecordWriter`` directly; each record is a JSON-encoded problem.
 
 :class:`ArrayRecordProblems` reads either layout as a random-access sequence of
-:class:`~meljax.data.records.Problem`, usable as a grain data source.
+:class:`~meljax.data.records.Problem`, usable as a grain data source. It also reads any other
+TFDS dataset prepared as array_record (a dataset folder, or a registered ``name[:version]``
+prepared under a data dir; never downloaded) whose records have ``question`` / ``answer``
+fields, or the fields of a :class:`~meljax.data.records.FieldMap` (e.g. a preset's): training
+with ``data.source=tfds``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from meljax.data.records import Problem
+import numpy as np
+
+from meljax.data.records import (
+    BadRowError,
+    FieldMap,
+    Problem,
+    generic_layout_hint,
+    layout_for_row,
+    problem_from_row,
+)
 
 __all__ = ["ArrayRecordProblems", "build_array_record"]
 
@@ -199,50 +212,135 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _decode(record: Any) -> Problem:
-    """A TFDS record (dict of bytes) or a raw JSON record (bytes) -> Problem."""
-    if isinstance(record, Mapping):
-        extra = _text(record.get("extra", b"{}")) or "{}"
+def _plain(value: Any) -> Any:
+    """A decoded TFDS example (bytes, numpy scalars and arrays) as plain Python values."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+_OWN_FIELDS = frozenset({"id", "question", "answer", "extra"})
+
+
+def _decode(record: Any, index: int, fields: FieldMap | None) -> Problem:
+    """A TFDS record (a dict) or a raw JSON record (bytes) -> Problem.
+
+    This module's own records (``id``, ``question``, ``answer``, JSON ``extra``) are read as
+    written unless ``fields`` is given; any other dict goes through ``fields`` (default: the
+    ``question`` / ``answer`` [/ ``id``] layout).
+    """
+    if not isinstance(record, Mapping):
+        return Problem.from_json_dict(json.loads(_text(record)))
+    row = _plain(record)
+    if fields is None and set(row) == _OWN_FIELDS:
         return Problem(
-            id=_text(record["id"]),
-            question=_text(record["question"]),
-            answer=_text(record["answer"]),
-            extra=json.loads(extra),
+            id=row["id"],
+            question=row["question"],
+            answer=row["answer"],
+            extra=json.loads(row["extra"] or "{}"),
         )
-    return Problem.from_json_dict(json.loads(_text(record)))
+    return problem_from_row(row, index, fields or layout_for_row(row))
+
+
+def _latest_version_dir(path: str) -> str | None:
+    """``path`` itself when it holds ``dataset_info.json``; else its newest ``X.Y.Z`` subfolder
+    that does (a dataset folder given without its version); else ``None``."""
+    if os.path.exists(os.path.join(path, _TFDS_INFO_FILE)):
+        return path
+    versions = []
+    for name in os.listdir(path):
+        parts = name.split(".")
+        is_version = len(parts) == 3 and all(p.isdigit() for p in parts)
+        if is_version and os.path.exists(os.path.join(path, name, _TFDS_INFO_FILE)):
+            versions.append((tuple(int(p) for p in parts), name))
+    return os.path.join(path, max(versions)[1]) if versions else None
 
 
 class ArrayRecordProblems(Sequence[Problem]):
-    """Random-access problems stored by :func:`build_array_record`.
+    """Random-access problems from array_record storage (a grain data source).
 
     Args:
-      path: a TFDS dataset folder (holding ``dataset_info.json``), a folder of
-        ``*.array_record`` files, one ``.array_record`` file, or a glob pattern.
-      split: the TFDS split to read (TFDS folders only).
+      path: a TFDS dataset folder (holding ``dataset_info.json``, or the folder of its
+        versions: the newest is read), a folder of ``*.array_record`` files, one
+        ``.array_record`` file, a glob pattern, or the registered name of a TFDS dataset
+        (``name[/config][:version]``) already prepared as array_record under ``data_dir``.
+      split: the TFDS split to read (TFDS datasets only), e.g. ``"train"``.
+      fields: the layout of the records (e.g. ``PRESETS["gsm8k"]``); ``None``: this
+        module's own records as written, other records by their ``question`` / ``answer``
+        (and ``id`` when present, else the record index) fields.
+      limit: read only the first ``limit`` records (``None``: all).
+      data_dir: where named TFDS datasets are prepared (``None``: TFDS's default).
 
-    The underlying reader is opened lazily and dropped when pickled, so instances can
-    be sent to grain worker processes.
+    A record without a usable question or answer raises :class:`BadRowError` naming the
+    record (the first record is checked when the source is opened). The underlying reader is
+    opened lazily and dropped when pickled, so instances can be sent to grain worker
+    processes.
     """
 
-    def __init__(self, path: str, *, split: str = "train") -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        split: str = "train",
+        fields: FieldMap | None = None,
+        limit: int | None = None,
+        data_dir: str | None = None,
+    ) -> None:
         self.path = os.fspath(path)
         self.split = split
+        self.fields = fields
+        self.data_dir = data_dir
         self._source: Any = None
-        self._len = len(self._open())
+        n = len(self._open())
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        self._len = n if limit is None else min(n, limit)
+        if self._len == 0:
+            raise ValueError(f"{self.path} [{self.split}] holds no records")
+        self[0]  # a wrong layout fails now, not at some training step
+
+    def _open_tfds(self) -> Any:
+        import tensorflow_datasets as tfds
+
+        folder = _latest_version_dir(self.path) if os.path.isdir(self.path) else None
+        if folder is not None:
+            builder = tfds.builder_from_directory(folder)
+        else:
+            try:
+                builder = tfds.builder(self.path, data_dir=self.data_dir)
+            except Exception as e:  # noqa: BLE001 - tfds raises many types for a bad name
+                raise FileNotFoundError(
+                    f"{self.path!r} is neither an array_record dataset folder nor a TFDS "
+                    f"dataset prepared under data_dir={self.data_dir or '(tfds default)'}: {e}"
+                ) from e
+        if not builder.info.splits:
+            raise FileNotFoundError(
+                f"TFDS dataset {self.path!r} is not prepared under "
+                f"{builder.data_dir}; prepare it first (nothing is downloaded here)"
+            )
+        split_name = self.split.split("[", 1)[0]
+        if split_name not in builder.info.splits:
+            raise ValueError(
+                f"{self.path} has no split {split_name!r}; splits: {sorted(builder.info.splits)}"
+            )
+        return builder.as_data_source(split=self.split)
 
     def _open(self) -> Any:
         if self._source is not None:
             return self._source
-        if os.path.isdir(self.path) and os.path.exists(os.path.join(self.path, _TFDS_INFO_FILE)):
-            import tensorflow_datasets as tfds
-
-            builder = tfds.builder_from_directory(self.path)
-            if self.split not in builder.info.splits:
-                raise ValueError(
-                    f"{self.path} has no split {self.split!r}; "
-                    f"splits: {sorted(builder.info.splits)}"
-                )
-            self._source = builder.as_data_source(split=self.split)
+        is_glob = any(ch in self.path for ch in "*?[")
+        if os.path.isdir(self.path) and _latest_version_dir(self.path) is not None:
+            self._source = self._open_tfds()
+        elif not os.path.exists(self.path) and not is_glob:
+            self._source = self._open_tfds()  # a registered dataset name
         else:
             import grain
 
@@ -268,7 +366,11 @@ class ArrayRecordProblems(Sequence[Problem]):
             index += self._len
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} problems")
-        return _decode(self._open()[index])
+        try:
+            return _decode(self._open()[index], index, self.fields)
+        except (ValueError, LookupError) as e:
+            hint = f" ({generic_layout_hint()})" if self.fields is None else ""
+            raise BadRowError(f"{self.path} [{self.split}] record {index}: {e}{hint}") from e
 
     def __iter__(self) -> Iterator[Problem]:
         return (self[i] for i in range(self._len))

@@ -23,16 +23,27 @@ class BenchmarkSpec:
     path: str
 
 
+def _file_name(path: str) -> str:
+    """``data/my_bench.jsonl`` -> ``my_bench``; ``data/sums/test.jsonl`` -> ``sums``."""
+    parts = [p for p in path.rstrip("/").split("/") if p]
+    stem = parts[-1].split(".", 1)[0] if parts else path
+    if stem in ("test", "train", "validation", "val", "dev", "data") and len(parts) > 1:
+        return parts[-2]
+    return stem or path
+
+
 def parse_benchmark_specs(entries: str | Sequence[str]) -> list[BenchmarkSpec]:
     """``["math500=data/m5", "data/gsm8k/test.jsonl"]`` -> specs with unique names.
 
     ``entries`` may also be one comma-separated string (as in the ``eval.benchmarks`` config).
 
     The name is the preset (given or inferred from the path); the file stem is appended when
-    two entries share a preset (``gsm8k/test``, ``gsm8k/train``).
+    two entries share a preset (``gsm8k/test``, ``gsm8k/train``). A path no preset matches is
+    read with ``question`` / ``answer`` fields and named after its file (or its folder when
+    the file is ``test``/``train``...).
 
     Raises:
-      ValueError: an empty entry, an empty path, or a preset that cannot be inferred.
+      ValueError: an empty entry, an empty path, or an unknown preset.
     """
     if isinstance(entries, str):
         entries = entries.split(",")
@@ -53,12 +64,8 @@ def parse_benchmark_specs(entries: str | Sequence[str]) -> list[BenchmarkSpec]:
                 )
             if not path:
                 raise ValueError(f"benchmark entry {entry!r} has no path")
-        name = preset or infer_preset(path)
-        if name is None:
-            raise ValueError(
-                f"benchmark entry {entry!r}: cannot infer the layout from the path; write "
-                f"PRESET=PATH with one of {', '.join(sorted(PRESETS))}"
-            )
+        # No preset: the file is read with question / answer fields, named after the file.
+        name = preset or infer_preset(path) or _file_name(path)
         specs.append((name, preset, path))
     counts: dict[str, int] = {}
     for name, _, _ in specs:

@@ -1,4 +1,9 @@
-"""Filters for generated meta-experiences (MEL.md step 6): empty, truncated, answer leak.
+"""Filters for generated meta-experiences (MEL.md step 6): empty, truncated, malformed,
+answer leak.
+
+A *malformed* analysis lacks one of the four required sections or has an empty heuristics
+section (see :mod:`meljax.meta.parse`): a greeting or a bare list of the headings teaches
+nothing, and replaying it would only measure the policy without a lesson.
 
 An *answer leak* is the ground truth appearing in the analysis as a standalone number or
 expression. Replaying a leaked analysis is meaningless (the policy can copy the answer) and
@@ -25,9 +30,11 @@ from __future__ import annotations
 
 import re
 
+from meljax.meta.parse import parse_analysis
+
 __all__ = ["FILTER_REASONS", "contains_answer", "filter_reason", "normalize_latex"]
 
-FILTER_REASONS: tuple[str, ...] = ("empty", "truncated", "leak")
+FILTER_REASONS: tuple[str, ...] = ("empty", "truncated", "malformed", "leak")
 
 _NUMBER = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
 _UNIT_SUFFIX = re.compile(r"(?:\\?%|\^\s*\{?\\circ\}?|\\text\{[^{}]*\}|\\mbox\{[^{}]*\})\s*$")
@@ -133,16 +140,27 @@ def contains_answer(text: str, answer: str) -> bool:
     return False
 
 
-def filter_reason(text: str, *, truncated: bool, answer: str, check_leaks: bool = True) -> str:
+def filter_reason(
+    text: str,
+    *,
+    truncated: bool,
+    answer: str,
+    check_leaks: bool = True,
+    check_malformed: bool = True,
+) -> str:
     """Why a meta-experience is dropped before replay, or ``"ok"``.
 
-    Checked in order: ``"empty"`` (nothing but whitespace), ``"truncated"`` (cut off by the
-    length limit), ``"leak"`` (contains the ground truth; only with ``check_leaks``).
+    Checked in order (:data:`FILTER_REASONS`): ``"empty"`` (nothing but whitespace),
+    ``"truncated"`` (cut off by the length limit), ``"malformed"`` (a section missing or no
+    heuristic; only with ``check_malformed``), ``"leak"`` (contains the ground truth; only with
+    ``check_leaks``).
     """
     if not text.strip():
         return "empty"
     if truncated:
         return "truncated"
+    if check_malformed and parse_analysis(text).malformed:
+        return "malformed"
     if check_leaks and contains_answer(text, answer):
         return "leak"
     return "ok"

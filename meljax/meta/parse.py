@@ -1,12 +1,16 @@
-"""Splits a generated analysis into its four sections (for logging only).
+"""Splits a generated analysis into its four sections and judges whether it holds a lesson.
 
 The analysis instruction asks for, in order: 1. failure point and error pattern, 2. success
 factors, 3. reflective summary, 4. heuristics. Models format headings in many ways
 (``"1. Failure point"``, ``"**2. Success Factors:**"``, ``"### Heuristics"``), so a heading is
 a line that starts with the section's number (``"3."`` / ``"3)"``) or a markdown heading / bold
 marker, followed by one of the section's key words; text after a colon on the heading line
-belongs to the section. An analysis missing any section (or with them out of order) is
-*malformed*: that is counted, never an error.
+belongs to the section.
+
+An analysis is *malformed* when a section is missing (or out of order) or when its heuristics
+section holds no words (a bare list of the headings, a greeting, "I'm ready to help"): there is
+no lesson to replay or train on. The pipeline drops malformed analyses (``mel.filter_malformed``)
+and counts them; parsing itself never raises.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ def _heading_re(index: int) -> re.Pattern[str]:
 
 
 _HEADINGS = tuple(_heading_re(i) for i in range(4))
+# A word of two or more letters (any script): what a heuristic needs at the least. Bullets,
+# numbers, punctuation and "..." alone are no rule.
+_WORD = re.compile(r"[^\W\d_]{2,}")
 
 
 def _is_heading(match: re.Match[str]) -> bool:
@@ -71,9 +78,19 @@ class ParsedAnalysis:
     heuristics: str | None
 
     @property
+    def missing_sections(self) -> tuple[str, ...]:
+        """Names of the sections not found (in order)."""
+        return tuple(name for name in SECTION_NAMES if getattr(self, name) is None)
+
+    @property
+    def has_heuristic(self) -> bool:
+        """The heuristics section exists and holds at least one word."""
+        return self.heuristics is not None and _WORD.search(self.heuristics) is not None
+
+    @property
     def malformed(self) -> bool:
-        """True unless all four sections were found, in order."""
-        return any(getattr(self, name) is None for name in SECTION_NAMES)
+        """True unless all four sections were found, in order, with a non-empty heuristic."""
+        return bool(self.missing_sections) or not self.has_heuristic
 
     def as_dict(self) -> dict[str, str | None]:
         return {name: getattr(self, name) for name in SECTION_NAMES}

@@ -6,8 +6,9 @@
 2. fills the analysis instruction for every pair (incorrect answer first, answers shortened in
    the middle to fit ``analysis_max_prompt_tokens``) and samples ONE analysis per pair from the
    current policy, in one batched sampler call (the "analysis pass");
-3. parses each analysis into its sections (logging only; malformed output is counted);
-4. drops empty, truncated and answer-leaking analyses (:mod:`meljax.meta.filters`);
+3. parses each analysis into its sections (for the log and the quality filter);
+4. drops empty, truncated, malformed (a section missing or no heuristic) and answer-leaking
+   analyses (:mod:`meljax.meta.filters`);
 5. replays the survivors: one batched sampler call with the replay prompt, one answer each,
    verified against the ground truth; an analysis is *kept* when its replay answer is correct;
 6. builds the NLL :class:`~meljax.batch.SequenceBatch`: context = the analysis prompt token ids
@@ -109,6 +110,11 @@ class MetaConfig:
     replay_top_p: float = option(1.0, "nucleus sampling of the replay pass", minimum=1e-9)
     replay_top_k: int = option(0, "top-k sampling of the replay pass (0 = off)", minimum=0)
     filter_leaks: bool = option(True, "drop meta-experiences that contain the ground-truth answer")
+    filter_malformed: bool = option(
+        True,
+        "drop analyses missing a section or with an empty heuristics section (counted as "
+        "malformed); False keeps them, flagged in the log only",
+    )
     nll_max_len: int = option(
         0,
         "tokens per NLL row (0 = analysis_max_prompt_tokens + analysis_max_new_tokens)",
@@ -170,8 +176,9 @@ class MetaCounts:
       questions: questions in the step; mixed_groups: those with a mixed group.
       pairs: contrastive pairs drawn; too_long: pairs skipped because the question alone
         overflows the analysis prompt limit; generated: analyses sampled (pairs - too_long).
-      empty, truncated, leak: dropped by that filter (each analysis counts once, first reason
-        in this order); malformed: analyses missing a section (whatever their fate).
+      empty, truncated, malformed, leak: dropped by that filter (each analysis counts once,
+        first reason in this order; malformed: a section missing or no heuristic, counted only
+        when ``filter_malformed`` is on).
       replayed: analyses that passed the filters; kept: replay answer correct.
       shortened: analysis prompts whose answers were shortened.
     """
@@ -183,8 +190,8 @@ class MetaCounts:
     generated: int = 0
     empty: int = 0
     truncated: int = 0
-    leak: int = 0
     malformed: int = 0
+    leak: int = 0
     replayed: int = 0
     kept: int = 0
     shortened: int = 0
@@ -389,7 +396,8 @@ class MetaExperiencePipeline:
                 analyses.append(([int(t) for t in c.tokens], c.text, c.truncated))
         analysis_s = time.perf_counter() - t0
 
-        # Steps 3-4 of the brief: parse for the log, then filter.
+        # Steps 3-4 of the brief: parse for the log, then filter (the record's "malformed" is
+        # the quality flag whatever the analysis's fate; its "status" says why it was dropped).
         records: list[dict[str, Any]] = []
         survivors: list[int] = []
         for k, ((pair, prompt), (ids, text, truncated)) in enumerate(
@@ -398,7 +406,11 @@ class MetaExperiencePipeline:
             prob = problems[pair.question]
             parsed = parse.parse_analysis(text)
             reason = filters.filter_reason(
-                text, truncated=truncated, answer=prob.answer, check_leaks=cfg.filter_leaks
+                text,
+                truncated=truncated,
+                answer=prob.answer,
+                check_leaks=cfg.filter_leaks,
+                check_malformed=cfg.filter_malformed,
             )
             records.append(
                 {
@@ -428,7 +440,6 @@ class MetaExperiencePipeline:
                 survivors.append(k)
         for reason in filters.FILTER_REASONS:
             counts[reason] = sum(1 for rec in records if rec["status"] == reason)
-        counts["malformed"] = sum(1 for rec in records if rec["malformed"])
         counts["replayed"] = len(survivors)
 
         # Step 7 of MEL.md: replay validation, one batched sampler call.

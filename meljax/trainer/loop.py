@@ -37,6 +37,7 @@ from meljax.trainer import setup
 from meljax.trainer.checkpointing import CONFIG_FILE, Checkpointer, checkpoint_dir
 from meljax.trainer.metrics import MetricsWriter, Progress, read_metrics
 from meljax.trainer.rollout import run_rollouts
+from meljax.trainer.wandb_log import build_loggers
 
 EXPORT_DIR = "export"
 
@@ -217,7 +218,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
     ckpt = Checkpointer(
         checkpoint_dir(workdir, s.checkpoint.directory), max_to_keep=s.checkpoint.max_to_keep
     )
-    writer = MetricsWriter(workdir, is_chief=is_chief, tensorboard=s.logging.tensorboard)
+    writer = MetricsWriter(
+        workdir,
+        is_chief=is_chief,
+        tensorboard=s.logging.tensorboard,
+        loggers=build_loggers(cfg, workdir, is_chief=is_chief),
+    )
     start = ckpt.latest_step() or 0
     if start:
         state, extra = ckpt.restore(start, state)

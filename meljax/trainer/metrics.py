@@ -27,16 +27,21 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class MetricsWriter:
-    """Writes one JSON line per step (only on the chief process) and optional TensorBoard.
+    """Writes one JSON line per step (only on the chief process), optional TensorBoard, and
+    hands every record to ``loggers`` (objects with ``log(step, metrics)`` and ``close()``,
+    e.g. :class:`meljax.trainer.wandb_log.WandbLogger`).
 
     Everything goes to the workdir through :mod:`meljax.files` (gs:// included). TensorBoard
     writes local event files; for a remote workdir they are written to a local staging folder
     and copied to ``WORKDIR/tensorboard`` after every step.
     """
 
-    def __init__(self, workdir: str, *, is_chief: bool = True, tensorboard: bool = True):
+    def __init__(
+        self, workdir: str, *, is_chief: bool = True, tensorboard: bool = True, loggers=()
+    ):
         self.path = files.path(workdir, METRICS_FILE)
         self.is_chief = is_chief
+        self.loggers = list(loggers) if is_chief else []
         self._tb = None
         self._tb_remote = None
         if is_chief and tensorboard:
@@ -70,6 +75,8 @@ class MetricsWriter:
             self._tb.flush()
             if self._tb_remote is not None:
                 files.copy_tree(*self._tb_remote)
+        for logger in self.loggers:
+            logger.log(step, metrics)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -77,6 +84,8 @@ class MetricsWriter:
             if self._tb_remote is not None:
                 files.copy_tree(*self._tb_remote)
                 shutil.rmtree(self._tb_remote[0], ignore_errors=True)
+        for logger in self.loggers:
+            logger.close()
 
 
 class Progress:

@@ -95,10 +95,29 @@ def build_problem_source(cfg: ml_collections.ConfigDict):
             ),
             0,
         )
+    if d.source == "tfds":
+        return _tfds_source(cfg), 0
     result = load_problems(d.path, d.preset or None, on_bad_row=d.on_bad_row, limit=d.limit or None)
     if len(result) == 0:
         raise ValueError(f"data.path={d.path!r}: no usable problems")
     return list(result), result.num_skipped
+
+
+def _tfds_source(cfg: ml_collections.ConfigDict):
+    """``data.source=tfds``: array_record records read lazily (bad records are errors)."""
+    from meljax.data import PRESETS
+    from meljax.data.tfds_builder import ArrayRecordProblems
+
+    d = cfg.data
+    if d.preset and d.preset not in PRESETS:
+        raise ValueError(f"data.preset={d.preset!r} is not one of {sorted(PRESETS)}")
+    return ArrayRecordProblems(
+        d.path,
+        split=d.split,
+        fields=PRESETS[d.preset] if d.preset else None,
+        limit=d.limit or None,
+        data_dir=d.tfds_data_dir or None,
+    )
 
 
 def build_data_iterator(cfg: ml_collections.ConfigDict, source):

@@ -1,0 +1,401 @@
+"""Held-out evaluation results of a run: reading them, 95% intervals, and their plot panel.
+
+A training run with ``eval.every_steps`` (or an evaluation at the start) writes one report per
+evaluation, ``WORKDIR/eval/step_<N>.json``, with its per-problem records beside it
+(``step_<N>.records.jsonl``). This module turns them into, per step and benchmark, the greedy
+accuracy (Pass@1) and the sampled accuracy at the evaluation temperature (Avg@k), each with a
+95% interval:
+
+* read from the report when it stores one (keys ``<metric>_ci95`` / ``<metric>_ci`` as
+  ``[low, high]`` or ``{"low", "high"}``, or a ``ci95`` / ``ci`` dict by metric);
+* otherwise computed from the records: a Wilson score interval for the greedy accuracy (one
+  Bernoulli outcome per problem) and a normal interval over problems for Avg@k (each problem's
+  fraction of correct samples); the macro average over benchmarks gets a normal interval from
+  the benchmarks' standard errors.
+
+The gain between two evaluations of the same problems (:func:`paired_gain`) is the mean of the
+per-problem differences with a normal interval: pairing removes the between-problem variance
+that two separate intervals would count twice. Without report files, the ``eval/...`` metrics
+of ``metrics.jsonl`` give the curves (without intervals).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "AVERAGE",
+    "Estimate",
+    "HeldOut",
+    "before_after",
+    "before_after_text",
+    "draw_heldout",
+    "gain_for",
+    "mean_interval",
+    "paired_gain",
+    "read_heldout",
+    "wilson_interval",
+]
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+AVERAGE = "average"  # the macro average over benchmarks, as in the eval reports
+_STEP_FILE = re.compile(r"step_(\d+)\.json$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A fraction in ``[0, 1]`` (or a difference of two) with its 95% interval.
+
+    ``low`` / ``high`` are ``None`` when nothing gives an interval (a metrics-only value).
+    """
+
+    value: float
+    low: float | None = None
+    high: float | None = None
+    n: int = 0  # problems behind it
+
+    def text(self, signed: bool = False) -> str:
+        """``"41.0% [34.5, 47.8]"`` (percent points; ``signed``: ``"+14.0 [...]"``)."""
+        head = f"{100 * self.value:+.1f}" if signed else f"{100 * self.value:.1f}%"
+        if self.low is None or self.high is None:
+            return head
+        return f"{head} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n`` (``n >= 1``)."""
+    if n < 1:
+        raise ValueError("wilson_interval needs n >= 1")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # The interval contains p exactly (rounding would leave 0 of n a hair above 0).
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
+
+
+def mean_interval(values: Sequence[float], z: float = Z95, bounds=(0.0, 1.0)) -> Estimate:
+    """Mean of ``values`` with a normal interval (sample standard deviation / sqrt(n)),
+    clipped to ``bounds``; a single value gets a zero-width interval."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(var / n)
+    lo, hi = bounds
+    return Estimate(mean, max(lo, mean - half), min(hi, mean + half), n)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """One benchmark (or the average) at one evaluation step.
+
+    Attributes:
+      greedy: greedy accuracy (Pass@1); sampled: Avg@k at the evaluation temperature.
+      num_samples: k of the sampled pass (0 without it).
+      per_problem: ``{problem id: (greedy correct or None, fraction of samples correct or
+        None)}``; empty for the average and for metrics-only results.
+    """
+
+    step: int
+    benchmark: str
+    greedy: Estimate | None
+    sampled: Estimate | None
+    num_samples: int = 0
+    per_problem: Mapping[str, tuple[float | None, float | None]] = dataclasses.field(
+        default_factory=dict, repr=False
+    )
+
+    def get(self, kind: str) -> Estimate | None:
+        """``kind``: ``"greedy"`` or ``"sampled"``."""
+        return {"greedy": self.greedy, "sampled": self.sampled}[kind]
+
+
+# -- reading
+
+
+def _stored_interval(metrics: Mapping[str, Any], key: str) -> tuple[float, float] | None:
+    """An interval the report stores for ``key`` (several spellings; see the module doc)."""
+    candidates = [metrics.get(f"{key}_ci95"), metrics.get(f"{key}_ci")]
+    for group in ("ci95", "ci"):
+        if isinstance(metrics.get(group), Mapping):
+            candidates.append(metrics[group].get(key))
+    for c in candidates:
+        if isinstance(c, Mapping):
+            c = (c.get("low", c.get("lo")), c.get("high", c.get("hi")))
+        if (
+            isinstance(c, list | tuple)
+            and len(c) == 2
+            and all(isinstance(x, int | float) for x in c)
+        ):
+            return float(c[0]), float(c[1])
+    return None
+
+
+def _read_records(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # torn last line of a run killed mid-write
+    return out
+
+
+def _per_problem(records: Sequence[dict]) -> dict[str, tuple[float | None, float | None]]:
+    out = {}
+    for r in records:
+        greedy = r.get("greedy_correct")
+        n = r.get("num_samples") or 0
+        out[str(r.get("id"))] = (
+            None if greedy is None else float(greedy),
+            (r.get("num_correct", 0) / n) if n else None,
+        )
+    return out
+
+
+def _estimate(
+    metrics: Mapping[str, Any], key: str, values: Sequence[float], binary: bool
+) -> Estimate | None:
+    value = metrics.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    n = int(metrics.get("num_problems") or len(values))
+    stored = _stored_interval(metrics, key)
+    if stored is not None:
+        return Estimate(float(value), stored[0], stored[1], n)
+    if not values:
+        return Estimate(float(value), None, None, n)
+    if binary:
+        lo, hi = wilson_interval(int(round(sum(values))), len(values))
+        return Estimate(float(value), lo, hi, len(values))
+    computed = mean_interval(values)
+    return Estimate(float(value), computed.low, computed.high, len(values))
+
+
+def _average(step: int, parts: Sequence[HeldOut], metrics: Mapping[str, Any]) -> HeldOut:
+    """The macro average: the report's values, intervals from the benchmarks' errors."""
+
+    def combine(kind: str, key: str) -> Estimate | None:
+        ests = [p.get(kind) for p in parts]
+        value = metrics.get(key)
+        if any(e is None for e in ests) or not isinstance(value, int | float):
+            return None
+        stored = _stored_interval(metrics, key)
+        n = sum(e.n for e in ests)
+        if stored is not None:
+            return Estimate(float(value), stored[0], stored[1], n)
+        if len(ests) == 1:
+            return dataclasses.replace(ests[0], value=float(value))
+        if any(e.low is None or e.high is None for e in ests):
+            return Estimate(float(value), None, None, n)
+        se = math.sqrt(sum(((e.high - e.low) / (2 * Z95)) ** 2 for e in ests)) / len(ests)
+        return Estimate(float(value), max(0.0, value - Z95 * se), min(1.0, value + Z95 * se), n)
+
+    k = parts[0].num_samples if parts else 0
+    return HeldOut(
+        step=step,
+        benchmark=AVERAGE,
+        greedy=combine("greedy", "pass@1"),
+        sampled=combine("sampled", f"avg@{k}") if k else None,
+        num_samples=k,
+    )
+
+
+def _from_report(step: int, path: str) -> dict[str, HeldOut]:
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    records_file = report.get("records_file") or os.path.basename(path)[:-5] + ".records.jsonl"
+    records = _read_records(os.path.join(os.path.dirname(path), records_file))
+    out: dict[str, HeldOut] = {}
+    for name, m in (report.get("benchmarks") or {}).items():
+        mine = [r for r in records if r.get("benchmark") == name]
+        per = _per_problem(mine)
+        k = int(m.get("num_samples") or 0)
+        greedy = [g for g, _ in per.values() if g is not None]
+        sampled = [s for _, s in per.values() if s is not None]
+        out[name] = HeldOut(
+            step=step,
+            benchmark=name,
+            greedy=_estimate(m, "pass@1", greedy, binary=True),
+            sampled=_estimate(m, f"avg@{k}", sampled, binary=False) if k else None,
+            num_samples=k,
+            per_problem=per,
+        )
+    if out:
+        out[AVERAGE] = _average(step, list(out.values()), report.get("average") or {})
+    return out
+
+
+def _metric_estimate(m: Mapping[str, float], key: str | None) -> Estimate | None:
+    if key is None or key not in m:
+        return None
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return Estimate(m[key], low, high) if low is not None and high is not None else Estimate(m[key])
+
+
+def _from_metrics(records: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, HeldOut]]:
+    """``eval/<name>/pass@1`` and ``eval/<name>/avg@k`` of metric records, with intervals when
+    ``eval/<name>/<metric>_ci_low`` / ``_ci_high`` are there too."""
+    out: dict[int, dict[str, HeldOut]] = {}
+    for r in records:
+        found: dict[str, dict[str, float]] = {}
+        for key, v in r.items():
+            parts = key.split("/")
+            if len(parts) >= 3 and parts[0] == "eval" and isinstance(v, int | float):
+                found.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = float(v)
+        for name, m in found.items():
+            avg_key = next((k for k in m if re.fullmatch(r"avg@\d+", k)), None)
+            out.setdefault(int(r["step"]), {})[name] = HeldOut(
+                step=int(r["step"]),
+                benchmark=name,
+                greedy=_metric_estimate(m, "pass@1"),
+                sampled=_metric_estimate(m, avg_key),
+                num_samples=int(avg_key[4:]) if avg_key else 0,
+            )
+    return out
+
+
+def read_heldout(
+    workdir: str, metric_records: Sequence[Mapping[str, Any]] = ()
+) -> dict[int, dict[str, HeldOut]]:
+    """``{step: {benchmark or "average": HeldOut}}`` of a run, steps ascending.
+
+    Reads ``WORKDIR/eval/step_*.json`` (with their records); steps with no report file fall
+    back to the ``eval/...`` keys of ``metric_records`` (their ``_ci_low`` / ``_ci_high`` are the
+    intervals when present). Empty when
+    the run has no evaluation.
+    """
+    out = _from_metrics(metric_records)
+    for path in glob.glob(os.path.join(workdir, "eval", "step_*.json")):
+        m = _STEP_FILE.search(os.path.basename(path))
+        if m:
+            parsed = _from_report(int(m.group(1)), path)
+            if parsed:
+                out[int(m.group(1))] = parsed
+    return dict(sorted(out.items()))
+
+
+def before_after(
+    results: Mapping[int, Mapping[str, HeldOut]], benchmark: str = AVERAGE
+) -> tuple[HeldOut | None, HeldOut | None]:
+    """The first and the last evaluation of ``benchmark`` (the same one when evaluated once)."""
+    points = [r[benchmark] for _, r in sorted(results.items()) if benchmark in r]
+    return (points[0], points[-1]) if points else (None, None)
+
+
+def paired_gain(before: HeldOut, after: HeldOut, kind: str) -> Estimate | None:
+    """``after - before`` on the problems both evaluated, with a paired 95% interval;
+    ``None`` without per-problem records (e.g. for the average of several benchmarks)."""
+    index = 0 if kind == "greedy" else 1
+    shared = [
+        after.per_problem[pid][index] - before.per_problem[pid][index]
+        for pid in before.per_problem.keys() & after.per_problem.keys()
+        if before.per_problem[pid][index] is not None and after.per_problem[pid][index] is not None
+    ]
+    if not shared:
+        return None
+    return mean_interval(shared, bounds=(-1.0, 1.0))
+
+
+def gain_for(results: Mapping[int, Mapping[str, HeldOut]], kind: str) -> Estimate | None:
+    """Paired gain from the first to the last evaluation, over the problems of every benchmark
+    (for a single benchmark: that benchmark's gain)."""
+    steps = sorted(results)
+    if len(steps) < 2:
+        return None
+    first, last = results[steps[0]], results[steps[-1]]
+    names = [n for n in first if n != AVERAGE and n in last]
+    if len(names) == 1:
+        return paired_gain(first[names[0]], last[names[0]], kind)
+    gains = [paired_gain(first[n], last[n], kind) for n in names]
+    if not gains or any(g is None for g in gains):
+        return None
+    value = sum(g.value for g in gains) / len(gains)
+    se = math.sqrt(sum(((g.high - g.low) / (2 * Z95)) ** 2 for g in gains)) / len(gains)
+    return Estimate(value, value - Z95 * se, value + Z95 * se, sum(g.n for g in gains))
+
+
+# -- the panel
+
+
+def draw_heldout(ax, runs: Sequence[tuple[str, Mapping[int, Mapping[str, HeldOut]]]]) -> bool:
+    """Held-out accuracy over evaluation steps on ``ax``: per run, the greedy accuracy (solid)
+    and the sampled one (dashed), each with its 95% interval as a band. Returns whether
+    anything was drawn."""
+    drawn = False
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for i, (label, results) in enumerate(runs):
+        color = colors[i % len(colors)]
+        prefix = f"{label}: " if label else ""
+        for kind, style in (("greedy", "-"), ("sampled", "--")):
+            points = [(s, r[AVERAGE].get(kind)) for s, r in results.items() if AVERAGE in r]
+            points = [(s, e) for s, e in points if e is not None]
+            if not points:
+                continue
+            xs = [s for s, _ in points]
+            ax.plot(
+                xs,
+                [100 * e.value for _, e in points],
+                linestyle=style,
+                marker="o",
+                markersize=4,
+                color=color,
+                label=f"{prefix}{kind}",
+            )
+            with_ci = [(s, e) for s, e in points if e.low is not None and e.high is not None]
+            if with_ci:
+                ax.fill_between(
+                    [s for s, _ in with_ci],
+                    [100 * e.low for _, e in with_ci],
+                    [100 * e.high for _, e in with_ci],
+                    color=color,
+                    alpha=0.12 if style == "-" else 0.06,
+                )
+            drawn = True
+    if drawn:
+        ax.set_ylabel("held-out accuracy (%) with 95% interval")
+        ax.set_ylim(-2, 102)
+    return drawn
+
+
+def before_after_text(results: Mapping[int, Mapping[str, HeldOut]]) -> list[str]:
+    """The first and last evaluation (average over benchmarks) as short lines::
+
+    step 0 -> step 10 (95% intervals)
+    greedy   41.0% [34.5, 47.8] -> 55.0% [48.1, 61.7]  gain +14.0 [8.2, 19.8]
+    avg@8    38.2% [33.0, 43.4] -> 49.9% [44.7, 55.1]  gain +11.7 [7.5, 15.9]
+    """
+    first, last = before_after(results)
+    if first is None or last is None:
+        return []
+    same = first.step == last.step
+    lines = [f"step {last.step} (95% intervals)" if same else
+             f"step {first.step} -> step {last.step} (95% intervals)"]  # fmt: skip
+    for kind in ("greedy", "sampled"):
+        b, a = first.get(kind), last.get(kind)
+        if b is None or a is None:
+            continue
+        label = "greedy" if kind == "greedy" else f"avg@{last.num_samples}"
+        if same:
+            lines.append(f"{label:<8} {a.text()}")
+            continue
+        gain = gain_for(results, kind)
+        tail = f"  gain {gain.text(signed=True)}" if gain is not None else ""
+        lines.append(f"{label:<8} {b.text()} -> {a.text()}{tail}")
+    return lines
