@@ -525,7 +525,7 @@ def test_step_with_stub_policy(tmp_path):
 def test_quality_filter_switch(tmp_path):
     policy = StubPolicy(analysis_respond)
     pipe = make_pipeline(policy, tmp_path, filter_malformed=False)
-    res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, None, jax.random.key(0))
+    res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
     c = res.counts
     # GOOD_B (no heuristics) now reaches the replay, which answers wrongly
     assert (c.empty, c.truncated, c.malformed, c.leak, c.replayed, c.kept) == (1, 1, 0, 1, 2, 1)

@@ -114,7 +114,12 @@ def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monk
     (gen,) = rec.take()
     # 4. the MEL analysis and replay. A greedy analysis of a random model rarely ends by
     # itself, so a stop string taken from its own text ends it (and it is replayed).
-    meta = dataclasses.replace(s.meta, analysis_temperature=0.0, analysis_max_new_tokens=12)
+    meta = dataclasses.replace(
+        s.meta,
+        analysis_temperature=0.0,
+        analysis_max_new_tokens=12,
+        filter_malformed=False,  # a random model writes no sections; the replay is under test
+    )
 
     def mel(p):
         pipe = MetaExperiencePipeline(policy=p, verifier=AcceptAll(), config=meta)

@@ -174,10 +174,10 @@ def test_tfds_sourced_run_resumes_exactly(tmp_path):
     assert [r["step"] for r in strip(whole)] == [1, 2, 3, 4]
     assert strip(resumed) == strip(whole)
     # the batches came from the dataset: the checkpointed iterator state describes it
-    from meljax.trainer.checkpointing import Checkpointer
+    from meljax.trainer.checkpointing import Checkpointer, checkpoint_dir
 
     for workdir in (whole, resumed):
-        ckpt = Checkpointer(str(workdir), create=False)
+        ckpt = Checkpointer(checkpoint_dir(str(workdir)), create=False)
         state = ckpt.read_extra(4)["data_iterator"]
         ckpt.close()
         assert state["settings"]["source_len"] == len(problems)
