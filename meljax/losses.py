@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from meljax import sharding as shd
 from meljax.batch import PolicyBatch, SequenceBatch, TrainBatch
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +234,9 @@ def _chunk_logprobs(
     hidden: jax.Array, kernel: jax.Array, targets: jax.Array, with_entropy: bool
 ) -> tuple[jax.Array, jax.Array]:
     """``[B, C, D] @ [D, V]`` -> log-prob of ``targets`` ``[B, C]`` and entropy ``[B, C]``."""
+    hidden = shd.constrain(hidden, ("batch", None, None))
     logits = jnp.einsum("bcd,dv->bcv", hidden, kernel, preferred_element_type=jnp.float32)
+    logits = shd.constrain(logits, ("batch", None, "vocab"))
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logp = picked - lse
@@ -267,9 +270,12 @@ def chunked_logprobs(
       ``(logp, entropy)``, both float32 ``[B, T]``.
 
     Each chunk is rematerialised (``jax.checkpoint``) so the backward pass keeps only the chunk
-    inputs, never the chunk logits.
+    inputs, never the chunk logits. With a mesh in context (``sharding.use_mesh``) the chunks
+    are row-sharded over the data axes with the vocabulary over ``tensor``, and the kernel is
+    all-gathered once, in its (compute) dtype, before the loop.
     """
     b, t, d = hidden.shape
+    kernel = shd.constrain(kernel, (None, "vocab"))
     c = max(1, min(int(chunk_size), t))
     n = -(-t // c)
     fn = jax.checkpoint(lambda h, w, y: _chunk_logprobs(h, w, y, with_entropy))
@@ -314,7 +320,7 @@ def token_logprobs(
         model = nnx.merge(*model)
     tokens = jnp.asarray(seq.tokens)
     hidden, _ = model.forward_hidden(tokens, jnp.asarray(seq.positions), jnp.asarray(seq.kv_mask))
-    kernel = model.lm_head_kernel().astype(hidden.dtype)
+    kernel = model.lm_head_kernel().astype(hidden.dtype)  # cast while still sharded
     # position t predicts tokens[t + 1]; the last position's target is a dummy (dropped below).
     next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     logp, ent = chunked_logprobs(

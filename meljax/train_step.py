@@ -278,7 +278,15 @@ def train_step_fn(
     mesh: Mesh | None = None,
     schedule: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The (un-jitted) update; see ``make_train_step``."""
+    """The (un-jitted) update; see ``make_train_step``. With a ``mesh``, activations are
+    constrained batch-sharded (``sharding.use_mesh``) and gradients to the param shardings."""
+    with shd.use_mesh(mesh):
+        return _train_step_body(
+            state, batch, graphdef, optimizer, loss_cfg, num_microbatches, mesh, schedule
+        )
+
+
+def _train_step_body(state, batch, graphdef, optimizer, loss_cfg, num_microbatches, mesh, schedule):
     dp = shd.data_parallel_size(mesh) if mesh is not None else 1
     grad_shardings = None
     if mesh is not None:
@@ -429,10 +437,14 @@ def make_compute_logprobs(
         return jnp.where(jnp.asarray(s.loss_mask) > 0, logp, 0.0)
 
     def impl(params, seq):
+        with shd.use_mesh(mesh):
+            return _logprobs_body(params, seq)
+
+    def _logprobs_body(params, seq):
         if num_microbatches == 1:
             return one(params, seq)
-        # params ride in the scan carry instead of being closed over: nnx transforms inside the
-        # model (e.g. nnx.remat) refuse Variables whose values come from an outer trace.
+        # params ride in the scan carry instead of being closed over (nnx.merge inside the
+        # scan then sees values of the scan's own trace).
         _, out = jax.lax.scan(
             lambda p, s: (p, one(p, s)),
             params,

@@ -159,9 +159,11 @@ def test_kv_cache_decode_matches_full_forward(tied):
 
 def test_cache_bytes_matches_allocated_cache():
     cfg = ModelConfig(vocab_size=50, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)
-    cache = init_cache(cfg, 3, 20, jnp.bfloat16)
-    allocated = sum(x.nbytes for layer in cache for x in layer.values())
-    assert allocated == cache_bytes(cfg, 3, 20, jnp.bfloat16) == 2 * 2 * 3 * 20 * 2 * 8 * 2
+    expected = cache_bytes(cfg, 3, 20, jnp.bfloat16)
+    assert expected == 2 * 2 * 3 * 20 * 2 * 8 * 2  # k+v, layers, rows, slots, kv heads, hd, bytes
+    for stacked in (True, False):
+        cache = init_cache(cfg, 3, 20, jnp.bfloat16, stacked=stacked)
+        assert sum(x.nbytes for x in jax.tree.leaves(cache)) == expected
 
 
 def test_sharded_model_matches_single_device(tmp_path):
@@ -169,9 +171,10 @@ def test_sharded_model_matches_single_device(tmp_path):
     single = from_pretrained(str(tmp_path))
     mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     sharded = from_pretrained(str(tmp_path), mesh=mesh)
-    q = sharded.layers[0].attn.q_proj[...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (8, 2, 8)
+    q = sharded.layers.attn.q_proj[...]  # [layers, embed, heads, head_dim]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 8, 2, 8)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(single.layers.attn.q_proj[...]))
     tokens, mask = padded_batch(single.cfg.vocab_size)
     tokens, mask = np.concatenate([tokens] * 4)[:8], np.concatenate([mask] * 4)[:8]
     graphdef, params = nnx.split(sharded)

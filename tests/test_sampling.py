@@ -56,12 +56,14 @@ def tiny_model(model_type: str = "llama", seed: int = 1) -> Transformer:
     so greedy decoding has clear winners and never hinges on float rounding. Weights come
     from numpy: initialising on device would compile a program per weight shape."""
     graphdef, abstract = abstract_model(tiny_config(model_type))
-    leaves, treedef = jax.tree.flatten(abstract)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     rng = np.random.default_rng(seed)
     weights = []
-    for x in leaves:
+    for path, x in leaves:
+        # stacked per-layer weights: one layer's shape (fan-in) is what the scale is about
+        shape = x.shape[1:] if "layers" in jax.tree_util.keystr(path) else x.shape
         noise = rng.standard_normal(x.shape).astype(np.float32)
-        w = noise / np.sqrt(x.shape[0]) if len(x.shape) >= 2 else 1.0 + 0.1 * noise
+        w = noise / np.sqrt(shape[0]) if len(shape) >= 2 else 1.0 + 0.1 * noise
         weights.append(jnp.asarray(w))
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
 

@@ -130,9 +130,9 @@ def test_sharded_step_matches_one_device(model_parts, reference):
     _assert_trees_close(new.opt_state, ref.opt_state, atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(m_sh["loss"], m_ref["loss"], rtol=1e-6)
     # weights and their optimizer state stay sharded by their logical axes
-    fsdp = jax.sharding.PartitionSpec("fsdp", None, None)
-    assert new.params["layers"][0]["attn"]["q_proj"][...].sharding.spec == fsdp
-    momentum = new.opt_state[0].trace["layers"][0]["attn"]["q_proj"][...]
+    fsdp = jax.sharding.PartitionSpec(None, "fsdp", None, None)  # [layers, embed, heads, hd]
+    assert new.params["layers"]["attn"]["q_proj"][...].sharding.spec == fsdp
+    momentum = new.opt_state[0].trace["layers"]["attn"]["q_proj"][...]
     assert momentum.sharding.spec == fsdp
 
 
