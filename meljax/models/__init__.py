@@ -10,8 +10,8 @@ from meljax.models.checkpoint_io import (
 )
 from meljax.models.config import ModelConfig, resolve_dtype
 from meljax.models.gguf_import import convert_gguf, demo_gguf_path, demo_model_dir
-from meljax.models.tokenizer import load_tokenizer, resolve_model_path
 from meljax.models.kv_cache import Cache, cache_bytes, init_cache, split_cache, stack_cache
+from meljax.models.tokenizer import load_tokenizer, resolve_model_path
 from meljax.models.transformer import Transformer, default_positions, prefer_split_layers
 
 __all__ = [
