@@ -275,7 +275,7 @@ def chunked_logprobs(
     all-gathered once, in its (compute) dtype, before the loop.
     """
     b, t, d = hidden.shape
-    kernel = shd.constrain(kernel, (None, "vocab"))
+    kernel = shd.gather(kernel, ("embed", "vocab"), (None, "vocab"))
     c = max(1, min(int(chunk_size), t))
     n = -(-t // c)
     fn = jax.checkpoint(lambda h, w, y: _chunk_logprobs(h, w, y, with_entropy))

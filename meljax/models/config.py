@@ -94,9 +94,9 @@ class ModelConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
-        if self.attention_block_size < 8 or self.prefill_chunk_size < 0:
+        if self.attention_block_size < 1 or self.prefill_chunk_size < 0:
             raise ValueError(
-                f"attention_block_size={self.attention_block_size} must be >= 8 and "
+                f"attention_block_size={self.attention_block_size} must be >= 1 and "
                 f"prefill_chunk_size={self.prefill_chunk_size} >= 0"
             )
         if self.model_type not in SUPPORTED_MODEL_TYPES:
