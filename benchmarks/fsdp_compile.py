@@ -16,6 +16,7 @@ of the compiled HLO by kind (``meljax.hlo``), with the largest all-reduces.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -24,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import topologies
 
-from meljax import hlo, losses, optim
+from meljax import losses, optim
 from meljax import sharding as shd
 from meljax import train_step as ts
 from meljax.batch import PolicyBatch, SequenceBatch, TrainBatch
@@ -69,6 +70,7 @@ def main() -> None:
     p.add_argument("--remat", default="auto")
     p.add_argument("--attention", default="auto")
     p.add_argument("--scan", type=int, default=1, help="scan the layers (1) or unroll (0)")
+    # --remat legacy --attention legacy --scan -1: config fields left alone (older trees)
     p.add_argument("--what", default="update", choices=("update", "logprobs"))
     p.add_argument("--hlo", default=None, help="write the compiled HLO text here")
     args = p.parse_args()
@@ -78,9 +80,9 @@ def main() -> None:
     cfg = ModelConfig(
         **QWEN3_8B,
         num_layers=args.layers,
-        remat_policy=args.remat,
-        attention_impl=args.attention,
-        scan_layers=bool(args.scan),
+        **({} if args.remat == "legacy" else dict(remat_policy=args.remat)),
+        **({} if args.attention == "legacy" else dict(attention_impl=args.attention)),
+        **({} if args.scan < 0 else dict(scan_layers=bool(args.scan))),
     )
     graphdef, params = nnx.split(
         nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param
@@ -109,15 +111,24 @@ def main() -> None:
     print(f"mesh {dict(mesh.shape)} on {args.topology}; {cfg.num_params / 1e9:.2f}B params")
     tic = time.perf_counter()
     if args.what == "update":
-        step = ts.make_train_step(
-            graphdef,
-            opt,
-            loss_cfg,
-            mesh=mesh,
-            num_microbatches=args.microbatches,
-            schedule=sched,
+        # the jit that make_train_step builds, spelled out (so this also runs on older trees)
+        batch = TrainBatch(policy, mel)
+        s_state = ts.state_shardings(state, mesh)
+        step = jax.jit(
+            functools.partial(
+                ts.train_step_fn,
+                graphdef=graphdef,
+                optimizer=opt,
+                loss_cfg=loss_cfg,
+                num_microbatches=args.microbatches,
+                mesh=mesh,
+                schedule=sched,
+            ),
+            in_shardings=(s_state, ts.batch_shardings(batch, mesh)),
+            out_shardings=(s_state, shd.replicated(mesh)),
+            donate_argnums=(0,),
         )
-        compiled = step.lower(state, TrainBatch(policy, mel)).compile()
+        compiled = step.lower(state, batch).compile()
     else:
         fn = ts.make_compute_logprobs(
             graphdef, mesh=mesh, chunk_size=args.chunk, num_microbatches=args.microbatches
@@ -133,6 +144,10 @@ def main() -> None:
         f"temporaries {ma.temp_size_in_bytes / GIB:.2f} GiB; total {total / GIB:.2f} GiB"
     )
     text = compiled.as_text()
+    try:
+        from meljax import hlo
+    except ImportError:  # a tree from before meljax.hlo: memory only
+        return
     if args.hlo:
         with open(args.hlo, "w") as f:
             f.write(text)

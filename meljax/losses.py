@@ -18,6 +18,7 @@ metrics are built the same way (sums already divided by global denominators), so
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -230,10 +231,11 @@ def advantages_from_config(cfg: LossConfig, rewards: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_logprobs(
+def _chunk_forward(
     hidden: jax.Array, kernel: jax.Array, targets: jax.Array, with_entropy: bool
-) -> tuple[jax.Array, jax.Array]:
-    """``[B, C, D] @ [D, V]`` -> log-prob of ``targets`` ``[B, C]`` and entropy ``[B, C]``."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``[B, C, D] @ [D, V]`` -> log-prob of ``targets``, entropy and log-sum-exp, each
+    ``[B, C]`` (float32)."""
     hidden = shd.constrain(hidden, ("batch", None, None))
     logits = jnp.einsum("bcd,dv->bcv", hidden, kernel, preferred_element_type=jnp.float32)
     logits = shd.constrain(logits, ("batch", None, "vocab"))
@@ -241,12 +243,78 @@ def _chunk_logprobs(
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logp = picked - lse
     if not with_entropy:
-        return logp, jnp.zeros_like(logp)
-    # Entropy is a metric only: stop_gradient keeps its (V-sized) backward out of the graph.
-    lg, ls = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(lse)
-    probs = jnp.exp(lg - ls[..., None])
-    entropy = ls - jnp.sum(probs * lg, axis=-1)
-    return logp, entropy
+        return logp, jnp.zeros_like(logp), lse
+    probs = jnp.exp(logits - lse[..., None])
+    return logp, lse - jnp.sum(probs * logits, axis=-1), lse
+
+
+def _batch_groups(rows: int) -> int:
+    """Row groups of the kernel-gradient accumulator: one per data-parallel shard of the mesh
+    in context (1 without a mesh, or when the rows do not split evenly)."""
+    mesh = shd.context_mesh()
+    groups = 1 if mesh is None else shd.data_parallel_size(mesh)
+    return groups if rows % groups == 0 else 1
+
+
+def _scan_chunks(fn, carry, xs, chunk: int):
+    """``lax.scan`` of ``fn`` over ``[B, n * chunk, ...]`` arrays cut into ``n`` chunks."""
+
+    def split(x):
+        b, t = x.shape[:2]
+        return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    def merge(y):
+        n, b, c = y.shape[:3]
+        return jnp.moveaxis(y, 0, 1).reshape(b, n * c, *y.shape[3:])
+
+    carry, ys = jax.lax.scan(fn, carry, jax.tree.map(split, xs))
+    return carry, jax.tree.map(merge, ys)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked(hidden, kernel, targets, chunk: int, with_entropy: bool):
+    return _chunked_fwd(hidden, kernel, targets, chunk, with_entropy)[0]
+
+
+def _chunked_fwd(hidden, kernel, targets, chunk, with_entropy):
+    def body(_, xs):
+        return None, _chunk_forward(xs[0], kernel, xs[1], with_entropy)
+
+    _, (logp, ent, lse) = _scan_chunks(body, None, (hidden, targets), chunk)
+    return (logp, ent), (hidden, kernel, targets, lse)
+
+
+def _chunked_bwd(chunk, with_entropy, res, cotangents):
+    """Recomputes each chunk's logits; the kernel gradient is summed in float32 per row group
+    (one group per data shard: no communication inside the loop) and reduced once at the end.
+    The entropy is a metric: its cotangent is ignored."""
+    hidden, kernel, targets, lse = res
+    g_logp = cotangents[0]
+    b, _, d = hidden.shape
+    v = kernel.shape[1]
+    groups = _batch_groups(b)
+
+    def body(acc, xs):
+        h, y, lse_c, g = xs
+        h = shd.constrain(h, ("batch", None, None))
+        logits = jnp.einsum("bcd,dv->bcv", h, kernel, preferred_element_type=jnp.float32)
+        logits = shd.constrain(logits, ("batch", None, "vocab"))
+        probs = jnp.exp(logits - lse_c[..., None])
+        d_logits = g[..., None] * (jax.nn.one_hot(y, v, dtype=jnp.float32) - probs)
+        d_logits = shd.constrain(d_logits.astype(kernel.dtype), ("batch", None, "vocab"))
+        d_h = jnp.einsum("bcv,dv->bcd", d_logits, kernel, preferred_element_type=jnp.float32)
+        hg = h.reshape(groups, b // groups, *h.shape[1:])
+        dg = d_logits.reshape(groups, b // groups, *d_logits.shape[1:])
+        acc = acc + jnp.einsum("sbcd,sbcv->sdv", hg, dg, preferred_element_type=jnp.float32)
+        return shd.constrain(acc, ("batch", None, "vocab")), d_h.astype(h.dtype)
+
+    acc = shd.constrain(jnp.zeros((groups, d, v), jnp.float32), ("batch", None, "vocab"))
+    acc, d_hidden = _scan_chunks(body, acc, (hidden, targets, lse, g_logp), chunk)
+    d_kernel = jnp.sum(acc.astype(kernel.dtype), axis=0)
+    return d_hidden, d_kernel, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def chunked_logprobs(
@@ -269,32 +337,23 @@ def chunked_logprobs(
     Returns:
       ``(logp, entropy)``, both float32 ``[B, T]``.
 
-    Each chunk is rematerialised (``jax.checkpoint``) so the backward pass keeps only the chunk
-    inputs, never the chunk logits. With a mesh in context (``sharding.use_mesh``) the chunks
-    are row-sharded over the data axes with the vocabulary over ``tensor``, and the kernel is
-    all-gathered once, in its (compute) dtype, before the loop.
+    A custom VJP recomputes each chunk's logits in the backward pass (only the per-position
+    log-sum-exp is kept), so neither pass holds more than one ``[B, C, V]`` chunk. The kernel
+    gradient is accumulated in float32. With a mesh in context (``sharding.use_mesh``) the
+    chunks are row-sharded over the data axes with the vocabulary over ``tensor``, the kernel
+    is all-gathered once (in its compute dtype) before the loop, each device sums its own rows'
+    kernel gradient inside the loop and the sum is reduce-scattered once after it.
     """
     b, t, d = hidden.shape
     kernel = shd.gather(kernel, ("embed", "vocab"), (None, "vocab"))
     c = max(1, min(int(chunk_size), t))
     n = -(-t // c)
-    fn = jax.checkpoint(lambda h, w, y: _chunk_logprobs(h, w, y, with_entropy))
-    if n == 1:
-        return fn(hidden, kernel, targets)
     pad = n * c - t
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    hs = jnp.moveaxis(hidden.reshape(b, n, c, d), 1, 0)  # [n, B, C, D]
-    ys = jnp.moveaxis(targets.reshape(b, n, c), 1, 0)  # [n, B, C]
-
-    def body(carry, xs):
-        return carry, fn(xs[0], kernel, xs[1])
-
-    _, (logp, ent) = jax.lax.scan(body, None, (hs, ys))
-    logp = jnp.moveaxis(logp, 0, 1).reshape(b, n * c)[:, :t]
-    ent = jnp.moveaxis(ent, 0, 1).reshape(b, n * c)[:, :t]
-    return logp, ent
+    logp, ent = _chunked(hidden, kernel, targets, c, with_entropy)
+    return logp[:, :t], jax.lax.stop_gradient(ent[:, :t])
 
 
 def token_logprobs(
