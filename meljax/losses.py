@@ -310,7 +310,8 @@ def _chunked_bwd(chunk, with_entropy, res, cotangents):
 
     acc = shd.constrain(jnp.zeros((groups, d, v), jnp.float32), ("batch", None, "vocab"))
     acc, d_hidden = _scan_chunks(body, acc, (hidden, targets, lse, g_logp), chunk)
-    d_kernel = jnp.sum(acc.astype(kernel.dtype), axis=0)
+    # one reduce-scatter (compute dtype) to the parameter layout, not an all-reduce
+    d_kernel = shd.sum_row_groups(acc.astype(kernel.dtype), ("embed", "vocab"))
     return d_hidden, d_kernel, None
 
 

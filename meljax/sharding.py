@@ -199,6 +199,41 @@ def gather(x: jax.Array, param_axes: Sequence[str | None], compute_axes: Sequenc
     return fn(x)
 
 
+def sum_row_groups(x: jax.Array, out_axes: Sequence[str | None]) -> jax.Array:
+    """``x.sum(0)`` for ``x`` ``[G, ...]`` whose ``G`` row groups lie one per data shard of the
+    mesh in context (logical axis ``batch``), returned laid out by ``out_axes``: one explicit
+    reduce-scatter (``psum_scatter`` over the data axes that ``out_axes`` shards a dimension
+    over, ``psum`` over the others) instead of an all-reduce. Plain sum without a mesh."""
+    mesh = context_mesh()
+    out_shape = x.shape[1:]
+    if mesh is None:
+        return x.sum(0)
+    rules = _ACTIVE_RULES.get()
+    batch = logical_to_spec(("batch",), rules, mesh, x.shape[:1])[0]
+    if batch is None:
+        return constrain(x.sum(0), out_axes)
+    batch = (batch,) if isinstance(batch, str) else tuple(batch)
+    out_spec = logical_to_spec(out_axes, rules, mesh, out_shape)
+    plan, in_dims = [], []
+    for dim, axes in enumerate(out_spec):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        scattered = tuple(a for a in axes if a in batch)
+        kept = tuple(a for a in axes if a not in batch)
+        if scattered:
+            plan.append((dim, scattered))
+        in_dims.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    rest = tuple(a for a in batch if all(a not in sc for _, sc in plan))
+
+    def local(a):
+        a = a[0]
+        for dim, axes in plan:
+            a = jax.lax.psum_scatter(a, axes, scatter_dimension=dim, tiled=True)
+        return jax.lax.psum(a, rest) if rest else a
+
+    in_spec = PartitionSpec(batch if len(batch) > 1 else batch[0], *in_dims)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_spec, out_specs=out_spec, check_vma=False)(x)
+
+
 def param_shardings(abstract_state, mesh: Mesh, rules=None):
     """A pytree of ``NamedSharding`` for an ``nnx.State`` whose leaves carry ``logical_axes``."""
     from flax import nnx

@@ -248,7 +248,9 @@ def _loss_and_grads(model, tokens, mask):
     return jax.value_and_grad(f)(params)
 
 
-def test_scan_unrolled_and_remat_policies_agree():
+def test_scan_unrolled_remat_and_attention_variants_agree():
+    """Loss and gradients of the full model: scanned vs unrolled layers, every remat policy,
+    dense vs blockwise attention (equal within float32 rounding)."""
     model = Transformer(small_cfg(), rngs=nnx.Rngs(3))
     tokens, mask = padded_batch(50)
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
@@ -259,6 +261,7 @@ def test_scan_unrolled_and_remat_policies_agree():
         dict(scan_layers=False, remat_policy="full"),
         dict(scan_layers=True, remat_policy="dots"),
         dict(scan_layers=True, remat_policy="dots_no_batch"),
+        dict(attention_impl="chunked", attention_block_size=4),  # blockwise, custom VJP
     ]
     for kw in variants:
         loss, grads = _loss_and_grads(with_config(model, **kw), tokens, mask)
