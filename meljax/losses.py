@@ -277,18 +277,22 @@ def _chunked(hidden, kernel, targets, chunk: int, with_entropy: bool):
 
 
 def _chunked_fwd(hidden, kernel, targets, chunk, with_entropy):
+    # cast on each shard, then one all-gather (over the data axes) in the compute dtype
+    w = shd.constrain(kernel.astype(hidden.dtype), (None, "vocab"))
+
     def body(_, xs):
-        return None, _chunk_forward(xs[0], kernel, xs[1], with_entropy)
+        return None, _chunk_forward(xs[0], w, xs[1], with_entropy)
 
     _, (logp, ent, lse) = _scan_chunks(body, None, (hidden, targets), chunk)
-    return (logp, ent), (hidden, kernel, targets, lse)
+    dtype_witness = jnp.zeros((), kernel.dtype)
+    return (logp, ent), (hidden, w, targets, lse, dtype_witness)
 
 
 def _chunked_bwd(chunk, with_entropy, res, cotangents):
     """Recomputes each chunk's logits; the kernel gradient is summed in float32 per row group
     (one group per data shard: no communication inside the loop) and reduced once at the end.
     The entropy is a metric: its cotangent is ignored."""
-    hidden, kernel, targets, lse = res
+    hidden, kernel, targets, lse, dtype_witness = res
     g_logp = cotangents[0]
     b, _, d = hidden.shape
     v = kernel.shape[1]
@@ -310,8 +314,9 @@ def _chunked_bwd(chunk, with_entropy, res, cotangents):
 
     acc = shd.constrain(jnp.zeros((groups, d, v), jnp.float32), ("batch", None, "vocab"))
     acc, d_hidden = _scan_chunks(body, acc, (hidden, targets, lse, g_logp), chunk)
-    # one reduce-scatter (compute dtype) to the parameter layout, not an all-reduce
-    d_kernel = shd.sum_row_groups(acc.astype(kernel.dtype), ("embed", "vocab"))
+    # one reduce-scatter to the parameter layout (not an all-reduce), in float32: the
+    # cotangent then flows straight into the float32 gradient accumulator
+    d_kernel = shd.sum_row_groups(acc, ("embed", "vocab")).astype(dtype_witness.dtype)
     return d_hidden, d_kernel, None
 
 
@@ -330,7 +335,9 @@ def chunked_logprobs(
 
     Args:
       hidden: ``[B, T, D]`` final hidden states (compute dtype).
-      kernel: ``[D, V]`` output projection (same dtype as ``hidden``); logits accumulate in f32.
+      kernel: ``[D, V]`` output projection in its parameter dtype and layout; it is cast to
+        ``hidden.dtype`` for the matmuls (logits accumulate in f32), its gradient comes back in
+        its own dtype.
       targets: int ``[B, T]``: the token whose log-prob is wanted at each position.
       chunk_size: positions per chunk; the sequence is padded up to a multiple of it.
       with_entropy: also return the entropy of the full distribution (no gradient).
@@ -346,7 +353,6 @@ def chunked_logprobs(
     kernel gradient inside the loop and the sum is reduce-scattered once after it.
     """
     b, t, d = hidden.shape
-    kernel = shd.gather(kernel, ("embed", "vocab"), (None, "vocab"))
     c = max(1, min(int(chunk_size), t))
     n = -(-t // c)
     pad = n * c - t
@@ -380,7 +386,7 @@ def token_logprobs(
         model = nnx.merge(*model)
     tokens = jnp.asarray(seq.tokens)
     hidden, _ = model.forward_hidden(tokens, jnp.asarray(seq.positions), jnp.asarray(seq.kv_mask))
-    kernel = model.lm_head_kernel().astype(hidden.dtype)  # cast while still sharded
+    kernel = model.lm_head_kernel()  # parameter dtype and layout: cast and gathered inside
     # position t predicts tokens[t + 1]; the last position's target is a dummy (dropped below).
     next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     logp, ent = chunked_logprobs(

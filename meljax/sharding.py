@@ -179,26 +179,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def gather(x: jax.Array, param_axes: Sequence[str | None], compute_axes: Sequence[str | None]):
-    """``x`` (laid out by ``param_axes``) constrained to ``compute_axes`` for use, e.g. a weight
-    all-gathered over ``fsdp`` before a loop that reuses it; its cotangent is constrained back
-    to ``param_axes``, so the gradient is reduce-scattered rather than all-reduced. Identity
-    without a mesh in context."""
-
-    @jax.custom_vjp
-    def fn(x):
-        return constrain(x, compute_axes)
-
-    def fwd(x):
-        return fn(x), None
-
-    def bwd(_, g):
-        return (constrain(g, param_axes),)
-
-    fn.defvjp(fwd, bwd)
-    return fn(x)
-
-
 def sum_row_groups(x: jax.Array, out_axes: Sequence[str | None]) -> jax.Array:
     """``x.sum(0)`` for ``x`` ``[G, ...]`` whose ``G`` row groups lie one per data shard of the
     mesh in context (logical axis ``batch``), returned laid out by ``out_axes``: one explicit

@@ -301,11 +301,13 @@ def cache_mask_shape(cache, batch):
     return (batch, cache_len(cache))
 
 
-@pytest.mark.parametrize("stacked", [True, False])
-def test_per_row_cache_index_and_kv_len(stacked):
+@pytest.mark.parametrize("stacked,scan", [(True, True), (True, False), (False, True)])
+def test_per_row_cache_index_and_kv_len(stacked, scan):
     """Rows at different fill levels write at their own slot (``cache_index`` [B]) and attend
-    only to the first ``kv_len`` slots; logits equal a full forward of each row's sequence."""
-    model = Transformer(small_cfg(tie_word_embeddings=True), rngs=nnx.Rngs(4))
+    only to the first ``kv_len`` slots; logits equal a full forward of each row's sequence.
+    Stacked cache with scanned or unrolled layers, and the split cache."""
+    cfg = small_cfg(tie_word_embeddings=True, scan_layers=scan)
+    model = Transformer(cfg, rngs=nnx.Rngs(4))
     rng = np.random.default_rng(5)
     b, s = 3, 16
     lengths = np.array([4, 7, 2])  # tokens already in each row's cache

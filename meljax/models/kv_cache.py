@@ -76,30 +76,34 @@ def cache_len(cache: Cache) -> int:
 def write_slots(buf: jax.Array, new: jax.Array, index, name: str, layer=None) -> jax.Array:
     """Writes ``new`` (one layer's ``[B, K, hd, T]`` keys or ``[B, K, T, hd]`` values) into
     ``buf`` at slot ``index`` (scalar or ``[B]``); ``buf`` is one layer, or the stacked
-    ``[L, ...]`` buffer with ``layer`` (static or traced) selecting the layer."""
-    axis = new.ndim + _SLOT_AXIS[name]
+    ``[L, ...]`` buffer with ``layer`` (static or traced) selecting the layer.
+
+    A scalar index is one ``dynamic_update_slice``. Per-row indices are one scatter with
+    unique, sorted indices, which XLA updates in place (a ``vmap`` of ``dynamic_update_slice``
+    on the stacked buffer was measured to copy the whole cache per layer: 1.5 s vs 11 ms per
+    SmolLM2 decode step on CPU). Per-row slots past the end of the cache are dropped.
+    """
     new = new.astype(buf.dtype)
-    lead = () if layer is None else (layer,)
-    if layer is not None:
-        new = new[None]
-        axis += 1
     index = jnp.asarray(index, jnp.int32)
+    slot_axis = new.ndim + _SLOT_AXIS[name]
     if index.ndim == 0:
         start = [0] * new.ndim
-        start[axis] = index
-        if layer is not None:
-            start[0] = lead[0]
-        return jax.lax.dynamic_update_slice(buf, new, start)
-    batch_axis = 0 if layer is None else 1
-
-    def one(b, n, i):  # one row (batch axis removed)
-        start = [0] * n.ndim
-        start[axis - 1] = i
-        if layer is not None:
-            start[0] = lead[0]
-        return jax.lax.dynamic_update_slice(b, n, start)
-
-    return jax.vmap(one, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buf, new, index)
+        start[slot_axis] = index
+        if layer is None:
+            return jax.lax.dynamic_update_slice(buf, new, start)
+        return jax.lax.dynamic_update_slice(buf, new[None], [layer, *start])
+    b, t = new.shape[0], new.shape[slot_axis]
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+    slots = index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    # advanced indices (rows, slots) broadcast to [B, T] and lead the indexed shape
+    upd = jnp.moveaxis(new, slot_axis, 1)  # [B, T, K, hd]
+    if name == "k":
+        where = (rows, slice(None), slice(None), slots)
+    else:
+        where = (rows, slice(None), slots, slice(None))
+    if layer is not None:
+        where = (layer, *where)
+    return buf.at[where].set(upd, unique_indices=True, indices_are_sorted=True, mode="drop")
 
 
 def read_layer(cache: dict[str, jax.Array], layer, kv_len: int) -> tuple[jax.Array, jax.Array]:
