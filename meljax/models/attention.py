@@ -51,9 +51,12 @@ from meljax import sharding as shd
 
 IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 NEG = -1e30  # finite: a fully masked row gives a uniform softmax, not NaN
-# On CPU (XLA:CPU, 2 AVX2 cores, f32, SmolLM2-135M heads) the dense path is faster up to about
-# this many query x key slots per row; above it the blockwise path wins and its memory stays
-# flat (see the report in the git history: fwd+bwd timed at T = S = 256 ... 4096).
+# CPU threshold (query x key slots per row) from dense to blockwise. Measured with XLA:CPU on
+# 2 shared cores, f32, SmolLM2-135M heads (9 q / 3 kv, hd 64), min of 5-7 interleaved runs,
+# dense / chunked ms: 16 rows forward T = S = 128: 12.8 / 18.4, 256: 317 / 276, 512: 1049 /
+# 1263, 1024: 6456 / 3072; forward + backward 128: 130 / 104, 512: 2386 / 2399, 1024: 8860 /
+# 5748; 1 row forward + backward 2048: 4142 / 1392, 4096: 19671 / 5820. A wash (+-30%) up to
+# 512 x 512, blockwise 1.5-3.4x faster from 1024 x 1024 on (and its memory stays flat).
 CPU_CHUNKED_MIN_TS = 1024 * 1024
 MIN_KERNEL_T = 128  # splash / cuDNN pay off from here; shorter calls use the XLA paths
 
