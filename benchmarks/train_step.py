@@ -31,6 +31,7 @@ from meljax import losses, optim
 from meljax import train_step as ts
 from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.models import Transformer, demo_model_dir, from_pretrained
+from meljax.models.config import REMAT_POLICIES
 
 
 def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
@@ -84,10 +85,11 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument(
         "--remat",
-        choices=("default", "on", "off"),
+        choices=("default", *REMAT_POLICIES),
         default="default",
-        help="recompute each block in the backward pass (default: the model config's setting)",
+        help="per-layer rematerialisation policy (default: the model config's, i.e. auto)",
     )
+    p.add_argument("--attention", default="default", help="attention_impl (default: auto)")
     args = p.parse_args()
 
     print(f"jax {jax.__version__}, devices: {jax.devices()}")
@@ -97,8 +99,13 @@ def main() -> None:
     model = from_pretrained(demo_model_dir(), dtype=args.dtype)
     cfg = model.cfg
     graphdef, params = ts.split_params(model)
+    overrides = {}
     if args.remat != "default":
-        cfg = cfg.replace(remat=args.remat == "on")
+        overrides["remat_policy"] = args.remat
+    if args.attention != "default":
+        overrides["attention_impl"] = args.attention
+    if overrides:
+        cfg = cfg.replace(**overrides)
         graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     opt, sched = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-6))
@@ -132,7 +139,8 @@ def main() -> None:
     print(f"model: {n_params / 1e6:.1f}M params, {cfg.num_layers} layers, vocab {cfg.vocab_size}")
     print(
         f"batch {args.batch} x {args.seq} (+{args.mel_rows} MEL rows), chunk {args.chunk}, "
-        f"micro-batches {args.microbatches}, dtype {args.dtype}, remat {getattr(cfg, 'remat', None)}"
+        f"micro-batches {args.microbatches}, dtype {args.dtype}, remat {cfg.remat_policy}, "
+        f"attention {cfg.attention_impl}"
     )
     print("step times (s): " + ", ".join(f"{x:.2f}" for x in times))
     print(f"median step: {med:.2f} s -> {tokens / med:.0f} tokens/s")

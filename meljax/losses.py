@@ -18,6 +18,7 @@ metrics are built the same way (sums already divided by global denominators), so
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from meljax import sharding as shd
 from meljax.batch import PolicyBatch, SequenceBatch, TrainBatch
 from meljax.schema import option, validate_fields
 
@@ -215,21 +217,96 @@ def advantages_from_config(cfg: LossConfig, rewards: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_logprobs(
+def _chunk_forward(
     hidden: jax.Array, kernel: jax.Array, targets: jax.Array, with_entropy: bool
-) -> tuple[jax.Array, jax.Array]:
-    """``[B, C, D] @ [D, V]`` -> log-prob of ``targets`` ``[B, C]`` and entropy ``[B, C]``."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``[B, C, D] @ [D, V]`` -> log-prob of ``targets``, entropy and log-sum-exp, each
+    ``[B, C]`` (float32)."""
+    hidden = shd.constrain(hidden, ("batch", None, None))
     logits = jnp.einsum("bcd,dv->bcv", hidden, kernel, preferred_element_type=jnp.float32)
+    logits = shd.constrain(logits, ("batch", None, "vocab"))
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logp = picked - lse
     if not with_entropy:
-        return logp, jnp.zeros_like(logp)
-    # Entropy is a metric only: stop_gradient keeps its (V-sized) backward out of the graph.
-    lg, ls = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(lse)
-    probs = jnp.exp(lg - ls[..., None])
-    entropy = ls - jnp.sum(probs * lg, axis=-1)
-    return logp, entropy
+        return logp, jnp.zeros_like(logp), lse
+    probs = jnp.exp(logits - lse[..., None])
+    return logp, lse - jnp.sum(probs * logits, axis=-1), lse
+
+
+def _batch_groups(rows: int) -> int:
+    """Row groups of the kernel-gradient accumulator: one per data-parallel shard of the mesh
+    in context (1 without a mesh, or when the rows do not split evenly)."""
+    mesh = shd.context_mesh()
+    groups = 1 if mesh is None else shd.data_parallel_size(mesh)
+    return groups if rows % groups == 0 else 1
+
+
+def _scan_chunks(fn, carry, xs, chunk: int):
+    """``lax.scan`` of ``fn`` over ``[B, n * chunk, ...]`` arrays cut into ``n`` chunks."""
+
+    def split(x):
+        b, t = x.shape[:2]
+        return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    def merge(y):
+        n, b, c = y.shape[:3]
+        return jnp.moveaxis(y, 0, 1).reshape(b, n * c, *y.shape[3:])
+
+    carry, ys = jax.lax.scan(fn, carry, jax.tree.map(split, xs))
+    return carry, jax.tree.map(merge, ys)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked(hidden, kernel, targets, chunk: int, with_entropy: bool):
+    return _chunked_fwd(hidden, kernel, targets, chunk, with_entropy)[0]
+
+
+def _chunked_fwd(hidden, kernel, targets, chunk, with_entropy):
+    # cast on each shard, then one all-gather (over the data axes) in the compute dtype
+    w = shd.constrain(kernel.astype(hidden.dtype), (None, "vocab"))
+
+    def body(_, xs):
+        return None, _chunk_forward(xs[0], w, xs[1], with_entropy)
+
+    _, (logp, ent, lse) = _scan_chunks(body, None, (hidden, targets), chunk)
+    dtype_witness = jnp.zeros((), kernel.dtype)
+    return (logp, ent), (hidden, w, targets, lse, dtype_witness)
+
+
+def _chunked_bwd(chunk, with_entropy, res, cotangents):
+    """Recomputes each chunk's logits; the kernel gradient is summed in float32 per row group
+    (one group per data shard: no communication inside the loop) and reduced once at the end.
+    The entropy is a metric: its cotangent is ignored."""
+    hidden, kernel, targets, lse, dtype_witness = res
+    g_logp = cotangents[0]
+    b, _, d = hidden.shape
+    v = kernel.shape[1]
+    groups = _batch_groups(b)
+
+    def body(acc, xs):
+        h, y, lse_c, g = xs
+        h = shd.constrain(h, ("batch", None, None))
+        logits = jnp.einsum("bcd,dv->bcv", h, kernel, preferred_element_type=jnp.float32)
+        logits = shd.constrain(logits, ("batch", None, "vocab"))
+        probs = jnp.exp(logits - lse_c[..., None])
+        d_logits = g[..., None] * (jax.nn.one_hot(y, v, dtype=jnp.float32) - probs)
+        d_logits = shd.constrain(d_logits.astype(kernel.dtype), ("batch", None, "vocab"))
+        d_h = jnp.einsum("bcv,dv->bcd", d_logits, kernel, preferred_element_type=jnp.float32)
+        hg = h.reshape(groups, b // groups, *h.shape[1:])
+        dg = d_logits.reshape(groups, b // groups, *d_logits.shape[1:])
+        acc = acc + jnp.einsum("sbcd,sbcv->sdv", hg, dg, preferred_element_type=jnp.float32)
+        return shd.constrain(acc, ("batch", None, "vocab")), d_h.astype(h.dtype)
+
+    acc = shd.constrain(jnp.zeros((groups, d, v), jnp.float32), ("batch", None, "vocab"))
+    acc, d_hidden = _scan_chunks(body, acc, (hidden, targets, lse, g_logp), chunk)
+    # one reduce-scatter to the parameter layout (not an all-reduce), in float32: the
+    # cotangent then flows straight into the float32 gradient accumulator
+    d_kernel = shd.sum_row_groups(acc, ("embed", "vocab")).astype(dtype_witness.dtype)
+    return d_hidden, d_kernel, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def chunked_logprobs(
@@ -244,7 +321,9 @@ def chunked_logprobs(
 
     Args:
       hidden: ``[B, T, D]`` final hidden states (compute dtype).
-      kernel: ``[D, V]`` output projection (same dtype as ``hidden``); logits accumulate in f32.
+      kernel: ``[D, V]`` output projection in its parameter dtype and layout; it is cast to
+        ``hidden.dtype`` for the matmuls (logits accumulate in f32), its gradient comes back in
+        its own dtype.
       targets: int ``[B, T]``: the token whose log-prob is wanted at each position.
       chunk_size: positions per chunk; the sequence is padded up to a multiple of it.
       with_entropy: also return the entropy of the full distribution (no gradient).
@@ -252,29 +331,22 @@ def chunked_logprobs(
     Returns:
       ``(logp, entropy)``, both float32 ``[B, T]``.
 
-    Each chunk is rematerialised (``jax.checkpoint``) so the backward pass keeps only the chunk
-    inputs, never the chunk logits.
+    A custom VJP recomputes each chunk's logits in the backward pass (only the per-position
+    log-sum-exp is kept), so neither pass holds more than one ``[B, C, V]`` chunk. The kernel
+    gradient is accumulated in float32. With a mesh in context (``sharding.use_mesh``) the
+    chunks are row-sharded over the data axes with the vocabulary over ``tensor``, the kernel
+    is all-gathered once (in its compute dtype) before the loop, each device sums its own rows'
+    kernel gradient inside the loop and the sum is reduce-scattered once after it.
     """
     b, t, d = hidden.shape
     c = max(1, min(int(chunk_size), t))
     n = -(-t // c)
-    fn = jax.checkpoint(lambda h, w, y: _chunk_logprobs(h, w, y, with_entropy))
-    if n == 1:
-        return fn(hidden, kernel, targets)
     pad = n * c - t
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    hs = jnp.moveaxis(hidden.reshape(b, n, c, d), 1, 0)  # [n, B, C, D]
-    ys = jnp.moveaxis(targets.reshape(b, n, c), 1, 0)  # [n, B, C]
-
-    def body(carry, xs):
-        return carry, fn(xs[0], kernel, xs[1])
-
-    _, (logp, ent) = jax.lax.scan(body, None, (hs, ys))
-    logp = jnp.moveaxis(logp, 0, 1).reshape(b, n * c)[:, :t]
-    ent = jnp.moveaxis(ent, 0, 1).reshape(b, n * c)[:, :t]
-    return logp, ent
+    logp, ent = _chunked(hidden, kernel, targets, c, with_entropy)
+    return logp[:, :t], jax.lax.stop_gradient(ent[:, :t])
 
 
 def token_logprobs(
@@ -300,7 +372,7 @@ def token_logprobs(
         model = nnx.merge(*model)
     tokens = jnp.asarray(seq.tokens)
     hidden, _ = model.forward_hidden(tokens, jnp.asarray(seq.positions), jnp.asarray(seq.kv_mask))
-    kernel = model.lm_head_kernel().astype(hidden.dtype)
+    kernel = model.lm_head_kernel()  # parameter dtype and layout: cast and gathered inside
     # position t predicts tokens[t + 1]; the last position's target is a dummy (dropped below).
     next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     logp, ent = chunked_logprobs(

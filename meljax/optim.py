@@ -75,8 +75,17 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for leaves that get weight decay: matrices (ndim >= 2), not norm scales / biases."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """True for leaves that get weight decay: matrices (ndim >= 2), not norm scales / biases.
+
+    Weights under a ``layers`` key are stacked ``[num_layers, ...]`` (meljax.models): their
+    leading layer axis does not count, so stacked norm scales and biases get no decay either.
+    """
+
+    def one(path, p):
+        stacked = any(getattr(k, "key", getattr(k, "name", None)) == "layers" for k in path)
+        return jnp.ndim(p) - int(stacked) >= 2
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def make_optimizer(

@@ -278,7 +278,15 @@ def train_step_fn(
     mesh: Mesh | None = None,
     schedule: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The (un-jitted) update; see ``make_train_step``."""
+    """The (un-jitted) update; see ``make_train_step``. With a ``mesh``, activations are
+    constrained batch-sharded (``sharding.use_mesh``) and gradients to the param shardings."""
+    with shd.use_mesh(mesh):
+        return _train_step_body(
+            state, batch, graphdef, optimizer, loss_cfg, num_microbatches, mesh, schedule
+        )
+
+
+def _train_step_body(state, batch, graphdef, optimizer, loss_cfg, num_microbatches, mesh, schedule):
     dp = shd.data_parallel_size(mesh) if mesh is not None else 1
     grad_shardings = None
     if mesh is not None:
@@ -341,13 +349,17 @@ def train_step_fn(
 def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch: bool):
     """Jits ``impl(state_or_params, batch)``; with a mesh the shardings are derived from the first
     call's arguments (cached by tree structure) and outputs are the state / replicated metrics, or
-    a batch-sharded array when ``out_batch``."""
+    a batch-sharded array when ``out_batch``.
+
+    The result also has ``.lower(first, batch)``: the same program lowered for (possibly
+    abstract, ``jax.ShapeDtypeStruct``) arguments, e.g. to ``.compile()`` it ahead of time for
+    another topology and read its ``memory_analysis()`` / ``as_text()``."""
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(impl, donate_argnums=donate_argnums)
     cache: dict = {}
 
-    def call(first, batch):
+    def jitted(first, batch):
         key = (jax.tree_util.tree_structure(first), jax.tree_util.tree_structure(batch))
         if key not in cache:
             s_first = state_shardings(first, mesh)
@@ -360,9 +372,13 @@ def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch
                 donate_argnums=donate_argnums,
             )
             cache[key] = (fn, s_batch)
-        fn, s_batch = cache[key]
+        return cache[key]
+
+    def call(first, batch):
+        fn, s_batch = jitted(first, batch)
         return fn(first, shd.put_global(batch, s_batch))
 
+    call.lower = lambda first, batch: jitted(first, batch)[0].lower(first, batch)
     return call
 
 
@@ -429,10 +445,14 @@ def make_compute_logprobs(
         return jnp.where(jnp.asarray(s.loss_mask) > 0, logp, 0.0)
 
     def impl(params, seq):
+        with shd.use_mesh(mesh):
+            return _logprobs_body(params, seq)
+
+    def _logprobs_body(params, seq):
         if num_microbatches == 1:
             return one(params, seq)
-        # params ride in the scan carry instead of being closed over: nnx transforms inside the
-        # model (e.g. nnx.remat) refuse Variables whose values come from an outer trace.
+        # params ride in the scan carry instead of being closed over (nnx.merge inside the
+        # scan then sees values of the scan's own trace).
         _, out = jax.lax.scan(
             lambda p, s: (p, one(p, s)),
             params,
@@ -442,12 +462,15 @@ def make_compute_logprobs(
 
     jitted = _jit_for_state(impl, mesh, donate=False, out_batch=True)
 
-    def compute_logprobs(state_or_params, seq: SequenceBatch) -> jax.Array:
-        params = state_or_params
-        if isinstance(params, TrainState):
-            params = params.params
-        return jitted(params, seq)
+    def params_of(state_or_params):
+        return (
+            state_or_params.params if isinstance(state_or_params, TrainState) else state_or_params
+        )
 
+    def compute_logprobs(state_or_params, seq: SequenceBatch) -> jax.Array:
+        return jitted(params_of(state_or_params), seq)
+
+    compute_logprobs.lower = lambda first, seq: jitted.lower(params_of(first), seq)
     return compute_logprobs
 
 

@@ -159,9 +159,11 @@ def test_kv_cache_decode_matches_full_forward(tied):
 
 def test_cache_bytes_matches_allocated_cache():
     cfg = ModelConfig(vocab_size=50, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)
-    cache = init_cache(cfg, 3, 20, jnp.bfloat16)
-    allocated = sum(x.nbytes for layer in cache for x in layer.values())
-    assert allocated == cache_bytes(cfg, 3, 20, jnp.bfloat16) == 2 * 2 * 3 * 20 * 2 * 8 * 2
+    expected = cache_bytes(cfg, 3, 20, jnp.bfloat16)
+    assert expected == 2 * 2 * 3 * 20 * 2 * 8 * 2  # k+v, layers, rows, slots, kv heads, hd, bytes
+    for stacked in (True, False):
+        cache = init_cache(cfg, 3, 20, jnp.bfloat16, stacked=stacked)
+        assert sum(x.nbytes for x in jax.tree.leaves(cache)) == expected
 
 
 def test_sharded_model_matches_single_device(tmp_path):
@@ -169,9 +171,10 @@ def test_sharded_model_matches_single_device(tmp_path):
     single = from_pretrained(str(tmp_path))
     mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     sharded = from_pretrained(str(tmp_path), mesh=mesh)
-    q = sharded.layers[0].attn.q_proj[...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (8, 2, 8)
+    q = sharded.layers.attn.q_proj[...]  # [layers, embed, heads, head_dim]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 8, 2, 8)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(single.layers.attn.q_proj[...]))
     tokens, mask = padded_batch(single.cfg.vocab_size)
     tokens, mask = np.concatenate([tokens] * 4)[:8], np.concatenate([mask] * 4)[:8]
     graphdef, params = nnx.split(sharded)
@@ -207,3 +210,178 @@ def test_mesh_errors():
     with pytest.raises(ValueError, match="multiply to 6"):
         shd.make_mesh({"data": 3, "fsdp": 2})
     assert shd.make_mesh({"data": 2, "fsdp": -1}).shape["fsdp"] == 4
+
+
+# ----------------------------------------------------------------------------- layers, remat, cache
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(
+        model_type="qwen3",
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        qk_norm=True,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+def with_config(model: Transformer, **kw) -> Transformer:
+    """The same weights under a config with some fields changed (static, in the graphdef)."""
+    graphdef, state = nnx.split(model)
+    other = nnx.eval_shape(lambda: Transformer(model.cfg.replace(**kw), rngs=nnx.Rngs(0)))
+    return nnx.merge(nnx.split(other)[0], state)
+
+
+def _loss_and_grads(model, tokens, mask):
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    @jax.jit
+    def f(params):
+        logits = nnx.merge(graphdef, params)(tokens, kv_mask=mask)
+        return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0) ** 2)
+
+    return jax.value_and_grad(f)(params)
+
+
+def test_scan_unrolled_remat_and_attention_variants_agree():
+    """Loss and gradients of the full model: scanned vs unrolled layers, every remat policy,
+    dense vs blockwise attention (equal within float32 rounding)."""
+    model = Transformer(small_cfg(), rngs=nnx.Rngs(3))
+    tokens, mask = padded_batch(50)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    ref_loss, ref_grads = _loss_and_grads(model, tokens, mask)
+    variants = [
+        dict(scan_layers=False, remat_policy="none"),
+        dict(scan_layers=True, remat_policy="full"),
+        dict(scan_layers=False, remat_policy="full"),
+        dict(scan_layers=True, remat_policy="dots"),
+        dict(scan_layers=True, remat_policy="dots_no_batch"),
+        dict(attention_impl="chunked", attention_block_size=4),  # blockwise, custom VJP
+    ]
+    for kw in variants:
+        loss, grads = _loss_and_grads(with_config(model, **kw), tokens, mask)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, err_msg=str(kw))
+        for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
+            np.testing.assert_allclose(
+                np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6, err_msg=str(kw)
+            )
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_chunked_attention_matches_transformers(tmp_path, name):
+    """The blockwise attention (blocks of 4 tokens) on the padded batch, every family."""
+    ref = torch_model(name, str(tmp_path))
+    model = from_pretrained(str(tmp_path), attention_impl="chunked", attention_block_size=4)
+    tokens, mask = padded_batch(model.cfg.vocab_size)
+    ours = np.asarray(model(jnp.asarray(tokens), kv_mask=jnp.asarray(mask)))
+    assert np.isfinite(ours).all()
+    np.testing.assert_array_less(np.abs(ours - torch_logits(ref, tokens, mask))[mask].max(), 1e-4)
+
+
+def _prefix_cache(model, tokens, mask, prefix, cache):
+    """Cache and kv mask after writing ``tokens[:, :prefix]`` at slots 0..prefix-1."""
+    pos = default_positions(mask)
+    kv = (
+        jnp.zeros(cache_mask_shape(cache, tokens.shape[0]), bool)
+        .at[:, :prefix]
+        .set(mask[:, :prefix])
+    )
+    h, cache = model.forward_hidden(tokens[:, :prefix], pos[:, :prefix], kv, cache, 0)
+    return h, cache, kv, pos
+
+
+def cache_mask_shape(cache, batch):
+    from meljax.models.kv_cache import cache_len
+
+    return (batch, cache_len(cache))
+
+
+@pytest.mark.parametrize("stacked,scan", [(True, True), (True, False), (False, True)])
+def test_per_row_cache_index_and_kv_len(stacked, scan):
+    """Rows at different fill levels write at their own slot (``cache_index`` [B]) and attend
+    only to the first ``kv_len`` slots; logits equal a full forward of each row's sequence.
+    Stacked cache with scanned or unrolled layers, and the split cache."""
+    cfg = small_cfg(tie_word_embeddings=True, scan_layers=scan)
+    model = Transformer(cfg, rngs=nnx.Rngs(4))
+    rng = np.random.default_rng(5)
+    b, s = 3, 16
+    lengths = np.array([4, 7, 2])  # tokens already in each row's cache
+    seqs = rng.integers(0, 50, (b, 10)).astype(np.int32)
+    cache = model.init_cache(b, s, stacked=stacked)
+    kv = np.zeros((b, s), bool)
+    # fill each row's prefix with one call per row length (padding beyond it is masked)
+    prefix_tokens = np.zeros((b, 8), np.int32)
+    prefix_mask = np.zeros((b, 8), bool)
+    for r, n in enumerate(lengths):
+        prefix_tokens[r, :n] = seqs[r, :n]
+        prefix_mask[r, :n] = True
+    kv[:, :8] = prefix_mask
+    pos = default_positions(jnp.asarray(prefix_mask))
+    _, cache = model.forward_hidden(
+        jnp.asarray(prefix_tokens), pos, jnp.asarray(kv), cache, 0, kv_len=8
+    )
+    # two decode steps, each row at its own slot; attend to the first 10 slots only
+    step_logits = []
+    index = jnp.asarray(lengths, jnp.int32)
+    for j in range(2):
+        tok = jnp.asarray(seqs[np.arange(b), lengths + j][:, None])
+        kv[np.arange(b), lengths + j] = True
+        h, cache = model.forward_hidden(
+            tok, index[:, None], jnp.asarray(kv), cache, index, kv_len=10
+        )
+        step_logits.append(np.asarray(model.project_rows(h[:, 0])))
+        index = index + 1
+    for r, n in enumerate(lengths):
+        full = np.asarray(model(jnp.asarray(seqs[r : r + 1, : n + 2])))[0]
+        np.testing.assert_allclose(step_logits[0][r], full[n], atol=1e-5)
+        np.testing.assert_allclose(step_logits[1][r], full[n + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_chunked_prefill_matches_one_shot(impl):
+    """A left-padded prompt written 5 tokens at a time equals the one-call prefill, and the
+    next decode step after either gives the same logits."""
+    model = Transformer(small_cfg(attention_impl=impl, attention_block_size=4), rngs=nnx.Rngs(6))
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, 50, (2, 13)), jnp.int32)
+    mask = jnp.ones((2, 13), bool).at[1, :4].set(False)
+    pos = default_positions(mask)
+    kv = jnp.zeros((2, 20), bool).at[:, :13].set(mask).at[:, 13].set(True)
+    outs = []
+    for chunk in (None, 5):
+        cache = model.init_cache(2, 20)
+        h, cache = model.prefill(tokens, pos, kv, cache, chunk)
+        nxt = jnp.asarray([[3], [9]], jnp.int32)
+        h2, _ = model.forward_hidden(nxt, pos[:, -1:] + 1, kv, cache, 13)
+        outs.append((np.asarray(h), np.asarray(h2)))
+    np.testing.assert_allclose(
+        outs[1][0][np.asarray(mask)], outs[0][0][np.asarray(mask)], atol=1e-5
+    )
+    np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-5)
+    full = model(
+        jnp.concatenate([tokens, jnp.asarray([[3], [9]], jnp.int32)], axis=1),
+        kv_mask=jnp.concatenate([mask, jnp.ones((2, 1), bool)], axis=1),
+    )
+    np.testing.assert_allclose(
+        np.asarray(model.project(outs[1][1]))[:, 0], np.asarray(full)[:, -1], atol=1e-5
+    )
+
+
+def test_stacked_weight_layout_and_hf_round_trip(tmp_path):
+    """Layer ``i`` of every stacked parameter is HF's ``model.layers.{i}`` tensor."""
+    ref = torch_model("qwen2", str(tmp_path))
+    model = from_pretrained(str(tmp_path))
+    n = model.cfg.num_layers
+    q = np.asarray(model.layers.attn.q_proj[...])
+    assert q.shape == (n, 32, 4, 8)
+    for i in range(n):
+        hf_q = ref.model.layers[i].self_attn.q_proj.weight.detach().numpy()  # [h*hd, d]
+        np.testing.assert_array_equal(q[i], hf_q.T.reshape(32, 4, 8))
+        hf_b = ref.model.layers[i].self_attn.k_proj.bias.detach().numpy()
+        np.testing.assert_array_equal(
+            np.asarray(model.layers.attn.k_bias[...])[i], hf_b.reshape(2, 8)
+        )

@@ -57,12 +57,14 @@ def tiny_model(model_type: str = "llama", seed: int = 1) -> Transformer:
     so greedy decoding has clear winners and never hinges on float rounding. Weights come
     from numpy: initialising on device would compile a program per weight shape."""
     graphdef, abstract = abstract_model(tiny_config(model_type))
-    leaves, treedef = jax.tree.flatten(abstract)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     rng = np.random.default_rng(seed)
     weights = []
-    for x in leaves:
+    for path, x in leaves:
+        # stacked per-layer weights: one layer's shape (fan-in) is what the scale is about
+        shape = x.shape[1:] if "layers" in jax.tree_util.keystr(path) else x.shape
         noise = rng.standard_normal(x.shape).astype(np.float32)
-        w = noise / np.sqrt(x.shape[0]) if len(x.shape) >= 2 else 1.0 + 0.1 * noise
+        w = noise / np.sqrt(shape[0]) if len(shape) >= 2 else 1.0 + 0.1 * noise
         weights.append(jnp.asarray(w))
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
 
@@ -470,3 +472,21 @@ def test_sample_command_prints_completions_and_memory():
     # 3 prompts in the batch bucket 4 -> 4 rows; prompt bucket 64 + 32 new slots:
     # 2 * 30 layers * 4 rows * 96 slots * 3 kv heads * 64 dims * 4 bytes = 16.9 MiB.
     assert "KV cache: 16.9 MiB for 4 rows x 96 slots" in printed
+
+
+def test_greedy_unchanged_with_chunked_attention_prefill_and_scanned_layers(llama, monkeypatch):
+    """The decode path variants give the same greedy tokens as the default (CPU: split layers,
+    one-shot prefill, dense attention): blockwise attention, a prompt prefilled 4 tokens at a
+    time, and the layers scanned over a stacked cache."""
+    model, graphdef, params = llama
+    sampling = SamplingParams(max_new_tokens=12, temperature=0.0, num_samples=G)
+    plain = make_sampler(graphdef).sample(params, PROMPTS, sampling, jax.random.key(0))
+    cfg = model.cfg.replace(attention_impl="chunked", attention_block_size=8, prefill_chunk_size=4)
+    other = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+    import meljax.sampling.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "prefer_split_layers", lambda: False)
+    res = make_sampler(other).sample(params, PROMPTS, sampling, jax.random.key(0))
+    np.testing.assert_array_equal(res.tokens, plain.tokens)
+    np.testing.assert_array_equal(res.lengths, plain.lengths)
+    np.testing.assert_allclose(res.logprobs, plain.logprobs, atol=1e-5)

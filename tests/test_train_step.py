@@ -130,9 +130,9 @@ def test_sharded_step_matches_one_device(model_parts, reference):
     _assert_trees_close(new.opt_state, ref.opt_state, atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(m_sh["loss"], m_ref["loss"], rtol=1e-6)
     # weights and their optimizer state stay sharded by their logical axes
-    fsdp = jax.sharding.PartitionSpec("fsdp", None, None)
-    assert new.params["layers"][0]["attn"]["q_proj"][...].sharding.spec == fsdp
-    momentum = new.opt_state[0].trace["layers"][0]["attn"]["q_proj"][...]
+    fsdp = jax.sharding.PartitionSpec(None, "fsdp", None, None)  # [layers, embed, heads, hd]
+    assert new.params["layers"]["attn"]["q_proj"][...].sharding.spec == fsdp
+    momentum = new.opt_state[0].trace["layers"]["attn"]["q_proj"][...]
     assert momentum.sharding.spec == fsdp
 
 
@@ -287,6 +287,15 @@ def test_schedule_and_decay_mask():
     )
     mask = optim.decay_mask({"w": jnp.ones((2, 2)), "norm": jnp.ones(2)})
     assert mask == {"w": True, "norm": False}
+    # stacked per-layer weights: the layer axis does not make a norm scale a matrix
+    _, params = tiny_params(CFG)
+    flat = {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
+    }
+    decayed = {k for k, v in flat.items() if v}
+    assert any("q_proj" in k for k in decayed) and any("embed" in k for k in decayed)
+    assert not any("norm" in k for k in decayed), decayed
     with pytest.raises(ValueError, match="total_steps"):
         optim.OptimizerConfig(schedule="cosine", warmup_steps=5, total_steps=5)
     tc = ts.TrainConfig.from_mapping({"num_microbatches": 4, "old_logprobs": "recompute", "x": 1})

@@ -10,14 +10,9 @@ from meljax.models.checkpoint_io import (
 )
 from meljax.models.config import ModelConfig, resolve_dtype
 from meljax.models.gguf_import import convert_gguf, demo_gguf_path, demo_model_dir
+from meljax.models.kv_cache import Cache, cache_bytes, init_cache, split_cache, stack_cache
 from meljax.models.tokenizer import load_tokenizer, resolve_model_path
-from meljax.models.transformer import (
-    Cache,
-    Transformer,
-    cache_bytes,
-    default_positions,
-    init_cache,
-)
+from meljax.models.transformer import Transformer, default_positions, prefer_split_layers
 
 __all__ = [
     "Cache",
@@ -34,8 +29,11 @@ __all__ = [
     "init_cache",
     "iter_hf_weights",
     "load_tokenizer",
+    "prefer_split_layers",
     "resolve_dtype",
     "resolve_model_path",
     "save_pretrained",
+    "split_cache",
+    "stack_cache",
     "weight_specs",
 ]

@@ -10,6 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+REMAT_POLICIES = ("auto", "none", "full", "dots", "dots_no_batch")
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -46,8 +47,17 @@ class ModelConfig:
       qk_norm: RMSNorm over ``head_dim`` on queries and keys before RoPE (Qwen3).
       tie_word_embeddings: the output projection is the transposed input embedding.
       dtype: compute dtype of activations; param_dtype: storage dtype of weights.
-      remat: recompute each block's activations in the backward pass (cache-free forward
-        only), so training memory grows with one layer's activations, not all of them.
+      scan_layers: run the (stacked) layers under ``jax.lax.scan`` (one compiled layer: fast
+        compiles for deep models) instead of an unrolled loop; same results.
+      remat_policy: what the backward pass of the cache-free forward recomputes per layer:
+        ``none``, ``full`` (the whole layer; memory grows with one layer's activations),
+        ``dots`` / ``dots_no_batch`` (keep matmul outputs), ``auto`` (full on TPU/GPU, the
+        measured fastest on CPU; see ``transformer.resolve_remat``).
+      attention_impl: ``auto``, ``xla``, ``chunked``, ``splash`` (TPU) or ``cudnn`` (GPU); see
+        ``meljax.models.attention``.
+      attention_block_size: query / key block of the ``chunked`` attention (tokens).
+      prefill_chunk_size: prompts longer than this are written into the KV cache in chunks of
+        this many tokens (``Transformer.prefill``); 0 disables chunking.
     """
 
     model_type: str = "llama"
@@ -71,9 +81,24 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = True
+    scan_layers: bool = True
+    remat_policy: str = "auto"
+    attention_impl: str = "auto"
+    attention_block_size: int = 512
+    prefill_chunk_size: int = 2048
 
     def __post_init__(self):
+        from meljax.models.attention import IMPLS
+
+        if self.attention_impl not in IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        if self.attention_block_size < 1 or self.prefill_chunk_size < 0:
+            raise ValueError(
+                f"attention_block_size={self.attention_block_size} must be >= 1 and "
+                f"prefill_chunk_size={self.prefill_chunk_size} >= 0"
+            )
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
@@ -106,8 +131,13 @@ class ModelConfig:
         return self.num_layers * layer + emb + d
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict, *, dtype=jnp.float32, param_dtype=None) -> ModelConfig:
-        """Builds the config from a parsed Hugging Face ``config.json`` (transformers 4.x or 5.x)."""
+    def from_hf_dict(
+        cls, cfg: dict, *, dtype=jnp.float32, param_dtype=None, **overrides
+    ) -> ModelConfig:
+        """Builds the config from a parsed Hugging Face ``config.json`` (transformers 4.x or 5.x).
+
+        ``overrides`` set fields that ``config.json`` does not hold (``scan_layers``,
+        ``remat_policy``, ``attention_impl`` ...)."""
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -154,6 +184,7 @@ class ModelConfig:
             pad_token_id=cfg.get("pad_token_id"),
             dtype=resolve_dtype(dtype),
             param_dtype=resolve_dtype(param_dtype if param_dtype is not None else dtype),
+            **overrides,
         )
 
     @classmethod

@@ -1,176 +1,171 @@
 """One decoder-only transformer for the Llama / SmolLM2 / Qwen2 / Qwen3 family (flax nnx).
 
 Weights are stored in JAX layout (``[in, out]``, heads split out) and each carries logical axis
-names under the ``logical_axes`` metadata key (see ``meljax.sharding``).
+names under the ``logical_axes`` metadata key (see ``meljax.sharding``). Every per-layer weight is
+stacked along a leading ``[num_layers]`` axis (logical axis ``"layers"``, never sharded) under
+``model.layers`` (paths like ``("layers", "attn", "q_proj")``, see ``layers.layer_weights``).
 
-Attention works with or without a KV cache. Without a cache, ``kv_mask[b, s]`` marks real tokens
-of the input and attention is causal over slots. With a cache the caller owns a
-``[batch, max_len]`` validity mask over cache slots; the new keys/values are written at
-``cache_index`` and query ``t`` sees slot ``s`` iff ``kv_mask[b, s] and s <= cache_index + t``.
-Positions (for RoPE) are passed explicitly, so left padding costs nothing in correctness.
+The layers run under ``jax.lax.scan`` when ``cfg.scan_layers`` (one compiled layer, fast
+compiles for deep models) or as an unrolled loop over static slices otherwise; both give the
+same numbers. Without a cache, each layer is rematerialised in the backward pass according to
+``cfg.remat_policy`` (``resolve_remat``).
+
+Forward with a KV cache (``forward_hidden(tokens, positions, kv_mask, cache, cache_index,
+kv_len=...)``; cache layout in ``meljax.models.kv_cache``):
+
+- ``kv_mask`` bool ``[B, S]`` marks valid cache slots (including the ``T`` slots being written);
+- ``cache_index`` is the slot of the first new token: a Python int, a scalar, or int32 ``[B]``
+  (each row writes its ``T`` new tokens at its own slots ``cache_index[b] + t``);
+- only the first ``kv_len`` slots are attended (static; default ``cache_index + T`` when the
+  index is a Python int, else ``S``), so a decode segment costs what the filled part costs;
+- query ``t`` of row ``b`` (slot ``s_q = cache_index[b] + t``) sees slot ``s`` iff
+  ``kv_mask[b, s] and s <= s_q``. Positions (for RoPE) are passed explicitly, so left padding
+  costs nothing in correctness.
+
+Without a cache, ``kv_mask`` ``[B, T]`` marks real tokens and attention is causal over slots.
+``prefill`` writes a long prompt chunk by chunk, each chunk attending to the cache prefix.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meljax.models.config import ModelConfig
+from meljax import sharding as shd
+from meljax.models import kv_cache
+from meljax.models.config import REMAT_POLICIES, ModelConfig
+from meljax.models.kv_cache import Cache, cache_bytes, init_cache
+from meljax.models.layers import (
+    RESIDUAL,
+    LayerInputs,
+    decoder_layer,
+    layer_weights,
+    rms_norm,
+    rope_inv_freq,
+)
 
-Cache = list[dict[str, jax.Array]]  # one {"k": [B,K,hd,S], "v": [B,K,S,hd]} per layer
-_INIT = nnx.initializers.normal(0.02)
-_NEG = -1e30  # finite, so fully masked rows (padding) give a uniform softmax, not NaN
+_INITS = {
+    "normal": nnx.initializers.normal(0.02),
+    "zeros": nnx.initializers.zeros,
+    "ones": nnx.initializers.ones,
+}
+# "auto" on CPU: measured on the update step (SmolLM2-135M, 16 x 256 tokens, f32, 2 cores).
+CPU_REMAT = "none"
 
-
-def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_INIT) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, cast back to ``x.dtype`` (as in Hugging Face Llama)."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * y.astype(x.dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """Inverse RoPE frequencies ``[head_dim // 2]`` with optional llama3 / linear scaling."""
-    hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    sc = cfg.rope_scaling
-    if not sc:
-        return inv
-    if sc["rope_type"] == "linear":
-        return inv / sc["factor"]
-    # llama3: long wavelengths are slowed by ``factor``, short ones kept, a smooth ramp between.
-    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
-    old = sc["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
-    return jnp.where(medium, smoothed, scaled)
+LayerWeights = dict[str, jax.Array] | tuple[dict[str, jax.Array], ...]
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotates ``x`` ``[B, T, heads, hd]`` by ``positions`` ``[B, T]`` (rotate-half convention)."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str) -> nnx.Param:
+    return nnx.Param(_INITS[init](rngs.params(), shape, dtype), logical_axes=axes)
 
 
-class Attention(nnx.Module):
+class _Group(nnx.Module):
+    """A named group of stacked weights (``attn`` / ``mlp``)."""
+
+    def __init__(self, params: dict[str, nnx.Param]):
+        for name, p in params.items():
+            setattr(self, name, p)
+
+
+class LayerStack(nnx.Module):
+    """All decoder layers' weights, each ``[num_layers, ...]``."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, h, kv, hd, pd = (
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.param_dtype,
-        )
-        self.cfg = cfg
-        self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd)
-        self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
-        self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
-        self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd)
-        if cfg.attention_bias:
-            zeros = nnx.initializers.zeros
-            self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd, zeros)
-            self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, zeros)
-            self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, zeros)
-        if cfg.qk_norm:
-            ones = nnx.initializers.ones
-            self.q_norm = _param(rngs, (hd,), ("norm",), pd, ones)
-            self.k_norm = _param(rngs, (hd,), ("norm",), pd, ones)
+        groups: dict[str, dict[str, nnx.Param]] = {"attn": {}, "mlp": {}}
+        for name, info in layer_weights(cfg).items():
+            shape = (cfg.num_layers, *info.shape)
+            p = _param(rngs, shape, ("layers", *info.axes), cfg.param_dtype, info.init)
+            if info.group:
+                groups[info.group][name] = p
+            else:
+                setattr(self, name, p)
+        self.attn = _Group(groups["attn"])
+        self.mlp = _Group(groups["mlp"])
 
-    def __call__(self, x, positions, mask, inv_freq, layer_cache, cache_index):
-        cfg, dt = self.cfg, self.cfg.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
-        if cfg.attention_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
-        if cfg.qk_norm:
-            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
-            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        # Cache layout: keys ``[B, K, hd, S]`` and values ``[B, K, S, hd]``, queries
-        # ``[B, K, G*T, hd]``. Batch and kv-head axes lead everywhere and both attention
-        # matmuls are plain ``[rows, n] @ [n, cols]`` products over the cache, so a decode step
-        # streams the cache once, never transposing it. (For T == 1 every transpose below is a
-        # free reshape.)
-        b, t, h, hd = q.shape
-        kv_heads = cfg.num_kv_heads
-        groups = h // kv_heads
-        k = k.transpose(0, 2, 3, 1)
-        v = v.transpose(0, 2, 1, 3)
-        if layer_cache is not None:
-            ck = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, 0, 0, cache_index)
-            )
-            cv = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, 0, cache_index, 0)
-            )
-            layer_cache = {"k": ck, "v": cv}
-            k, v = ck.astype(dt), cv.astype(dt)
-        q = q.reshape(b, t, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
-        q = q.reshape(b, kv_heads, groups * t, hd)
-        scores = jnp.einsum("bkqh,bkhs->bkqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores.reshape(b, kv_heads, groups, t, -1) / math.sqrt(hd)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        probs = probs.reshape(b, kv_heads, groups * t, -1)
-        out = jnp.einsum("bkqs,bksh->bkqh", probs, v).reshape(b, kv_heads, groups, t, hd)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
-        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), layer_cache
+    def weights(self, cfg: ModelConfig) -> dict[str, jax.Array]:
+        """Flat ``name -> [L, ...]`` arrays (the scan's ``xs``)."""
+        out = {}
+        for name, info in layer_weights(cfg).items():
+            owner = getattr(self, info.group) if info.group else self
+            out[name] = getattr(owner, name)[...]
+        return out
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
-        self.dtype = cfg.dtype
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+def resolve_remat(policy: str):
+    """``None`` (no rematerialisation) or the ``jax.checkpoint`` policy for ``policy``.
 
-    def __call__(self, x):
-        dt = self.dtype
-        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
-        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+    ``full`` saves only each layer's input (recomputes the whole layer), ``dots`` keeps every
+    matmul output, ``dots_no_batch`` the matmuls without batch dimensions (weight products),
+    ``auto``: full on TPU/GPU (memory is what limits the batch there), ``CPU_REMAT`` on CPU.
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {policy!r}; choose one of {REMAT_POLICIES}")
+    if policy == "auto":
+        policy = CPU_REMAT if shd.current_platform() == "cpu" else "full"
+    cp = jax.checkpoint_policies
+    return {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+    }[policy]
 
 
-class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        ones = nnx.initializers.ones
-        self.eps = cfg.rms_norm_eps
-        self.input_norm = _param(rngs, (cfg.hidden_size,), ("norm",), cfg.param_dtype, ones)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.post_attn_norm = _param(rngs, (cfg.hidden_size,), ("norm",), cfg.param_dtype, ones)
-        self.mlp = MLP(cfg, rngs=rngs)
+def prefer_split_layers() -> bool:
+    """Whether decoding should unroll the layers over separate arrays (``split_layers`` and a
+    split cache): on CPU a stacked ``[L, ...]`` weight sliced per layer is copied before each
+    matmul (measured: 30 SmolLM2-sized MLPs at 16 rows, 44 ms scanned vs 35 ms split)."""
+    return shd.current_platform() == "cpu"
 
-    def __call__(self, x, positions, mask, inv_freq, layer_cache, cache_index):
-        h, layer_cache = self.attn(
-            rms_norm(x, self.input_norm[...], self.eps),
-            positions,
-            mask,
-            inv_freq,
-            layer_cache,
-            cache_index,
-        )
-        x = x + h
-        x = x + self.mlp(rms_norm(x, self.post_attn_norm[...], self.eps))
-        return x, layer_cache
+
+def run_layers(
+    cfg: ModelConfig,
+    weights: LayerWeights,
+    x: jax.Array,
+    inputs: LayerInputs,
+    cache: Cache | None,
+) -> tuple[jax.Array, Cache | None]:
+    """All decoder layers on ``x`` ``[B, T, D]``: scanned (stacked weights and
+    ``cfg.scan_layers``) or unrolled (split weights, or ``scan_layers=False``)."""
+    layer = functools.partial(decoder_layer, cfg)
+    n = cfg.num_layers
+    if cache is None:
+        policy = resolve_remat(cfg.remat_policy)
+
+        def body(x, w):
+            return layer(w, x, inputs)[0]
+
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
+    split = isinstance(weights, tuple)
+    if not split and cfg.scan_layers:
+        if cache is None:
+            x, _ = jax.lax.scan(lambda x, w: (body(x, w), None), x, weights)
+            return x, None
+
+        def step(carry, xs):
+            x, c = carry
+            x, c = layer(xs[0], x, inputs, c, xs[1])
+            return (x, c), None
+
+        xs = (weights, jnp.arange(n, dtype=jnp.int32))
+        (x, cache), _ = jax.lax.scan(step, (x, kv_cache.stack_cache(cache)), xs)
+        return x, cache
+    stacked_cache = cache is not None and kv_cache.is_stacked(cache)
+    new_cache = [] if cache is not None and not stacked_cache else None
+    for i in range(n):
+        w = weights[i] if split else {k: v[i] for k, v in weights.items()}
+        if cache is None:
+            x = body(x, w)
+        elif stacked_cache:
+            x, cache = layer(w, x, inputs, cache, i)
+        else:
+            x, c = layer(w, x, inputs, cache[i])
+            new_cache.append(c)
+    return x, (cache if new_cache is None else tuple(new_cache))
 
 
 class Transformer(nnx.Module):
@@ -179,13 +174,12 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        pd = cfg.param_dtype
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        ones = nnx.initializers.ones
-        self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones)
+        pd, d, v = cfg.param_dtype, cfg.hidden_size, cfg.vocab_size
+        self.embed = _param(rngs, (v, d), ("vocab", "embed"), pd, "normal")
+        self.layers = LayerStack(cfg, rngs=rngs)
+        self.final_norm = _param(rngs, (d,), ("norm",), pd, "ones")
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+            self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), pd, "normal")
 
     def __call__(
         self,
@@ -205,6 +199,14 @@ class Transformer(nnx.Module):
         hidden, _ = self.forward_hidden(tokens, positions, kv_mask)
         return self.project(hidden)
 
+    def split_layers(self, dtype=None) -> tuple[dict[str, jax.Array], ...]:
+        """Per-layer weight dicts (one copy, in ``dtype`` when given): pass as ``layers=`` to
+        decode with the layers unrolled over separate arrays (see ``prefer_split_layers``)."""
+        stacked = self.layers.weights(self.cfg)
+        if dtype is not None:
+            stacked = {k: v.astype(dtype) for k, v in stacked.items()}
+        return tuple({k: v[i] for k, v in stacked.items()} for i in range(self.cfg.num_layers))
+
     def forward_hidden(
         self,
         tokens: jax.Array,
@@ -212,6 +214,9 @@ class Transformer(nnx.Module):
         kv_mask: jax.Array,
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
+        *,
+        kv_len: int | None = None,
+        layers: LayerWeights | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         """Final normalised hidden states ``[B, T, D]`` and the updated cache.
 
@@ -220,39 +225,64 @@ class Transformer(nnx.Module):
           positions: int32 ``[B, T]`` RoPE positions.
           kv_mask: bool ``[B, T]`` without a cache, else ``[B, S]`` over cache slots (including
             the ``T`` slots being written now).
-          cache: per layer, keys ``[B, kv_heads, head_dim, S]`` and values
-            ``[B, kv_heads, S, head_dim]`` (see ``init_cache``), or ``None``.
-          cache_index: first cache slot written by these tokens (scalar).
+          cache: stacked or split cache (``meljax.models.kv_cache``), or ``None``.
+          cache_index: first cache slot written by these tokens: int, scalar or int32 ``[B]``.
+          kv_len: attend to the first ``kv_len`` cache slots only (static; see module doc).
+          layers: the layer weights to use (default: this model's stacked weights), e.g. the
+            per-layer dicts of ``split_layers``.
         """
         cfg = self.cfg
         t = tokens.shape[1]
         if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & kv_mask[:, None, :].astype(bool)
+            kv_len, kv_valid = t, kv_mask.astype(bool)
         else:
-            s = kv_mask.shape[1]
-            q_slot = cache_index + jnp.arange(t)
-            mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]
+            s = kv_cache.cache_len(cache)
+            if kv_len is None:
+                kv_len = min(cache_index + t, s) if isinstance(cache_index, int) else s
+            kv_valid = kv_mask[:, :kv_len].astype(bool)
+        inputs = LayerInputs(
+            positions=positions,
+            inv_freq=rope_inv_freq(cfg),
+            kv_valid=kv_valid,
+            cache_index=cache_index,
+            kv_len=kv_len,
+            impl=cfg.attention_impl,
+            block_size=cfg.attention_block_size,
+        )
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
-        inv_freq = rope_inv_freq(cfg)
-        new_cache = [] if cache is not None else None
-        if cache is None and cfg.remat:
-            # Recompute each block in the backward pass (TPU/GPU schedulers then keep one
-            # block's activations alive; XLA:CPU's scheduler gains little from it).
-            def run_block(layer, x):
-                return layer(x, positions, mask, inv_freq, None, 0)[0]
+        x = shd.constrain(x, RESIDUAL)
+        weights = self.layers.weights(cfg) if layers is None else layers
+        x, cache = run_layers(cfg, weights, x, inputs, cache)
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
 
-            block = nnx.remat(run_block)
-            for layer in self.layers:
-                x = block(layer, x)
-        else:
-            for i, layer in enumerate(self.layers):
-                x, lc = layer(
-                    x, positions, mask, inv_freq, cache[i] if cache else None, cache_index
-                )
-                if cache is not None:
-                    new_cache.append(lc)
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), new_cache
+    def prefill(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        kv_mask: jax.Array,
+        cache: Cache,
+        chunk_size: int | None = None,
+        *,
+        layers: LayerWeights | None = None,
+    ) -> tuple[jax.Array, Cache]:
+        """Writes a prompt ``[B, P]`` into cache slots ``0 .. P-1`` chunk by chunk (each chunk
+        of ``chunk_size`` tokens attends to the cache prefix written so far, so no ``[P, P]``
+        score tensor exists); returns the hidden states ``[B, P, D]`` and the cache."""
+        p = tokens.shape[1]
+        chunk = p if not chunk_size else min(chunk_size, p)
+        hidden = []
+        for start in range(0, p, chunk):
+            stop = min(start + chunk, p)
+            h, cache = self.forward_hidden(
+                tokens[:, start:stop],
+                positions[:, start:stop],
+                kv_mask,
+                cache,
+                start,
+                layers=layers,
+            )
+            hidden.append(h)
+        return (hidden[0] if len(hidden) == 1 else jnp.concatenate(hidden, axis=1)), cache
 
     def lm_head_kernel(self) -> jax.Array:
         """Output projection ``[D, V]`` (the transposed embedding when tied)."""
@@ -278,30 +308,24 @@ class Transformer(nnx.Module):
         logits_t = jnp.einsum("vd,rd->vr", emb, hidden, preferred_element_type=jnp.float32)
         return jax.lax.optimization_barrier(logits_t).T
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-        """Zeroed KV cache (see the module-level ``init_cache``)."""
-        return init_cache(self.cfg, batch, max_len, dtype)
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
-    """Zeroed KV cache, one ``{"k", "v"}`` per layer: keys ``[batch, kv_heads, head_dim,
-    max_len]`` (slots minor) and values ``[batch, kv_heads, max_len, head_dim]``, so that
-    ``q @ K`` and ``probs @ V`` both read the cache in its stored order."""
-    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
-    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    dt = cfg.dtype if dtype is None else dtype
-    return [
-        {"k": jnp.zeros(k_shape, dt), "v": jnp.zeros(v_shape, dt)} for _ in range(cfg.num_layers)
-    ]
-
-
-def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> int:
-    """Memory of a KV cache in bytes (keys and values of every layer)."""
-    dt = jnp.dtype(cfg.dtype if dtype is None else dtype)
-    return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * dt.itemsize
+    def init_cache(self, batch: int, max_len: int, dtype=None, *, stacked: bool = True) -> Cache:
+        """Zeroed KV cache (see ``meljax.models.kv_cache.init_cache``)."""
+        return init_cache(self.cfg, batch, max_len, dtype, stacked=stacked)
 
 
 def default_positions(kv_mask: jax.Array) -> jax.Array:
     """RoPE positions ``[B, T]``: the number of real tokens before each slot (0 on padding)."""
     m = kv_mask.astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+__all__ = [
+    "Cache",
+    "Transformer",
+    "cache_bytes",
+    "default_positions",
+    "init_cache",
+    "prefer_split_layers",
+    "resolve_remat",
+    "run_layers",
+]

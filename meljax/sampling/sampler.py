@@ -40,8 +40,10 @@ from jax.sharding import Mesh
 
 from meljax import sharding as shd
 from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
+from meljax.models import kv_cache
 from meljax.models.config import ModelConfig, resolve_dtype
-from meljax.models.transformer import cache_bytes, default_positions, init_cache
+from meljax.models.kv_cache import cache_bytes, init_cache
+from meljax.models.transformer import default_positions, prefer_split_layers
 
 _NEG_INF = -jnp.inf
 
@@ -282,9 +284,34 @@ def _constrain(x: jax.Array, mesh: Mesh | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
 
 
+def _cache_map(fn, cache):
+    """Applies ``fn(array, batch_axis)`` to every buffer of a stacked or split cache."""
+    axis = 1 if kv_cache.is_stacked(cache) else 0
+    return jax.tree.map(lambda c: fn(c, axis), cache)
+
+
+def _constrain_cache(c: jax.Array, batch_axis: int) -> jax.Array:
+    """Rows over the data axes, kv heads over ``tensor`` (no-op without a mesh in context)."""
+    axes = (None,) * batch_axis + ("batch", "kv_heads", None, None)
+    return shd.constrain(c, axes)
+
+
+def _in_mesh_context(fn):
+    """Runs ``fn`` with its ``mesh`` keyword in context (``sharding.use_mesh``), so the model's
+    activation constraints apply while it is traced."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, mesh=None, **kw):
+        with shd.use_mesh(mesh):
+            return fn(*args, mesh=mesh, **kw)
+
+    return wrapped
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "num_samples", "max_len", "cache_dtype", "mesh")
 )
+@_in_mesh_context
 def sample_core(
     params: Any,
     prompt_tokens: jax.Array,
@@ -338,15 +365,20 @@ def sample_core(
     # slots <= P + j (causality inside forward_hidden), all of which are written by then.
     kv_mask = jnp.concatenate([prompt_mask, jnp.ones((b, m), bool)], axis=1)
     positions = default_positions(prompt_mask)
-    cache = init_cache(cfg, b, p + m, cache_dtype)
-    cache = jax.tree.map(lambda c: _constrain(c, mesh), cache)
-    hidden, cache = model.forward_hidden(prompt_tokens, positions, kv_mask, cache, 0)
+    # On CPU the layers run unrolled over per-layer weight copies (made once per call, in the
+    # compute dtype) and a split cache; elsewhere scanned over the stacked ones.
+    split = prefer_split_layers()
+    layers = model.split_layers(cfg.dtype) if split else None
+    cache = _cache_map(_constrain_cache, init_cache(cfg, b, p + m, cache_dtype, stacked=not split))
+    hidden, cache = model.prefill(
+        prompt_tokens, positions, kv_mask, cache, cfg.prefill_chunk_size, layers=layers
+    )
     first_logits = model.project_rows(hidden[:, -1])  # [B, V]
 
     def rep(x):
         return _constrain(jnp.repeat(x, g, axis=0), mesh)
 
-    cache = jax.tree.map(rep, cache)
+    cache = _cache_map(lambda c, ax: _constrain_cache(jnp.repeat(c, g, axis=ax), ax), cache)
     kv_mask = rep(kv_mask)
     logits = rep(first_logits)
     next_pos = rep(prompt_mask.sum(axis=1).astype(jnp.int32))  # position of completion token 0
@@ -386,7 +418,9 @@ def sample_core(
         def feed(operands):
             logits, cache = operands
             pos = (next_pos + step)[:, None]
-            hidden, cache = model.forward_hidden(tok[:, None], pos, kv_mask, cache, p + step)
+            hidden, cache = model.forward_hidden(
+                tok[:, None], pos, kv_mask, cache, p + step, layers=layers
+            )
             return model.project_rows(hidden[:, 0]), cache
 
         more = (step + 1 < max_new_tokens) & ~jnp.all(done)
