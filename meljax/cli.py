@@ -15,6 +15,7 @@ COMMANDS = {
     "sample": "sample completions from a model",
     "convert": "GGUF, HF folder or training checkpoint -> Hugging Face folder",
     "report": "plot a run's curves to a PNG and print a summary",
+    "plan": "compile a run for a TPU slice (or cpu:N): memory, FLOPs, collectives, fit",
 }
 
 

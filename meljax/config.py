@@ -19,7 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = "demo"  # HF folder, a .gguf file, or "demo" (the embedded SmolLM2-135M)
     c.model.tokenizer = ""  # tokenizer folder; "" = model.path
     c.model.dtype = "float32"  # compute dtype of activations: float32 | bfloat16
-    c.model.param_dtype = "float32"  # storage dtype of weights (optimizer state is float32)
+    c.model.param_dtype = (
+        "float32"  # storage dtype of loaded weights (training: optim.master_dtype)
+    )
     c.model.random_init = False  # True: random weights from model.random (tests, smoke runs)
     c.model.random = ml_collections.ConfigDict()  # architecture for random_init
     c.model.random.model_type = "llama"  # llama | qwen2 | qwen3
@@ -99,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8  # AdamW epsilon
     c.optim.weight_decay = 0.0  # AdamW decoupled weight decay
     c.optim.max_grad_norm = 1.0  # global-norm gradient clipping (0 = off)
+    # dtype of the trained (master) weights and both Adam moments, whatever model.param_dtype
+    # stores the checkpoint in: bfloat16 halves their memory but rounds away small updates
+    c.optim.master_dtype = "float32"  # float32 | bfloat16
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # pure data parallel axis size
@@ -173,6 +178,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         "optim.schedule": ("constant", "cosine"),
         "model.dtype": ("float32", "bfloat16"),
         "model.param_dtype": ("float32", "bfloat16"),
+        "optim.master_dtype": ("float32", "bfloat16"),
         "logging.progress_bar": ("auto", "on", "off"),
     }
     for key, allowed in choices.items():

@@ -347,7 +347,7 @@ def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch
         return jax.jit(impl, donate_argnums=donate_argnums)
     cache: dict = {}
 
-    def call(first, batch):
+    def jitted(first, batch):
         key = (jax.tree_util.tree_structure(first), jax.tree_util.tree_structure(batch))
         if key not in cache:
             s_first = state_shardings(first, mesh)
@@ -360,9 +360,14 @@ def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch
                 donate_argnums=donate_argnums,
             )
             cache[key] = (fn, s_batch)
-        fn, s_batch = cache[key]
+        return cache[key]
+
+    def call(first, batch):
+        fn, s_batch = jitted(first, batch)
         return fn(first, shd.put_global(batch, s_batch))
 
+    # ahead of time: ``call.lower(abstract_state, abstract_batch).compile()`` (meljax plan)
+    call.lower = lambda first, batch: jitted(first, batch)[0].lower(first, batch)
     return call
 
 
@@ -448,6 +453,7 @@ def make_compute_logprobs(
             params = params.params
         return jitted(params, seq)
 
+    compute_logprobs.lower = jitted.lower  # ahead of time (params, seq); see _jit_for_state
     return compute_logprobs
 
 

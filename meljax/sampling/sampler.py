@@ -588,7 +588,13 @@ class Sampler:
                 for x in (tokens, mask, valid)
             )
         before = _TRACE_COUNT
-        out = sample_core(
+        out = self._call_core(sample_core, params, tokens, mask, valid, sampling, key, m)
+        self.compile_count += _TRACE_COUNT - before
+        return out
+
+    def _call_core(self, fn, params, tokens, mask, valid, sampling: SamplingParams, key, m: int):
+        """``fn`` is ``sample_core`` (run) or ``sample_core.lower`` (ahead-of-time)."""
+        return fn(
             params,
             tokens,
             mask,
@@ -606,8 +612,21 @@ class Sampler:
             cache_dtype=self.cache_dtype,
             mesh=self.mesh,
         )
-        self.compile_count += _TRACE_COUNT - before
-        return out
+
+    def lower(self, params, num_prompts: int, prompt_len: int, sampling: SamplingParams):
+        """The program ``sample`` would compile for ``num_prompts`` prompts of up to
+        ``prompt_len`` tokens, lowered ahead of time (``.compile()`` it). ``params`` may be
+        abstract (``jax.ShapeDtypeStruct`` leaves with shardings): nothing is allocated."""
+        sampling.validate()
+        b, p, m = self.shapes(num_prompts, prompt_len, sampling)
+
+        def spec(shape, dtype):
+            sharding = None if self.mesh is None else shd.batch_sharding(self.mesh, len(shape))
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        inputs = spec((b, p), jnp.int32), spec((b, p), jnp.bool_), spec((b,), jnp.bool_)
+        key = jax.random.key(0)
+        return self._call_core(sample_core.lower, params, *inputs, sampling, key, m)
 
     def sample(
         self,

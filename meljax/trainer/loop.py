@@ -25,7 +25,6 @@ from meljax.meta import MetaConfig, MetaExperiencePipeline
 from meljax.models import save_pretrained
 from meljax.optim import OptimizerConfig, make_optimizer
 from meljax.train_step import (
-    init_train_state,
     make_compute_logprobs,
     make_train_step,
     train_on_batch,
@@ -191,8 +190,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
     pad_id = setup.pad_token_id(tokenizer, stop_ids)
 
     optimizer, schedule = make_optimizer(optimizer_config(cfg))
-    master = "bfloat16" if cfg.model.param_dtype == "bfloat16" else "float32"
-    state = init_train_state(params, optimizer, mesh, master_dtype=master)
+    state = setup.init_state(cfg, params, optimizer, mesh)
     ref_params = (
         jax.tree.map(lambda x: x.copy(), state.params) if cfg.algorithm.kl_beta > 0 else None
     )

@@ -1,0 +1,529 @@
+"""Reading compiled HLO text: collectives, and FLOPs / bytes with loop trip counts.
+
+``compiled.as_text()`` (TPU, GPU or CPU) lists computations; each instruction reads
+``%name = SHAPE opcode(%operand, ...), attr=..., ...``. XLA's own ``cost_analysis()`` counts the
+body of every ``while`` loop ONCE, whatever its trip count, so a scanned update (micro-batches,
+log-prob chunks, scanned layers) or a decode loop is under-counted by its trip count. Here every
+computation is weighted by how often it runs:
+
+- a ``while`` whose condition compares its counter with a constant (``lax.scan``,
+  ``fori_loop``) runs that many times (XLA's ``known_trip_count`` is used when present); a loop
+  whose end depends on data (the sampler's decode loop) runs ``dynamic_trip_count`` times, an
+  upper bound the caller gives (e.g. the new-token limit);
+- of a ``conditional``'s branches only the costliest is counted (an upper bound);
+- fusions and called computations run as often as their caller.
+
+:func:`collectives` lists the collectives with their bytes and run counts. On TPU a
+reduce-scatter is a fusion ``all-reduce-scatter*`` around an ``all-reduce`` + ``dynamic-slice``;
+it is reported as ``reduce-scatter``. :func:`program_cost` gives FLOPs (of ``dot`` and
+``convolution``) and HBM bytes (operands + results of every unfused instruction), once per loop
+body and with trip counts, so a caller can scale ``cost_analysis()`` by their ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+# bytes per element (4-bit types count half a byte)
+DTYPE_BYTES = {
+    "pred": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
+COLLECTIVE_KINDS = (
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
+# opcodes that move no HBM bytes of their own (containers, views, bookkeeping)
+_NO_TRAFFIC = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "while",
+    "conditional",
+    "call",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "copy-done",
+    "all-gather-done",
+    "all-reduce-done",
+    "collective-permute-done",
+    "async-done",
+    "async-update",
+}
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    shape: str  # result shape text, e.g. "bf16[8,128]{1,0}" or a tuple "(f32[], s32[2])"
+    opcode: str
+    operands: list[str]  # operand instruction names
+    literal: str  # the raw text between the opcode's parentheses (a constant's value)
+    attrs: str  # everything after the operand list
+
+    def attr(self, key: str) -> str | None:
+        """The value of ``key=...`` (up to the next top-level comma), or ``None``."""
+        m = re.search(rf"(?:^|[ ,]){re.escape(key)}=", self.attrs)
+        if not m:
+            return None
+        return _balanced_prefix(self.attrs[m.end() :], stop=",").strip()
+
+    def called(self, key: str) -> list[str]:
+        """Computation names in ``key=%c`` or ``key={%a, %b}``."""
+        return re.findall(r"%?([\w.\-]+)", self.attr(key) or "")
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    instructions: list[Instruction]
+    root: str
+    is_entry: bool = False
+
+    def __post_init__(self):
+        self.by_name = {i.name: i for i in self.instructions}
+
+
+def _balanced_prefix(text: str, stop: str) -> str:
+    """``text`` up to the first ``stop`` character outside brackets / quotes (or up to an
+    unmatched closing bracket)."""
+    depth, quote = 0, False
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quote = not quote
+        elif quote:
+            continue
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                return text[:i]
+        elif ch in stop and depth == 0:
+            return text[:i]
+    return text
+
+
+def _split_instruction(rest: str) -> tuple[str, str, str, str] | None:
+    """``SHAPE opcode(operands), attrs`` -> (shape, opcode, operand text, attrs)."""
+    if rest.startswith("("):  # tuple shape
+        shape = "(" + _balanced_prefix(rest[1:], stop="") + ")"
+    else:
+        shape = _balanced_prefix(rest, stop=" ")
+    tail = rest[len(shape) :].lstrip()
+    m = re.match(r"([\w\-]+)\(", tail)
+    if not m:
+        return None
+    body = _balanced_prefix(tail[m.end() :], stop="")
+    attrs = tail[m.end() + len(body) + 1 :].lstrip(", ")
+    return shape, m.group(1), body, attrs
+
+
+def parse_module(text: str) -> tuple[dict[str, Computation], str]:
+    """All computations of an HLO module text, and the name of the entry computation."""
+    comps: dict[str, Computation] = {}
+    entry = ""
+    current: list[Instruction] | None = None
+    name, is_entry, root = "", False, ""
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m:
+                name, is_entry, current, root = m.group(2), bool(m.group(1)), [], ""
+            continue
+        if line.startswith("}"):
+            root = root or (current[-1].name if current else "")
+            comps[name] = Computation(name, current, root, is_entry)
+            if is_entry:
+                entry = name
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        parts = _split_instruction(m.group(3))
+        if parts is None:
+            continue
+        shape, opcode, body, attrs = parts
+        names = re.findall(r"%([\w.\-]+)", body)
+        current.append(Instruction(m.group(2), shape, opcode, names, body, attrs))
+        if m.group(1):
+            root = m.group(2)
+    if not entry and comps:
+        entry = list(comps)[-1]
+    return comps, entry
+
+
+def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``(dtype, dims)`` of every array in a shape text (tuples flattened)."""
+    out = []
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype in DTYPE_BYTES:
+            out.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+    return out
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of a shape text (all tuple elements)."""
+    return int(sum(DTYPE_BYTES[t] * math.prod(d) for t, d in arrays(shape)))
+
+
+def _elements(shape: str) -> int:
+    return sum(math.prod(d) for _, d in arrays(shape))
+
+
+# ------------------------------------------------------------------------------ loop trip counts
+
+
+def _constant(instr: Instruction | None) -> int | None:
+    if instr is None or instr.opcode != "constant":
+        return None
+    try:
+        return int(instr.literal.strip())
+    except ValueError:
+        return None
+
+
+def trip_count(loop: Instruction, caller: Computation, comps: dict[str, Computation]) -> int | None:
+    """Iterations of a ``while`` instruction, or ``None`` when its end depends on data.
+
+    Recognises ``known_trip_count`` and conditions of the form ``counter < N`` / ``counter <= N``
+    (either operand order), the counter starting at the init tuple's constant (else 0).
+    """
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attrs)
+    if m:
+        return int(m.group(1))
+    names = loop.called("condition")
+    cond = comps.get(names[0]) if names else None
+    if cond is None:
+        return None
+    root = cond.by_name.get(cond.root)
+    if root is None or root.opcode != "compare" or len(root.operands) != 2:
+        return None
+    direction = root.attr("direction") or ""
+    a, b = (cond.by_name.get(n) for n in root.operands)
+    if a is not None and a.opcode == "constant":
+        a, b = b, a
+        direction = {"GT": "LT", "GE": "LE"}.get(direction, "")
+    limit = _constant(b)
+    if a is None or a.opcode != "get-tuple-element" or limit is None:
+        return None
+    start = 0
+    init = caller.by_name.get(loop.operands[0]) if loop.operands else None
+    index = int(a.attr("index") or 0)
+    if init is not None and init.opcode == "tuple" and index < len(init.operands):
+        start = _constant(caller.by_name.get(init.operands[index])) or 0
+    if direction == "LT":
+        return max(limit - start, 0)
+    if direction == "LE":
+        return max(limit - start + 1, 0)
+    return None
+
+
+# ------------------------------------------------------------------------------ collectives
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective instruction of a compiled program (per device).
+
+    Attributes:
+      kind: one of ``COLLECTIVE_KINDS``.
+      dtype, shape: the full (largest) array it moves: the gathered result of an all-gather,
+        the input of a reduce-scatter / all-reduce / all-to-all / permute.
+      bytes: bytes of that array.
+      count: how many times it runs per program call (loop trip counts applied).
+      group_size: devices per replica group (``None`` when not parsed).
+      name, op_name: HLO instruction name and the JAX source op (metadata) when present.
+    """
+
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    bytes: int
+    count: float
+    group_size: int | None
+    name: str
+    op_name: str = ""
+
+    @property
+    def wire_bytes(self) -> float:
+        """Bytes each device sends per run (ring algorithms): ``(n-1)/n`` of the array for
+        all-gather, reduce-scatter and all-to-all, twice that for all-reduce, all of it for a
+        permute."""
+        n = self.group_size or 2
+        share = (n - 1) / n
+        factor = {"all-reduce": 2 * share, "collective-permute": 1.0}.get(self.kind, share)
+        return self.bytes * factor
+
+    @property
+    def total_bytes(self) -> float:
+        return self.bytes * self.count
+
+    def describe(self) -> str:
+        dims = ",".join(str(d) for d in self.shape)
+        times = f" x{self.count:g}" if self.count != 1 else ""
+        group = f" over {self.group_size}" if self.group_size else ""
+        return f"{self.kind} {self.dtype}[{dims}]{group}{times}"
+
+
+def _group_size(instr: Instruction) -> int | None:
+    """Devices per replica group, from any of XLA's three ``replica_groups`` spellings."""
+    text = instr.attr("replica_groups")
+    if not text:
+        return None
+    if text.startswith("mesh["):  # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}
+        sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", text)}
+        used = re.search(r"\]\s*\{([^}]*)\}", text)
+        axes = re.findall(r"'(\w+)'", used.group(1)) if used else list(sizes)
+        return math.prod(sizes[a] for a in axes if a in sizes)
+    m = re.match(r"\[(\d+),(\d+)\]<=", text)  # iota groups: [num_groups, group_size]<=[N]
+    if m:
+        return int(m.group(2))
+    m = re.match(r"\{\{([^}]*)\}", text)  # explicit groups {{0,1,2,3},{...}}
+    if m:
+        return len(_ints(m.group(1)))
+    return None
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", text)]
+
+
+def _collective_kind(instr: Instruction, comp: Computation) -> str | None:
+    op = instr.opcode.removesuffix("-start")
+    if op not in COLLECTIVE_KINDS:
+        return None
+    if op == "all-reduce" and comp.name.startswith("all-reduce-scatter"):
+        return "reduce-scatter"
+    return op
+
+
+def _collective(
+    instr: Instruction, comp: Computation, kind: str, count: float
+) -> Collective | None:
+    operand_shapes = [comp.by_name[n].shape for n in instr.operands if n in comp.by_name]
+    candidates = arrays(instr.shape) + [a for s in operand_shapes for a in arrays(s)]
+    if not candidates:
+        return None
+    # the largest array moved: the gathered result, or the full input of a reduction
+    dtype, dims = max(candidates, key=lambda a: DTYPE_BYTES[a[0]] * math.prod(a[1]))
+    if instr.opcode.endswith("-start") or instr.shape.startswith("("):
+        # async / combined forms: count every input array (one collective over all of them)
+        moved = [a for s in operand_shapes for a in arrays(s)] or arrays(instr.shape)
+        if kind == "all-gather":
+            moved = arrays(instr.shape)
+            moved = moved[len(moved) // 2 :] if instr.opcode.endswith("-start") else moved
+        size = int(sum(DTYPE_BYTES[t] * math.prod(d) for t, d in moved))
+    else:
+        size = int(DTYPE_BYTES[dtype] * math.prod(dims))
+    m = re.search(r'op_name="([^"]*)"', instr.attrs)
+    return Collective(
+        kind=kind,
+        dtype=dtype,
+        shape=dims,
+        bytes=size,
+        count=count,
+        group_size=_group_size(instr),
+        name=instr.name,
+        op_name=m.group(1) if m else "",
+    )
+
+
+# ------------------------------------------------------------------------------ convolutions
+
+
+def _window(text: str) -> list[dict[str, tuple[int, ...]]]:
+    """``{size=1x4 pad=0_0x3_3 stride=..}`` -> one dict per spatial dimension."""
+    fields = dict(re.findall(r"(\w+)=([\d_x]+)", text))
+    n = len(fields.get("size", "").split("x")) if "size" in fields else 0
+    out: list[dict[str, tuple[int, ...]]] = [{} for _ in range(n)]
+    for key, value in fields.items():
+        for d, part in enumerate(value.split("x")[:n]):
+            out[d][key] = tuple(int(x) for x in part.split("_"))
+    return out
+
+
+def _valid_taps(out_size: int, in_size: int, taps: int, w: dict) -> int:
+    """Sum over the outputs along one spatial dimension of the window taps that read a real
+    input element (padding and base-dilation holes excluded)."""
+    lo = w.get("pad", (0, 0))[0]
+    stride = w.get("stride", (1,))[0]
+    rhs_dilate = w.get("rhs_dilate", (1,))[0]
+    lhs_dilate = w.get("lhs_dilate", (1,))[0]
+    span = (in_size - 1) * lhs_dilate + 1  # input extent in dilated coordinates
+    total = 0
+    for k in range(taps):
+        # outputs o with 0 <= o * stride + k * rhs_dilate - lo < span
+        first = max(0, -(-(lo - k * rhs_dilate) // stride))
+        last = min(out_size - 1, (span - 1 + lo - k * rhs_dilate) // stride)
+        if last >= first:
+            count = last - first + 1
+            if lhs_dilate > 1:  # only positions on the dilation grid hold data
+                count = max(1, count // lhs_dilate)
+            total += count
+    return total
+
+
+# ------------------------------------------------------------------------------ the walk
+
+
+@dataclasses.dataclass
+class ProgramCost:
+    """FLOPs and HBM bytes of one program call (per device), from its HLO text.
+
+    ``*_once`` count every loop body once (as XLA's ``cost_analysis()`` does); the others
+    apply the trip counts. ``dynamic_loops`` is the number of loops whose end depends on data
+    (counted ``dynamic_trip_count`` times).
+    """
+
+    flops: float
+    bytes: float
+    flops_once: float
+    bytes_once: float
+    dynamic_loops: int
+    collectives: list[Collective]
+
+
+class _Walker:
+    def __init__(self, text: str, dynamic_trip_count: float):
+        self.comps, self.entry = parse_module(text)
+        self.dynamic = dynamic_trip_count
+        self.dynamic_loops: set[str] = set()
+        self.memo: dict[tuple[str, bool], tuple[float, float, list]] = {}
+
+    def dot_flops(self, instr: Instruction, comp: Computation) -> float:
+        out = _elements(instr.shape)
+        if instr.opcode == "dot":
+            lhs = comp.by_name.get(instr.operands[0]) if instr.operands else None
+            dims = arrays(lhs.shape)[0][1] if lhs is not None and arrays(lhs.shape) else ()
+            contract = _ints(instr.attr("lhs_contracting_dims") or "")
+            return 2.0 * out * math.prod(dims[i] for i in contract if i < len(dims))
+        # convolution: each output element sums rhs[input feature] x the window taps that
+        # land on real (not padding) input elements; XLA:TPU writes batched matmuls this way
+        lhs, rhs = (comp.by_name.get(n) for n in (instr.operands + ["", ""])[:2])
+        labels = re.match(r"(\w+)_(\w+)->(\w+)", instr.attr("dim_labels") or "")
+        if lhs is None or rhs is None or not labels or not arrays(lhs.shape):
+            return 0.0
+        lhs_dims, rhs_dims = arrays(lhs.shape)[0][1], arrays(rhs.shape)[0][1]
+        out_dims = arrays(instr.shape)[0][1] if arrays(instr.shape) else ()
+        lhs_l, rhs_l, out_l = labels.groups()
+        features = rhs_dims[rhs_l.index("i")] if "i" in rhs_l else 1
+        window = _window(instr.attr("window") or "")
+        flops = 2.0 * features
+        for d, size in enumerate(out_dims):
+            label = out_l[d] if d < len(out_l) else ""
+            if not label.isdigit():
+                flops *= size
+                continue
+            sp = int(label)
+            w = window[sp] if sp < len(window) else {}
+            taps = rhs_dims[rhs_l.index(label)] if label in rhs_l else 1
+            flops *= _valid_taps(size, lhs_dims[lhs_l.index(label)], taps, w)
+        return flops
+
+    def cost(self, name: str, loops: bool, fused: bool = False) -> tuple[float, float, list]:
+        """``(flops, bytes, [(collective, count)])`` of one run of computation ``name``."""
+        key = (name, loops, fused)
+        if key in self.memo:
+            return self.memo[key]
+        comp = self.comps.get(name)
+        flops, nbytes, colls = 0.0, 0.0, []
+        if comp is None:
+            return flops, nbytes, colls
+        self.memo[key] = (0.0, 0.0, [])  # guards against (malformed) recursion
+        for instr in comp.instructions:
+            op = instr.opcode
+            if op in ("dot", "convolution"):
+                flops += self.dot_flops(instr, comp)
+            kind = _collective_kind(instr, comp)
+            if kind is not None:
+                c = _collective(instr, comp, kind, 1.0)
+                if c is not None:
+                    colls.append((c, 1.0))
+            if not fused and op not in _NO_TRAFFIC:
+                nbytes += shape_bytes(instr.shape) + sum(
+                    shape_bytes(comp.by_name[n].shape) for n in instr.operands if n in comp.by_name
+                )
+            if op == "while":
+                trips = 1.0
+                if loops:
+                    n = trip_count(instr, comp, self.comps)
+                    if n is None:
+                        self.dynamic_loops.add(instr.name)
+                        n = self.dynamic
+                    trips = float(n)
+                for sub in instr.called("body"):
+                    f, b, c = self.cost(sub, loops)
+                    flops, nbytes = flops + trips * f, nbytes + trips * b
+                    colls += [(x, k * trips) for x, k in c]
+            elif op == "conditional":
+                branches = instr.called("branch_computations") or (
+                    instr.called("true_computation") + instr.called("false_computation")
+                )
+                costs = [self.cost(sub, loops) for sub in branches]
+                if costs:
+                    f, b, c = max(costs, key=lambda x: (x[0], x[1]))
+                    flops, nbytes, colls = flops + f, nbytes + b, colls + c
+            else:
+                inner = op in ("fusion",) or fused
+                for key_name in ("calls", "to_apply"):
+                    if op in ("reduce", "all-reduce", "reduce-window", "scatter", "sort", "map"):
+                        break  # scalar reducers
+                    for sub in instr.called(key_name):
+                        f, b, c = self.cost(sub, loops, fused=inner)
+                        flops, nbytes, colls = flops + f, nbytes + b, colls + c
+        self.memo[key] = (flops, nbytes, colls)
+        return self.memo[key]
+
+
+def program_cost(text: str, dynamic_trip_count: float = 1) -> ProgramCost:
+    """FLOPs, HBM bytes and collectives of one call of a compiled program (per device)."""
+    walker = _Walker(text, dynamic_trip_count)
+    flops, nbytes, colls = walker.cost(walker.entry, loops=True)
+    flops_once, bytes_once, _ = walker.cost(walker.entry, loops=False)
+    merged = [dataclasses.replace(c, count=k) for c, k in colls]
+    return ProgramCost(
+        flops=flops,
+        bytes=nbytes,
+        flops_once=flops_once,
+        bytes_once=bytes_once,
+        dynamic_loops=len(walker.dynamic_loops),
+        collectives=merged,
+    )
+
+
+def collectives(hlo_text: str, dynamic_trip_count: float = 1) -> list[Collective]:
+    """Every collective of a compiled program with its per-call run count, largest total
+    bytes first."""
+    found = program_cost(hlo_text, dynamic_trip_count).collectives
+    return sorted(found, key=lambda c: -c.total_bytes)
