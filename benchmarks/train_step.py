@@ -1,23 +1,30 @@
-"""Throughput of the update step on SmolLM2-135M (CPU by default).
+"""Throughput of the update step on SmolLM2-135M (CPU by default), and where its time goes.
 
 Measures the median wall time of ``train_step`` on a GRPO batch of ``--batch`` sequences of
-``--seq`` tokens (f32), its tokens/s, its model FLOPs utilisation against the measured f32 matmul
-rate of the same machine (a 2048x2048 ``jnp.dot``, timed before and after the steps), and the peak
-resident memory of the process.
+``--seq`` tokens, its tokens/s, and its model FLOPs utilisation against the measured matmul
+rate of the same machine and dtype (a 2048x2048 ``jnp.dot``, timed before and after the steps),
+plus the peak resident memory of the process.
 
 Model FLOPs per step (PaLM's convention, no credit for recomputation):
 ``tokens * (6 * N + 12 * layers * heads * head_dim * seq)``, N = parameter count (the tied
 embedding counted once: it is the LM-head matmul).
 
-Usage: ``python benchmarks/train_step.py [--batch 16] [--seq 256] [--steps 5] [--chunk 128]
-[--microbatches 4]``. Memory: the model keeps every layer's activations for the backward pass, so
-one 16 x 256 micro-batch needs about 12 GiB of temporaries in f32 (XLA's estimate); 4 micro-batches
-of 4 rows need about 3.3 GiB (6.2 GiB peak RSS in all).
+Where the time goes: the compiled step's executed matmul FLOPs are read from its HLO
+(``meljax.hlo``, loop trip counts applied), so the report splits the gap to the matmul rate into
+*recomputation* (executed / model FLOPs: remat of the blocks, the rematerialised log-prob
+chunks) and *matmul efficiency* (executed FLOP/s / matmul rate). ``--with_ref`` also times the
+forward-only log-prob pass (``make_compute_logprobs``: the KL reference or recomputed old
+log-probs). ``--profile DIR`` writes a ``jax.profiler`` trace of the timed steps.
+
+Usage: ``python benchmarks/train_step.py [--batch 16] [--seq 256] [--steps 3]
+[--microbatches 4] [--remat_policy none|full|dots|dots_no_batch] [--chunk 128] [--with_ref]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import resource
 import statistics
 import time
@@ -27,16 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meljax import losses, optim
+from meljax import hlo, losses, optim
 from meljax import train_step as ts
 from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
-from meljax.models import Transformer, demo_model_dir, from_pretrained
+from meljax.models import ModelConfig, Transformer
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
-def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
-    """Median f32 FLOP/s of an ``n x n`` by ``n x n`` matmul (2 n^3 FLOPs)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_flops_per_s(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
+    """Median FLOP/s of an ``n x n`` by ``n x n`` matmul (2 n^3 FLOPs)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(jnp.dot)
     f(a, b).block_until_ready()
     times = []
@@ -72,33 +81,78 @@ def make_batch(batch: int, seq: int, prompt: int, vocab: int, mel_rows: int) -> 
     return TrainBatch(pol, mel)
 
 
+def with_remat_policy(cfg: ModelConfig, policy: str) -> ModelConfig:
+    """The model config with ``policy``: the model's own ``remat_policy`` field when it has one;
+    otherwise ``remat`` on/off, with the checkpoint policy set on ``nnx.remat`` for this process.
+    """
+    if any(f.name == "remat_policy" for f in dataclasses.fields(cfg)):
+        return cfg.replace(remat_policy=policy)
+    if policy == "none":
+        return cfg.replace(remat=False)
+    saveable = {
+        "full": None,
+        "dots": jax.checkpoint_policies.dots_saveable,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[policy]
+    original = getattr(nnx.remat, "__wrapped_remat__", nnx.remat)
+    patched = functools.partial(original, policy=saveable)
+    patched.__wrapped_remat__ = original
+    nnx.remat = patched
+    return cfg.replace(remat=True)
+
+
+def timed(fn, steps: int) -> tuple[float, list[float]]:
+    """Compile-and-first-call seconds, then ``steps`` timed calls."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return first, times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--prompt", type=int, default=64, help="context tokens per row (no loss)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     p.add_argument("--chunk", type=int, default=128, help="log-prob chunk size (tokens)")
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--mel_rows", type=int, default=0, help="meta-experience rows (0: no MEL)")
     p.add_argument("--dtype", default="float32")
     p.add_argument(
-        "--remat",
-        choices=("default", "on", "off"),
+        "--remat_policy",
+        choices=("default",) + REMAT_POLICIES,
         default="default",
-        help="recompute each block in the backward pass (default: the model config's setting)",
+        help="what the backward pass recomputes per block (default: the model config's)",
     )
+    p.add_argument("--random", action="store_true", help="random weights of the same shapes")
+    p.add_argument("--with_ref", action="store_true", help="also time the forward-only pass")
+    p.add_argument("--profile", default="", help="write a jax.profiler trace to this folder")
     args = p.parse_args()
 
+    dtype = jnp.dtype(args.dtype)
     print(f"jax {jax.__version__}, devices: {jax.devices()}")
-    rate_before = matmul_flops_per_s()
-    print(f"matmul 2048^3 f32: {rate_before / 1e9:.1f} GFLOP/s")
+    rate_before = matmul_flops_per_s(dtype)
+    print(f"matmul 2048^3 {dtype.name}: {rate_before / 1e9:.1f} GFLOP/s")
 
-    model = from_pretrained(demo_model_dir(), dtype=args.dtype)
-    cfg = model.cfg
+    from meljax.plan.architectures import BUILTIN
+
+    if args.random:
+        cfg = ModelConfig.from_hf_dict(BUILTIN["smollm2-135m"], dtype=args.dtype)
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+    else:
+        from meljax.models import demo_model_dir, from_pretrained
+
+        model = from_pretrained(demo_model_dir(), dtype=args.dtype)
+        cfg = model.cfg
     graphdef, params = ts.split_params(model)
-    if args.remat != "default":
-        cfg = cfg.replace(remat=args.remat == "on")
+    if args.remat_policy != "default":
+        cfg = with_remat_policy(cfg, args.remat_policy)
         graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     opt, sched = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-6))
@@ -108,20 +162,30 @@ def main() -> None:
     step = ts.make_train_step(
         graphdef, opt, loss_cfg, num_microbatches=args.microbatches, schedule=sched
     )
-    batch = make_batch(args.batch, args.seq, args.prompt, cfg.vocab_size, args.mel_rows)
-    batch = jax.device_put(batch)
+    batch = jax.device_put(
+        make_batch(args.batch, args.seq, args.prompt, cfg.vocab_size, args.mel_rows)
+    )
 
     t = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    print(f"compile + first step: {time.perf_counter() - t:.1f} s, loss {float(m['loss']):.4f}")
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t)
-    rate_after = matmul_flops_per_s()
+    compiled = step.lower(state, batch).compile()  # the program the trainer runs
+    compile_s = time.perf_counter() - t
+    executed = hlo.program_cost(compiled.as_text()).flops  # matmul FLOPs the step really runs
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], m = compiled(holder["state"], batch)
+        return holder["state"], m
+
+    if args.profile:
+        jax.profiler.start_trace(args.profile)
+    first, times = timed(one_step, args.steps)
+    ref_times = None
+    if args.with_ref:
+        logprobs = ts.make_compute_logprobs(graphdef, chunk_size=args.chunk)
+        _, ref_times = timed(lambda: logprobs(holder["state"].params, batch.policy.seq), args.steps)
+    if args.profile:
+        jax.profiler.stop_trace()
+    rate_after = matmul_flops_per_s(dtype)
     rate = statistics.median([rate_before, rate_after])
 
     tokens = args.batch * args.seq + args.mel_rows * args.seq
@@ -129,19 +193,35 @@ def main() -> None:
     flops = tokens * per_token
     med = statistics.median(times)
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    policy = getattr(cfg, "remat_policy", None) or ("full" if cfg.remat else "none")
+    if args.remat_policy != "default":
+        policy = args.remat_policy
     print(f"model: {n_params / 1e6:.1f}M params, {cfg.num_layers} layers, vocab {cfg.vocab_size}")
     print(
         f"batch {args.batch} x {args.seq} (+{args.mel_rows} MEL rows), chunk {args.chunk}, "
-        f"micro-batches {args.microbatches}, dtype {args.dtype}, remat {getattr(cfg, 'remat', None)}"
+        f"micro-batches {args.microbatches}, dtype {args.dtype}, remat policy {policy}"
     )
+    print(f"compile: {compile_s:.1f} s, first step: {first:.1f} s")
     print("step times (s): " + ", ".join(f"{x:.2f}" for x in times))
     print(f"median step: {med:.2f} s -> {tokens / med:.0f} tokens/s")
     print(f"model FLOPs/step: {flops / 1e12:.2f} TFLOP -> {flops / med / 1e9:.1f} GFLOP/s")
     print(
+        f"executed matmul FLOPs/step (HLO): {executed / 1e12:.2f} TFLOP = "
+        f"{executed / flops:.2f}x the model FLOPs -> {executed / med / 1e9:.1f} GFLOP/s = "
+        f"{100 * executed / med / rate:.1f}% of the matmul rate"
+    )
+    print(
         f"matmul rate before/after: {rate_before / 1e9:.1f} / {rate_after / 1e9:.1f} GFLOP/s; "
         f"MFU vs median matmul rate: {100 * flops / med / rate:.1f}%"
     )
-    print(f"peak RSS: {rss_gib:.2f} GiB; skipped steps: {int(state.skipped_steps)}")
+    if ref_times:
+        ref = statistics.median(ref_times)
+        fwd = args.batch * args.seq * (2 * n_params)
+        print(
+            f"forward-only log-probs (reference / old): {ref:.2f} s = "
+            f"{100 * fwd / ref / rate:.1f}% of the matmul rate (2N FLOPs per token)"
+        )
+    print(f"peak RSS: {rss_gib:.2f} GiB; skipped steps: {int(holder['state'].skipped_steps)}")
 
 
 if __name__ == "__main__":

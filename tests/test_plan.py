@@ -207,3 +207,17 @@ def test_master_dtype_is_validated():
     cfg.optim.master_dtype = "float16"
     with pytest.raises(ValueError, match="optim.master_dtype"):
         validate(cfg)
+
+
+def test_prompt_limit_is_the_top_bucket():
+    """A 6144-token analysis prompt limit pads prompts to 6144 slots, not to the 8192 bucket."""
+    from meljax.models import ModelConfig, abstract_model
+    from meljax.sampling import Sampler, SamplingParams
+
+    graphdef, _ = abstract_model(ModelConfig())
+    sampler = Sampler(graphdef, stop_token_ids=[1], pad_id=0, max_prompt_len=6144)
+    sampling = SamplingParams(max_new_tokens=1024)
+    assert sampler.shapes(256, 6144, sampling) == (256, 6144, 1024)
+    assert sampler.shapes(256, 9000, sampling) == (256, 6144, 1024)  # cut to the limit
+    assert sampler.shapes(256, 5000, sampling) == (256, 6144, 1024)
+    assert sampler.shapes(256, 3000, sampling) == (256, 4096, 1024)

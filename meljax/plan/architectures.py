@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
-import ml_collections
+from meljax.models.config import ModelConfig
 
-from meljax.models import ModelConfig
+if TYPE_CHECKING:
+    import ml_collections
 
 # config.json values of the released checkpoints (huggingface.co/Qwen/Qwen3-*-Base,
 # HuggingFaceTB/SmolLM2-135M-Instruct); only the fields meljax reads.

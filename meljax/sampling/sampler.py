@@ -469,7 +469,8 @@ class Sampler:
           mesh: optional device mesh; the batch is sharded over its data axes.
           cache_dtype: KV-cache dtype (``"bfloat16"`` halves its memory); default: compute dtype.
           prompt_buckets, batch_buckets: sizes the prompt length / prompt count are padded to.
-          max_prompt_len: longer prompts are cut from the left; ``None``: no limit.
+          max_prompt_len: longer prompts are cut from the left; ``None``: no limit. The limit
+            is also the largest prompt bucket (a limit of 6144 pads to 6144, not 8192).
           new_token_buckets: sizes ``max_new_tokens`` is padded to for the cache and output
             buffers (the loop still stops at ``max_new_tokens``); ``None``: exact size.
         """
@@ -505,6 +506,8 @@ class Sampler:
             prompt_len = min(prompt_len, self.max_prompt_len)
         b = bucket(max(num_prompts, 1), self.batch_buckets, multiple=self._dp())
         p = bucket(prompt_len, self.prompt_buckets)
+        if self.max_prompt_len is not None:  # the limit is the top bucket: 6144 stays 6144
+            p = min(p, self.max_prompt_len)
         m = sampling.max_new_tokens
         if self.new_token_buckets is not None:
             m = bucket(m, self.new_token_buckets)
