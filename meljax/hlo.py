@@ -27,27 +27,11 @@ import math
 import re
 
 # bytes per element (4-bit types count half a byte)
-DTYPE_BYTES = {
-    "pred": 1,
-    "s4": 0.5,
-    "u4": 0.5,
-    "s8": 1,
-    "u8": 1,
-    "f8e4m3fn": 1,
-    "f8e5m2": 1,
-    "s16": 2,
-    "u16": 2,
-    "f16": 2,
-    "bf16": 2,
-    "s32": 4,
-    "u32": 4,
-    "f32": 4,
-    "s64": 8,
-    "u64": 8,
-    "f64": 8,
-    "c64": 8,
-    "c128": 16,
-}
+DTYPE_BYTES = {"s4": 0.5, "u4": 0.5, "c64": 8, "c128": 16}
+DTYPE_BYTES |= {t: 1 for t in ("pred", "s8", "u8", "f8e4m3fn", "f8e5m2")}
+DTYPE_BYTES |= {t: 2 for t in ("s16", "u16", "f16", "bf16")}
+DTYPE_BYTES |= {t: 4 for t in ("s32", "u32", "f32")}
+DTYPE_BYTES |= {t: 8 for t in ("s64", "u64", "f64")}
 COLLECTIVE_KINDS = (
     "all-gather",
     "all-reduce",
@@ -56,26 +40,30 @@ COLLECTIVE_KINDS = (
     "collective-permute",
 )
 # opcodes that move no HBM bytes of their own (containers, views, bookkeeping)
-_NO_TRAFFIC = {
-    "parameter",
-    "constant",
-    "get-tuple-element",
-    "tuple",
-    "bitcast",
-    "while",
-    "conditional",
-    "call",
-    "after-all",
-    "partition-id",
-    "replica-id",
-    "opt-barrier",
-    "copy-done",
-    "all-gather-done",
-    "all-reduce-done",
-    "collective-permute-done",
-    "async-done",
-    "async-update",
-}
+_NO_TRAFFIC = set(
+    [
+        "parameter",
+        "constant",
+        "get-tuple-element",
+        "tuple",
+        "bitcast",
+        "while",
+        "conditional",
+        "call",
+        "after-all",
+        "partition-id",
+        "replica-id",
+        "opt-barrier",
+        "copy-done",
+        "all-gather-done",
+        "all-reduce-done",
+        "collective-permute-done",
+        "async-done",
+        "async-update",
+    ]
+)
+_SLICING = {"dynamic-slice", "slice", "gather"}  # read only what they return
+_UPDATING = {"dynamic-update-slice", "scatter"}  # in place: write only the update
 _ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -451,6 +439,40 @@ class _Walker:
             flops *= _valid_taps(size, lhs_dims[lhs_l.index(label)], taps, w)
         return flops
 
+    def traffic(self, instr: Instruction, comp: Computation) -> float:
+        """HBM bytes an unfused instruction reads and writes. Like XLA's cost analysis, a
+        (dynamic) slice reads only its slice and an in-place update writes only the update;
+        inside a fusion, a parameter only sliced costs its slices, one only updated in place
+        costs nothing beyond the update."""
+        operands = [comp.by_name[n] for n in instr.operands if n in comp.by_name]
+        op = instr.opcode
+        if op in _SLICING:
+            return 2.0 * shape_bytes(instr.shape)
+        if op in _UPDATING:
+            return 2.0 * shape_bytes(operands[1].shape) if len(operands) > 1 else 0.0
+        out = shape_bytes(instr.shape)
+        reads = [shape_bytes(o.shape) for o in operands]
+        names = instr.called("calls") if op == "fusion" else []
+        fused = self.comps.get(names[0]) if names else None
+        if fused is not None:
+            params = {
+                int(i.literal): i.name
+                for i in fused.instructions
+                if i.opcode == "parameter" and i.literal.strip().isdigit()
+            }
+            for index, pname in params.items():
+                if index >= len(reads):
+                    continue
+                users = [i for i in fused.instructions if pname in i.operands]
+                if users and all(u.opcode in _SLICING and u.operands[0] == pname for u in users):
+                    reads[index] = sum(shape_bytes(u.shape) for u in users)
+                elif users and all(u.opcode in _UPDATING and u.operands[0] == pname for u in users):
+                    reads[index] = 0.0
+                    update = fused.by_name.get(users[0].operands[1])
+                    written = shape_bytes(update.shape) if update is not None else 0
+                    out -= shape_bytes(fused.by_name[pname].shape) - written
+        return max(out, 0.0) + sum(reads)
+
     def cost(self, name: str, loops: bool, fused: bool = False) -> tuple[float, float, list]:
         """``(flops, bytes, [(collective, count)])`` of one run of computation ``name``."""
         key = (name, loops, fused)
@@ -471,9 +493,7 @@ class _Walker:
                 if c is not None:
                     colls.append((c, 1.0))
             if not fused and op not in _NO_TRAFFIC:
-                nbytes += shape_bytes(instr.shape) + sum(
-                    shape_bytes(comp.by_name[n].shape) for n in instr.operands if n in comp.by_name
-                )
+                nbytes += self.traffic(instr, comp)
             if op == "while":
                 trips = 1.0
                 if loops:

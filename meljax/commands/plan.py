@@ -46,6 +46,9 @@ _PROGRAMS = flags.DEFINE_list(
 _MODEL_CONFIG = flags.DEFINE_string(
     "model_config", None, "A Hugging Face config.json (file or folder) for the architecture."
 )
+_DUMP_HLO = flags.DEFINE_string(
+    "dump_hlo", None, "Write each compiled program's HLO text to this folder."
+)
 _HBM_GIB = flags.DEFINE_float(
     "hbm_gib", None, "Plan against this much memory per device (GiB) instead of the chip's."
 )
@@ -72,6 +75,7 @@ def main(argv):
                 model_config=_MODEL_CONFIG.value,
                 capacity_gib=_HBM_GIB.value,
                 progress=progress,
+                dump_dir=_DUMP_HLO.value,
             )
         except RuntimeError as e:  # libtpu missing: say how to install it
             if "libtpu" not in str(e):

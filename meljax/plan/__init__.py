@@ -131,6 +131,7 @@ def plan(
     model_config: str | None = None,
     capacity_gib: float | None = None,
     progress: Callable[[str], None] | None = None,
+    dump_dir: str | None = None,
 ) -> PlanReport:
     """Compiles every program of the run ``cfg`` for ``topology`` and measures it.
 
@@ -141,7 +142,8 @@ def plan(
       programs: only these programs (names as in the report); default all.
       model_config: a ``config.json`` (file or folder) overriding ``cfg.model.path``.
       capacity_gib: device memory to plan against instead of the chip's.
-      progress: called with a line before each compile.
+      progress: called with a line before and after each compile.
+      dump_dir: write each compiled program's HLO text there (``<name>.hlo.txt``).
     """
     from meljax import sharding as shd
     from meljax.config import validate
@@ -169,7 +171,14 @@ def plan(
     for p in found:
         if progress is not None:
             progress(f"compiling {p.name}: {p.shapes}")
-        reports.append(analyse(p, target, run.resident, capacity=capacity))
+        r = analyse(p, target, run.resident, capacity=capacity, dump_dir=dump_dir)
+        reports.append(r)
+        if progress is not None:
+            est = f", roofline {r.estimate_s:.3g} s ({r.bound})" if r.estimate_s else ""
+            progress(
+                f"  {r.name}: {r.total / GIB:.1f} GiB per device, {100 * r.headroom:.0f}% free"
+                f"{est}, compiled in {r.compile_s:.0f} s"
+            )
     return PlanReport(
         target=target,
         mesh=dict(mesh.shape),

@@ -4,6 +4,7 @@ roofline estimate of its run time."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from typing import Any
@@ -98,8 +99,10 @@ def analyse(
     *,
     capacity: float | None = None,
     top_collectives: int = 5,
+    dump_dir: str | None = None,
 ) -> ProgramReport:
-    """Compiles ``program`` for ``target`` and measures it (see :class:`ProgramReport`)."""
+    """Compiles ``program`` for ``target`` and measures it (see :class:`ProgramReport`); with
+    ``dump_dir`` the compiled HLO is written to ``DUMP_DIR/<name>.hlo.txt``."""
     capacity = capacity if capacity is not None else target.chip.hbm_bytes
     extra = sum(resident[k] for k in program.resident_extra)
     report = ProgramReport(
@@ -146,8 +149,13 @@ def analyse(
     elif report.headroom < TIGHT_HEADROOM:
         report.status = "tight"
 
+    text = compiled.as_text()
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        with open(os.path.join(dump_dir, f"{program.name}.hlo.txt"), "w") as f:
+            f.write(text)
     cost = _cost(compiled)
-    walk = hlo.program_cost(compiled.as_text(), program.dynamic_trip_count)
+    walk = hlo.program_cost(text, program.dynamic_trip_count)
     report.xla_flops = float(cost.get("flops", 0.0))
     report.xla_bytes = float(cost.get("bytes accessed", 0.0))
     # XLA counts every loop body once; scale by the trip-count-weighted HLO walk
