@@ -1,9 +1,9 @@
 """Throughput of the update step on SmolLM2-135M (CPU by default), and where its time goes.
 
-Measures the median wall time of ``train_step`` on a GRPO batch of ``--batch`` sequences of
-``--seq`` tokens, its tokens/s, and its model FLOPs utilisation against the measured matmul
-rate of the same machine and dtype (a 2048x2048 ``jnp.dot``, timed before and after the steps),
-plus the peak resident memory of the process.
+Measures the wall time of ``train_step`` on a GRPO batch of ``--batch`` sequences of ``--seq``
+tokens, its tokens/s, and its model FLOPs utilisation against the measured matmul rate of the
+same machine and dtype (a 2048x2048 ``jnp.dot``, timed between the steps), plus the peak
+resident memory of the process.
 
 Model FLOPs per step (PaLM's convention, no credit for recomputation):
 ``tokens * (6 * N + 12 * layers * heads * head_dim * seq)``, N = parameter count (the tied
@@ -12,17 +12,24 @@ embedding counted once: it is the LM-head matmul).
 Where the time goes: the compiled step's executed matmul FLOPs are read from its HLO
 (``meljax.hlo``, loop trip counts applied), so the report splits the gap to the matmul rate into
 *recomputation* (executed / model FLOPs: remat of the blocks, the rematerialised log-prob
-chunks) and *matmul efficiency* (executed FLOP/s / matmul rate). ``--with_ref`` also times the
+chunks) and *matmul efficiency* (executed FLOP/s / matmul rate).
+
+``--variants`` compares several ways to run the same step in one process, timed round-robin
+(one step of each per round, a matmul timing between rounds), so that a busy machine slows all
+of them alike: a variant is a remat policy (``none``, ``full``, ``dots``, ``dots_no_batch``;
+``default`` = the model config's), optionally ``+nochunkremat`` (the log-prob chunks keep their
+logits for the backward pass instead of recomputing them). ``--with_ref`` also times the
 forward-only log-prob pass (``make_compute_logprobs``: the KL reference or recomputed old
 log-probs). ``--profile DIR`` writes a ``jax.profiler`` trace of the timed steps.
 
 Usage: ``python benchmarks/train_step.py [--batch 16] [--seq 256] [--steps 3]
-[--microbatches 4] [--remat_policy none|full|dots|dots_no_batch] [--chunk 128] [--with_ref]``.
+[--microbatches 4] [--variants full,none,dots] [--chunk 128] [--with_ref] [--random]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import resource
@@ -81,37 +88,80 @@ def make_batch(batch: int, seq: int, prompt: int, vocab: int, mel_rows: int) -> 
     return TrainBatch(pol, mel)
 
 
-def with_remat_policy(cfg: ModelConfig, policy: str) -> ModelConfig:
-    """The model config with ``policy``: the model's own ``remat_policy`` field when it has one;
-    otherwise ``remat`` on/off, with the checkpoint policy set on ``nnx.remat`` for this process.
-    """
+@contextlib.contextmanager
+def remat_policy(cfg: ModelConfig, policy: str):
+    """Yields the model config with ``policy`` while the step is traced: the model's own
+    ``remat_policy`` field when it has one; otherwise ``remat`` on/off, with the checkpoint
+    policy set on ``nnx.remat``."""
+    if policy == "default":
+        yield cfg
+        return
     if any(f.name == "remat_policy" for f in dataclasses.fields(cfg)):
-        return cfg.replace(remat_policy=policy)
+        yield cfg.replace(remat_policy=policy)
+        return
     if policy == "none":
-        return cfg.replace(remat=False)
+        yield cfg.replace(remat=False)
+        return
     saveable = {
         "full": None,
         "dots": jax.checkpoint_policies.dots_saveable,
         "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     }[policy]
-    original = getattr(nnx.remat, "__wrapped_remat__", nnx.remat)
-    patched = functools.partial(original, policy=saveable)
-    patched.__wrapped_remat__ = original
-    nnx.remat = patched
-    return cfg.replace(remat=True)
+    original = nnx.remat
+    nnx.remat = functools.partial(original, policy=saveable)
+    try:
+        yield cfg.replace(remat=True)
+    finally:
+        nnx.remat = original
 
 
-def timed(fn, steps: int) -> tuple[float, list[float]]:
-    """Compile-and-first-call seconds, then ``steps`` timed calls."""
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(steps):
+@contextlib.contextmanager
+def chunk_remat(enabled: bool):
+    """``enabled=False``: the log-prob chunks keep their logits for the backward pass (no
+    ``jax.checkpoint`` around each chunk) while the step is traced."""
+    if enabled:
+        yield
+        return
+
+    class NoCheckpoint:  # jax as seen from meljax.losses only, without jax.checkpoint
+        checkpoint = staticmethod(lambda fn, **kw: fn)
+
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+    losses.jax = NoCheckpoint()
+    try:
+        yield
+    finally:
+        losses.jax = jax
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    compiled: object
+    compile_s: float
+    executed_flops: float
+    state: object
+    times: list
+
+
+def build_variant(name, base_cfg, params, opt, sched, loss_cfg, batch, micro) -> Variant:
+    policy, _, extra = name.partition("+")
+    if policy not in ("default",) + REMAT_POLICIES or extra not in ("", "nochunkremat"):
+        raise SystemExit(
+            f"unknown variant {name!r}: POLICY[+nochunkremat], POLICY in "
+            f"default, {', '.join(REMAT_POLICIES)}"
+        )
+    with remat_policy(base_cfg, policy) as cfg, chunk_remat(extra != "nochunkremat"):
+        graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+        step = ts.make_train_step(graphdef, opt, loss_cfg, num_microbatches=micro, schedule=sched)
+        state = ts.init_train_state(params, opt)
         t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return first, times
+        compiled = step.lower(state, batch).compile()  # the program the trainer runs
+        compile_s = time.perf_counter() - t
+    executed = hlo.program_cost(compiled.as_text()).flops  # matmul FLOPs the step really runs
+    return Variant(name, compiled, compile_s, executed, state, [])
 
 
 def main() -> None:
@@ -119,17 +169,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--prompt", type=int, default=64, help="context tokens per row (no loss)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed rounds (after one warm-up step)")
     p.add_argument("--chunk", type=int, default=128, help="log-prob chunk size (tokens)")
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--mel_rows", type=int, default=0, help="meta-experience rows (0: no MEL)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument(
-        "--remat_policy",
-        choices=("default",) + REMAT_POLICIES,
-        default="default",
-        help="what the backward pass recomputes per block (default: the model config's)",
-    )
+    p.add_argument("--variants", default="default", help="comma-separated, see the docstring")
     p.add_argument("--random", action="store_true", help="random weights of the same shapes")
     p.add_argument("--with_ref", action="store_true", help="also time the forward-only pass")
     p.add_argument("--profile", default="", help="write a jax.profiler trace to this folder")
@@ -137,9 +182,6 @@ def main() -> None:
 
     dtype = jnp.dtype(args.dtype)
     print(f"jax {jax.__version__}, devices: {jax.devices()}")
-    rate_before = matmul_flops_per_s(dtype)
-    print(f"matmul 2048^3 {dtype.name}: {rate_before / 1e9:.1f} GFLOP/s")
-
     from meljax.plan.architectures import BUILTIN
 
     if args.random:
@@ -150,78 +192,77 @@ def main() -> None:
 
         model = from_pretrained(demo_model_dir(), dtype=args.dtype)
         cfg = model.cfg
-    graphdef, params = ts.split_params(model)
-    if args.remat_policy != "default":
-        cfg = with_remat_policy(cfg, args.remat_policy)
-        graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+    _, params = ts.split_params(model)
+    del model
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     opt, sched = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-6))
-    state = ts.init_train_state(params, opt)
-    del model, params
     loss_cfg = losses.LossConfig(use_mel=args.mel_rows > 0, logprob_chunk_size=args.chunk)
-    step = ts.make_train_step(
-        graphdef, opt, loss_cfg, num_microbatches=args.microbatches, schedule=sched
-    )
-    batch = jax.device_put(
-        make_batch(args.batch, args.seq, args.prompt, cfg.vocab_size, args.mel_rows)
-    )
-
-    t = time.perf_counter()
-    compiled = step.lower(state, batch).compile()  # the program the trainer runs
-    compile_s = time.perf_counter() - t
-    executed = hlo.program_cost(compiled.as_text()).flops  # matmul FLOPs the step really runs
-    holder = {"state": state}
-
-    def one_step():
-        holder["state"], m = compiled(holder["state"], batch)
-        return holder["state"], m
-
+    batch = make_batch(args.batch, args.seq, args.prompt, cfg.vocab_size, args.mel_rows)
+    batch = jax.device_put(batch)
+    variants = [
+        build_variant(v, cfg, params, opt, sched, loss_cfg, batch, args.microbatches)
+        for v in args.variants.split(",")
+    ]
+    for v in variants:  # warm-up step (first-run allocations)
+        v.state, m = v.compiled(v.state, batch)
+        jax.block_until_ready(m)
+    ref_fn = ref_times = None
+    if args.with_ref:
+        graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+        ref_fn = ts.make_compute_logprobs(graphdef, chunk_size=args.chunk)
+        jax.block_until_ready(ref_fn(params, batch.policy.seq))
+        ref_times = []
     if args.profile:
         jax.profiler.start_trace(args.profile)
-    first, times = timed(one_step, args.steps)
-    ref_times = None
-    if args.with_ref:
-        logprobs = ts.make_compute_logprobs(graphdef, chunk_size=args.chunk)
-        _, ref_times = timed(lambda: logprobs(holder["state"].params, batch.policy.seq), args.steps)
+    rates = [matmul_flops_per_s(dtype)]
+    for _ in range(args.steps):
+        for v in variants:
+            t = time.perf_counter()
+            v.state, m = v.compiled(v.state, batch)
+            jax.block_until_ready((v.state, m))
+            v.times.append(time.perf_counter() - t)
+        if ref_fn is not None:
+            t = time.perf_counter()
+            jax.block_until_ready(ref_fn(params, batch.policy.seq))
+            ref_times.append(time.perf_counter() - t)
+        rates.append(matmul_flops_per_s(dtype))
     if args.profile:
         jax.profiler.stop_trace()
-    rate_after = matmul_flops_per_s(dtype)
-    rate = statistics.median([rate_before, rate_after])
+    rate = statistics.median(rates)
 
     tokens = args.batch * args.seq + args.mel_rows * args.seq
     per_token = 6 * n_params + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * args.seq
     flops = tokens * per_token
-    med = statistics.median(times)
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    policy = getattr(cfg, "remat_policy", None) or ("full" if cfg.remat else "none")
-    if args.remat_policy != "default":
-        policy = args.remat_policy
     print(f"model: {n_params / 1e6:.1f}M params, {cfg.num_layers} layers, vocab {cfg.vocab_size}")
     print(
         f"batch {args.batch} x {args.seq} (+{args.mel_rows} MEL rows), chunk {args.chunk}, "
-        f"micro-batches {args.microbatches}, dtype {args.dtype}, remat policy {policy}"
-    )
-    print(f"compile: {compile_s:.1f} s, first step: {first:.1f} s")
-    print("step times (s): " + ", ".join(f"{x:.2f}" for x in times))
-    print(f"median step: {med:.2f} s -> {tokens / med:.0f} tokens/s")
-    print(f"model FLOPs/step: {flops / 1e12:.2f} TFLOP -> {flops / med / 1e9:.1f} GFLOP/s")
-    print(
-        f"executed matmul FLOPs/step (HLO): {executed / 1e12:.2f} TFLOP = "
-        f"{executed / flops:.2f}x the model FLOPs -> {executed / med / 1e9:.1f} GFLOP/s = "
-        f"{100 * executed / med / rate:.1f}% of the matmul rate"
+        f"micro-batches {args.microbatches}, dtype {args.dtype}; "
+        f"model FLOPs/step {flops / 1e12:.2f} TFLOP"
     )
     print(
-        f"matmul rate before/after: {rate_before / 1e9:.1f} / {rate_after / 1e9:.1f} GFLOP/s; "
-        f"MFU vs median matmul rate: {100 * flops / med / rate:.1f}%"
+        f"matmul 2048^3 {dtype.name} per round (GFLOP/s): "
+        + ", ".join(f"{r / 1e9:.1f}" for r in rates)
+        + f"; median {rate / 1e9:.1f}"
     )
+    for v in variants:
+        med = statistics.median(v.times)
+        print(
+            f"[{v.name}] compile {v.compile_s:.0f} s; steps (s): "
+            + ", ".join(f"{x:.2f}" for x in v.times)
+            + f"; median {med:.2f} s = {tokens / med:.0f} tokens/s; "
+            f"MFU vs matmul rate: {100 * flops / med / rate:.1f}%; executed matmul FLOPs "
+            f"{v.executed_flops / flops:.2f}x the model FLOPs, run at "
+            f"{100 * v.executed_flops / med / rate:.1f}% of the matmul rate"
+        )
     if ref_times:
         ref = statistics.median(ref_times)
         fwd = args.batch * args.seq * (2 * n_params)
         print(
-            f"forward-only log-probs (reference / old): {ref:.2f} s = "
+            f"forward-only log-probs (reference / old): median {ref:.2f} s = "
             f"{100 * fwd / ref / rate:.1f}% of the matmul rate (2N FLOPs per token)"
         )
-    print(f"peak RSS: {rss_gib:.2f} GiB; skipped steps: {int(holder['state'].skipped_steps)}")
+    print(f"peak RSS: {rss_gib:.2f} GiB")
 
 
 if __name__ == "__main__":

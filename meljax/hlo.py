@@ -1,23 +1,20 @@
-"""Reading compiled HLO text: collectives, and FLOPs / bytes with loop trip counts.
+"""Reading compiled HLO text: its computations and instructions, and the collectives it runs.
 
 ``compiled.as_text()`` (TPU, GPU or CPU) lists computations; each instruction reads
-``%name = SHAPE opcode(%operand, ...), attr=..., ...``. XLA's own ``cost_analysis()`` counts the
-body of every ``while`` loop ONCE, whatever its trip count, so a scanned update (micro-batches,
-log-prob chunks, scanned layers) or a decode loop is under-counted by its trip count. Here every
-computation is weighted by how often it runs:
+``%name = SHAPE opcode(%operand, ...), attr=..., ...``. :func:`parse_module` gives them as
+:class:`Computation` / :class:`Instruction` objects (the loop-aware cost walk of ``meljax plan``,
+:mod:`meljax.plan.hlo_cost`, reads them). ``collectives(text)`` lists every collective
+instruction (``all-reduce``, ``all-gather``, ``reduce-scatter``, ``all-to-all``,
+``ragged-all-to-all``, ``collective-permute``, ``collective-broadcast``, and their async
+``-start`` forms; ``-done`` halves are skipped so nothing counts twice), once per appearance in
+the program text: a collective inside a loop body (layer scan, micro-batches) runs once per
+iteration, which ``computation`` lets a caller tell apart (``meljax.plan.hlo_cost`` applies the
+trip counts).
 
-- a ``while`` whose condition compares its counter with a constant (``lax.scan``,
-  ``fori_loop``) runs that many times (XLA's ``known_trip_count`` is used when present); a loop
-  whose end depends on data (the sampler's decode loop) runs ``dynamic_trip_count`` times, an
-  upper bound the caller gives (e.g. the new-token limit);
-- of a ``conditional``'s branches only the costliest is counted (an upper bound);
-- fusions and called computations run as often as their caller.
-
-:func:`collectives` lists the collectives with their bytes and run counts. On TPU a
-reduce-scatter is a fusion ``all-reduce-scatter*`` around an ``all-reduce`` + ``dynamic-slice``;
-it is reported as ``reduce-scatter``. :func:`program_cost` gives FLOPs (of ``dot`` and
-``convolution``) and HBM bytes (operands + results of every unfused instruction), once per loop
-body and with trip counts, so a caller can scale ``cost_analysis()`` by their ratio.
+    from meljax import hlo
+    for c in hlo.collectives(compiled.as_text()):
+        print(c.kind, c.shapes, c.bytes, c.computation)
+    hlo.summary(hlo.collectives(text))  # {"all-gather": (count, bytes), ...}
 """
 
 from __future__ import annotations
@@ -28,42 +25,20 @@ import re
 
 # bytes per element (4-bit types count half a byte)
 DTYPE_BYTES = {"s4": 0.5, "u4": 0.5, "c64": 8, "c128": 16}
-DTYPE_BYTES |= {t: 1 for t in ("pred", "s8", "u8", "f8e4m3fn", "f8e5m2")}
+DTYPE_BYTES |= {t: 1 for t in ("pred", "s8", "u8", "f8e4m3", "f8e4m3fn", "f8e4m3fnuz")}
+DTYPE_BYTES |= {t: 1 for t in ("f8e5m2", "f8e5m2fnuz")}
 DTYPE_BYTES |= {t: 2 for t in ("s16", "u16", "f16", "bf16")}
 DTYPE_BYTES |= {t: 4 for t in ("s32", "u32", "f32")}
 DTYPE_BYTES |= {t: 8 for t in ("s64", "u64", "f64")}
-COLLECTIVE_KINDS = (
-    "all-gather",
+KINDS = (
     "all-reduce",
+    "all-gather",
     "reduce-scatter",
     "all-to-all",
+    "ragged-all-to-all",
     "collective-permute",
+    "collective-broadcast",
 )
-# opcodes that move no HBM bytes of their own (containers, views, bookkeeping)
-_NO_TRAFFIC = set(
-    [
-        "parameter",
-        "constant",
-        "get-tuple-element",
-        "tuple",
-        "bitcast",
-        "while",
-        "conditional",
-        "call",
-        "after-all",
-        "partition-id",
-        "replica-id",
-        "opt-barrier",
-        "copy-done",
-        "all-gather-done",
-        "all-reduce-done",
-        "collective-permute-done",
-        "async-done",
-        "async-update",
-    ]
-)
-_SLICING = {"dynamic-slice", "slice", "gather"}  # read only what they return
-_UPDATING = {"dynamic-update-slice", "scatter"}  # in place: write only the update
 _ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -189,361 +164,130 @@ def _elements(shape: str) -> int:
     return sum(math.prod(d) for _, d in arrays(shape))
 
 
-# ------------------------------------------------------------------------------ loop trip counts
-
-
-def _constant(instr: Instruction | None) -> int | None:
-    if instr is None or instr.opcode != "constant":
-        return None
-    try:
-        return int(instr.literal.strip())
-    except ValueError:
-        return None
-
-
-def trip_count(loop: Instruction, caller: Computation, comps: dict[str, Computation]) -> int | None:
-    """Iterations of a ``while`` instruction, or ``None`` when its end depends on data.
-
-    Recognises ``known_trip_count`` and conditions of the form ``counter < N`` / ``counter <= N``
-    (either operand order), the counter starting at the init tuple's constant (else 0).
-    """
-    m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attrs)
-    if m:
-        return int(m.group(1))
-    names = loop.called("condition")
-    cond = comps.get(names[0]) if names else None
-    if cond is None:
-        return None
-    root = cond.by_name.get(cond.root)
-    if root is None or root.opcode != "compare" or len(root.operands) != 2:
-        return None
-    direction = root.attr("direction") or ""
-    a, b = (cond.by_name.get(n) for n in root.operands)
-    if a is not None and a.opcode == "constant":
-        a, b = b, a
-        direction = {"GT": "LT", "GE": "LE"}.get(direction, "")
-    limit = _constant(b)
-    if a is None or a.opcode != "get-tuple-element" or limit is None:
-        return None
-    start = 0
-    init = caller.by_name.get(loop.operands[0]) if loop.operands else None
-    index = int(a.attr("index") or 0)
-    if init is not None and init.opcode == "tuple" and index < len(init.operands):
-        start = _constant(caller.by_name.get(init.operands[index])) or 0
-    if direction == "LT":
-        return max(limit - start, 0)
-    if direction == "LE":
-        return max(limit - start + 1, 0)
-    return None
-
-
 # ------------------------------------------------------------------------------ collectives
 
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-    """One collective instruction of a compiled program (per device).
+    """One collective instruction.
 
     Attributes:
-      kind: one of ``COLLECTIVE_KINDS``.
-      dtype, shape: the full (largest) array it moves: the gathered result of an all-gather,
-        the input of a reduce-scatter / all-reduce / all-to-all / permute.
-      bytes: bytes of that array.
-      count: how many times it runs per program call (loop trip counts applied).
-      group_size: devices per replica group (``None`` when not parsed).
-      name, op_name: HLO instruction name and the JAX source op (metadata) when present.
+      kind: one of ``KINDS`` (an async ``-start`` reports its base kind).
+      name: the HLO instruction name.
+      computation: the HLO computation it sits in (a loop body shows up here).
+      shapes: ``(dtype, dims)`` of each array it produces (several for combined collectives).
+      bytes: total bytes of those arrays.
+      replica_groups: the ``replica_groups`` attribute as written (``""`` if absent).
+      operand_bytes: total bytes of its inputs (larger than ``bytes`` for a reduce-scatter).
+      op_name: the JAX operation it came from (metadata), when present.
     """
 
     kind: str
-    dtype: str
-    shape: tuple[int, ...]
-    bytes: int
-    count: float
-    group_size: int | None
     name: str
+    computation: str
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    bytes: int
+    replica_groups: str = ""
+    operand_bytes: int = 0
     op_name: str = ""
 
     @property
-    def wire_bytes(self) -> float:
-        """Bytes each device sends per run (ring algorithms): ``(n-1)/n`` of the array for
-        all-gather, reduce-scatter and all-to-all, twice that for all-reduce, all of it for a
-        permute."""
-        n = self.group_size or 2
-        share = (n - 1) / n
-        factor = {"all-reduce": 2 * share, "collective-permute": 1.0}.get(self.kind, share)
-        return self.bytes * factor
+    def largest(self) -> tuple[str, tuple[int, ...]]:
+        """The biggest array it produces."""
+        return max(self.shapes, key=lambda s: _nbytes(*s))
 
     @property
-    def total_bytes(self) -> float:
-        return self.bytes * self.count
-
-    def describe(self) -> str:
-        dims = ",".join(str(d) for d in self.shape)
-        times = f" x{self.count:g}" if self.count != 1 else ""
-        group = f" over {self.group_size}" if self.group_size else ""
-        return f"{self.kind} {self.dtype}[{dims}]{group}{times}"
-
-
-def _group_size(instr: Instruction) -> int | None:
-    """Devices per replica group, from any of XLA's three ``replica_groups`` spellings."""
-    text = instr.attr("replica_groups")
-    if not text:
+    def group_size(self) -> int | None:
+        """Devices per replica group, from any of XLA's three ``replica_groups`` spellings."""
+        text = self.replica_groups
+        if text.startswith("mesh["):  # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}
+            sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", text)}
+            used = re.search(r"\]\s*\{([^}]*)\}", text)
+            axes = re.findall(r"'(\w+)'", used.group(1)) if used else list(sizes)
+            return math.prod(sizes[a] for a in axes if a in sizes)
+        m = re.match(r"\[(\d+),(\d+)\]<=", text)  # iota: [num_groups, group_size]<=[N]
+        if m:
+            return int(m.group(2))
+        m = re.match(r"\{\{([^}]*)\}", text)  # explicit groups {{0,1,2,3},{...}}
+        if m:
+            return len(re.findall(r"\d+", m.group(1)))
         return None
-    if text.startswith("mesh["):  # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}
-        sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", text)}
-        used = re.search(r"\]\s*\{([^}]*)\}", text)
-        axes = re.findall(r"'(\w+)'", used.group(1)) if used else list(sizes)
-        return math.prod(sizes[a] for a in axes if a in sizes)
-    m = re.match(r"\[(\d+),(\d+)\]<=", text)  # iota groups: [num_groups, group_size]<=[N]
-    if m:
-        return int(m.group(2))
-    m = re.match(r"\{\{([^}]*)\}", text)  # explicit groups {{0,1,2,3},{...}}
-    if m:
-        return len(_ints(m.group(1)))
-    return None
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in re.findall(r"\d+", text)]
+def _nbytes(dtype: str, dims: tuple[int, ...]) -> int:
+    return int(DTYPE_BYTES.get(dtype, 4) * math.prod(dims))
 
 
-def _collective_kind(instr: Instruction, comp: Computation) -> str | None:
-    op = instr.opcode.removesuffix("-start")
-    if op not in COLLECTIVE_KINDS:
+def _split_top(text: str) -> list[str]:
+    """Splits ``a, (b, c), d`` at top-level commas."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+def _outputs(kind: str, is_start: bool, shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Arrays a collective produces. An async all-gather / collective-permute / all-to-all
+    ``-start`` returns ``(operands, outputs[, context])``: keep the outputs only."""
+    found = arrays(shape)
+    if not is_start or kind in ("all-reduce", "reduce-scatter"):
+        return found
+    inner = shape.strip()
+    if inner.startswith("(") and inner.endswith(")"):
+        parts = _split_top(inner[1:-1])
+        if len(parts) >= 2:
+            return arrays(parts[1])
+    return found
+
+
+def collective_of(instr: Instruction, comp: Computation) -> Collective | None:
+    """The :class:`Collective` an instruction is, or ``None``."""
+    kind = instr.opcode.removesuffix("-start")
+    if kind not in KINDS:
         return None
-    if op == "all-reduce" and comp.name.startswith("all-reduce-scatter"):
-        return "reduce-scatter"
-    return op
-
-
-def _collective(
-    instr: Instruction, comp: Computation, kind: str, count: float
-) -> Collective | None:
-    operand_shapes = [comp.by_name[n].shape for n in instr.operands if n in comp.by_name]
-    candidates = arrays(instr.shape) + [a for s in operand_shapes for a in arrays(s)]
-    if not candidates:
-        return None
-    # the largest array moved: the gathered result, or the full input of a reduction
-    dtype, dims = max(candidates, key=lambda a: DTYPE_BYTES[a[0]] * math.prod(a[1]))
-    if instr.opcode.endswith("-start") or instr.shape.startswith("("):
-        # async / combined forms: count every input array (one collective over all of them)
-        moved = [a for s in operand_shapes for a in arrays(s)] or arrays(instr.shape)
-        if kind == "all-gather":
-            moved = arrays(instr.shape)
-            moved = moved[len(moved) // 2 :] if instr.opcode.endswith("-start") else moved
-        size = int(sum(DTYPE_BYTES[t] * math.prod(d) for t, d in moved))
-    else:
-        size = int(DTYPE_BYTES[dtype] * math.prod(dims))
+    shapes = tuple(_outputs(kind, instr.opcode.endswith("-start"), instr.shape))
+    inline = arrays(instr.literal)  # operands printed with their shapes (CPU / GPU text)
+    operands = inline or [
+        a for n in instr.operands if n in comp.by_name for a in arrays(comp.by_name[n].shape)
+    ]
     m = re.search(r'op_name="([^"]*)"', instr.attrs)
     return Collective(
         kind=kind,
-        dtype=dtype,
-        shape=dims,
-        bytes=size,
-        count=count,
-        group_size=_group_size(instr),
         name=instr.name,
+        computation=comp.name,
+        shapes=shapes,
+        bytes=sum(_nbytes(*s) for s in shapes),
+        replica_groups=instr.attr("replica_groups") or "",
+        operand_bytes=sum(_nbytes(*s) for s in operands),
         op_name=m.group(1) if m else "",
     )
 
 
-# ------------------------------------------------------------------------------ convolutions
-
-
-def _window(text: str) -> list[dict[str, tuple[int, ...]]]:
-    """``{size=1x4 pad=0_0x3_3 stride=..}`` -> one dict per spatial dimension."""
-    fields = dict(re.findall(r"(\w+)=([\d_x]+)", text))
-    n = len(fields.get("size", "").split("x")) if "size" in fields else 0
-    out: list[dict[str, tuple[int, ...]]] = [{} for _ in range(n)]
-    for key, value in fields.items():
-        for d, part in enumerate(value.split("x")[:n]):
-            out[d][key] = tuple(int(x) for x in part.split("_"))
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective of an HLO module's text (``compiled.as_text()``), in program order."""
+    comps, _ = parse_module(hlo_text)
+    out = []
+    for comp in comps.values():
+        for instr in comp.instructions:
+            c = collective_of(instr, comp)
+            if c is not None:
+                out.append(c)
     return out
 
 
-def _valid_taps(out_size: int, in_size: int, taps: int, w: dict) -> int:
-    """Sum over the outputs along one spatial dimension of the window taps that read a real
-    input element (padding and base-dilation holes excluded)."""
-    lo = w.get("pad", (0, 0))[0]
-    stride = w.get("stride", (1,))[0]
-    rhs_dilate = w.get("rhs_dilate", (1,))[0]
-    lhs_dilate = w.get("lhs_dilate", (1,))[0]
-    span = (in_size - 1) * lhs_dilate + 1  # input extent in dilated coordinates
-    total = 0
-    for k in range(taps):
-        # outputs o with 0 <= o * stride + k * rhs_dilate - lo < span
-        first = max(0, -(-(lo - k * rhs_dilate) // stride))
-        last = min(out_size - 1, (span - 1 + lo - k * rhs_dilate) // stride)
-        if last >= first:
-            count = last - first + 1
-            if lhs_dilate > 1:  # only positions on the dilation grid hold data
-                count = max(1, count // lhs_dilate)
-            total += count
-    return total
-
-
-# ------------------------------------------------------------------------------ the walk
-
-
-@dataclasses.dataclass
-class ProgramCost:
-    """FLOPs and HBM bytes of one program call (per device), from its HLO text.
-
-    ``*_once`` count every loop body once (as XLA's ``cost_analysis()`` does); the others
-    apply the trip counts. ``dynamic_loops`` is the number of loops whose end depends on data
-    (counted ``dynamic_trip_count`` times).
-    """
-
-    flops: float
-    bytes: float
-    flops_once: float
-    bytes_once: float
-    dynamic_loops: int
-    collectives: list[Collective]
-
-
-class _Walker:
-    def __init__(self, text: str, dynamic_trip_count: float):
-        self.comps, self.entry = parse_module(text)
-        self.dynamic = dynamic_trip_count
-        self.dynamic_loops: set[str] = set()
-        self.memo: dict[tuple[str, bool], tuple[float, float, list]] = {}
-
-    def dot_flops(self, instr: Instruction, comp: Computation) -> float:
-        out = _elements(instr.shape)
-        if instr.opcode == "dot":
-            lhs = comp.by_name.get(instr.operands[0]) if instr.operands else None
-            dims = arrays(lhs.shape)[0][1] if lhs is not None and arrays(lhs.shape) else ()
-            contract = _ints(instr.attr("lhs_contracting_dims") or "")
-            return 2.0 * out * math.prod(dims[i] for i in contract if i < len(dims))
-        # convolution: each output element sums rhs[input feature] x the window taps that
-        # land on real (not padding) input elements; XLA:TPU writes batched matmuls this way
-        lhs, rhs = (comp.by_name.get(n) for n in (instr.operands + ["", ""])[:2])
-        labels = re.match(r"(\w+)_(\w+)->(\w+)", instr.attr("dim_labels") or "")
-        if lhs is None or rhs is None or not labels or not arrays(lhs.shape):
-            return 0.0
-        lhs_dims, rhs_dims = arrays(lhs.shape)[0][1], arrays(rhs.shape)[0][1]
-        out_dims = arrays(instr.shape)[0][1] if arrays(instr.shape) else ()
-        lhs_l, rhs_l, out_l = labels.groups()
-        features = rhs_dims[rhs_l.index("i")] if "i" in rhs_l else 1
-        window = _window(instr.attr("window") or "")
-        flops = 2.0 * features
-        for d, size in enumerate(out_dims):
-            label = out_l[d] if d < len(out_l) else ""
-            if not label.isdigit():
-                flops *= size
-                continue
-            sp = int(label)
-            w = window[sp] if sp < len(window) else {}
-            taps = rhs_dims[rhs_l.index(label)] if label in rhs_l else 1
-            flops *= _valid_taps(size, lhs_dims[lhs_l.index(label)], taps, w)
-        return flops
-
-    def traffic(self, instr: Instruction, comp: Computation) -> float:
-        """HBM bytes an unfused instruction reads and writes. Like XLA's cost analysis, a
-        (dynamic) slice reads only its slice and an in-place update writes only the update;
-        inside a fusion, a parameter only sliced costs its slices, one only updated in place
-        costs nothing beyond the update."""
-        operands = [comp.by_name[n] for n in instr.operands if n in comp.by_name]
-        op = instr.opcode
-        if op in _SLICING:
-            return 2.0 * shape_bytes(instr.shape)
-        if op in _UPDATING:
-            return 2.0 * shape_bytes(operands[1].shape) if len(operands) > 1 else 0.0
-        out = shape_bytes(instr.shape)
-        reads = [shape_bytes(o.shape) for o in operands]
-        names = instr.called("calls") if op == "fusion" else []
-        fused = self.comps.get(names[0]) if names else None
-        if fused is not None:
-            params = {
-                int(i.literal): i.name
-                for i in fused.instructions
-                if i.opcode == "parameter" and i.literal.strip().isdigit()
-            }
-            for index, pname in params.items():
-                if index >= len(reads):
-                    continue
-                users = [i for i in fused.instructions if pname in i.operands]
-                if users and all(u.opcode in _SLICING and u.operands[0] == pname for u in users):
-                    reads[index] = sum(shape_bytes(u.shape) for u in users)
-                elif users and all(u.opcode in _UPDATING and u.operands[0] == pname for u in users):
-                    reads[index] = 0.0
-                    update = fused.by_name.get(users[0].operands[1])
-                    written = shape_bytes(update.shape) if update is not None else 0
-                    out -= shape_bytes(fused.by_name[pname].shape) - written
-        return max(out, 0.0) + sum(reads)
-
-    def cost(self, name: str, loops: bool, fused: bool = False) -> tuple[float, float, list]:
-        """``(flops, bytes, [(collective, count)])`` of one run of computation ``name``."""
-        key = (name, loops, fused)
-        if key in self.memo:
-            return self.memo[key]
-        comp = self.comps.get(name)
-        flops, nbytes, colls = 0.0, 0.0, []
-        if comp is None:
-            return flops, nbytes, colls
-        self.memo[key] = (0.0, 0.0, [])  # guards against (malformed) recursion
-        for instr in comp.instructions:
-            op = instr.opcode
-            if op in ("dot", "convolution"):
-                flops += self.dot_flops(instr, comp)
-            kind = _collective_kind(instr, comp)
-            if kind is not None:
-                c = _collective(instr, comp, kind, 1.0)
-                if c is not None:
-                    colls.append((c, 1.0))
-            if not fused and op not in _NO_TRAFFIC:
-                nbytes += self.traffic(instr, comp)
-            if op == "while":
-                trips = 1.0
-                if loops:
-                    n = trip_count(instr, comp, self.comps)
-                    if n is None:
-                        self.dynamic_loops.add(instr.name)
-                        n = self.dynamic
-                    trips = float(n)
-                for sub in instr.called("body"):
-                    f, b, c = self.cost(sub, loops)
-                    flops, nbytes = flops + trips * f, nbytes + trips * b
-                    colls += [(x, k * trips) for x, k in c]
-            elif op == "conditional":
-                branches = instr.called("branch_computations") or (
-                    instr.called("true_computation") + instr.called("false_computation")
-                )
-                costs = [self.cost(sub, loops) for sub in branches]
-                if costs:
-                    f, b, c = max(costs, key=lambda x: (x[0], x[1]))
-                    flops, nbytes, colls = flops + f, nbytes + b, colls + c
-            else:
-                inner = op in ("fusion",) or fused
-                for key_name in ("calls", "to_apply"):
-                    if op in ("reduce", "all-reduce", "reduce-window", "scatter", "sort", "map"):
-                        break  # scalar reducers
-                    for sub in instr.called(key_name):
-                        f, b, c = self.cost(sub, loops, fused=inner)
-                        flops, nbytes, colls = flops + f, nbytes + b, colls + c
-        self.memo[key] = (flops, nbytes, colls)
-        return self.memo[key]
-
-
-def program_cost(text: str, dynamic_trip_count: float = 1) -> ProgramCost:
-    """FLOPs, HBM bytes and collectives of one call of a compiled program (per device)."""
-    walker = _Walker(text, dynamic_trip_count)
-    flops, nbytes, colls = walker.cost(walker.entry, loops=True)
-    flops_once, bytes_once, _ = walker.cost(walker.entry, loops=False)
-    merged = [dataclasses.replace(c, count=k) for c, k in colls]
-    return ProgramCost(
-        flops=flops,
-        bytes=nbytes,
-        flops_once=flops_once,
-        bytes_once=bytes_once,
-        dynamic_loops=len(walker.dynamic_loops),
-        collectives=merged,
-    )
-
-
-def collectives(hlo_text: str, dynamic_trip_count: float = 1) -> list[Collective]:
-    """Every collective of a compiled program with its per-call run count, largest total
-    bytes first."""
-    found = program_cost(hlo_text, dynamic_trip_count).collectives
-    return sorted(found, key=lambda c: -c.total_bytes)
+def summary(colls: list[Collective]) -> dict[str, tuple[int, int]]:
+    """``{kind: (count, bytes)}`` over a list of collectives (each appearance counted once)."""
+    out: dict[str, tuple[int, int]] = {}
+    for c in colls:
+        n, b = out.get(c.kind, (0, 0))
+        out[c.kind] = (n + 1, b + c.bytes)
+    return out

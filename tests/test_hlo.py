@@ -1,4 +1,5 @@
-"""meljax.hlo: trip-count-weighted FLOPs and collectives read from compiled HLO text."""
+"""meljax.hlo (collectives in HLO text) and meljax.plan.hlo_cost (trip-count-weighted FLOPs,
+bytes and collectives)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meljax import hlo
+from meljax.plan import hlo_cost
 
 
 def _mesh():
@@ -32,13 +34,13 @@ def _scan_program(layers: int):
 
 def test_scan_flops_and_collectives_count_every_iteration():
     compiled = _scan_program(5)
-    cost = hlo.program_cost(compiled.as_text())
+    cost = hlo_cost.program_cost(compiled.as_text())
     per_step = 2 * (32 // 8) * 64 * 64  # [4, 64] @ [64, 64] on each device
     assert cost.flops == 5 * per_step
     assert cost.flops_once == per_step  # what XLA's cost_analysis() counts
     assert compiled.cost_analysis()["flops"] < 2 * per_step  # ... which misses 4 of the 5
     assert cost.dynamic_loops == 0
-    (reduce,) = [c for c in hlo.collectives(compiled.as_text()) if c.kind == "all-reduce"]
+    (reduce,) = [c for c in hlo_cost.collective_runs(compiled.as_text()) if c.kind == "all-reduce"]
     assert reduce.count == 5 and reduce.group_size == 8
     assert reduce.bytes == 64 * 4 and reduce.total_bytes == 5 * 64 * 4
     assert reduce.wire_bytes == pytest.approx(2 * 7 / 8 * 64 * 4)
@@ -56,8 +58,8 @@ def test_data_dependent_loop_uses_the_given_bound():
 
     x = jax.ShapeDtypeStruct((16, 16), jnp.float32)
     text = jax.jit(f).lower(x, 3).compile().as_text()
-    one = hlo.program_cost(text, dynamic_trip_count=1)
-    many = hlo.program_cost(text, dynamic_trip_count=7)
+    one = hlo_cost.program_cost(text, dynamic_trip_count=1)
+    many = hlo_cost.program_cost(text, dynamic_trip_count=7)
     assert one.dynamic_loops == 1
     assert one.flops == 2 * 16**3 and many.flops == 7 * 2 * 16**3
 
@@ -119,9 +121,9 @@ ENTRY %main (w: bf16[64,128], x: f32[8,8]) -> (bf16[16,128], f32[8,8]) {
   ROOT %r = (bf16[16,128], f32[8,8]) tuple(%rs, %out)
 }
 """
-    cost = hlo.program_cost(text)
+    cost = hlo_cost.program_cost(text)
     assert cost.flops == 10 * 2 * 8**3  # 12 - 2 trips of the costlier branch's dot
-    found = {c.kind: c for c in hlo.collectives(text)}
+    found = {c.kind: c for c in hlo_cost.collective_runs(text)}
     rs, ag = found["reduce-scatter"], found["all-gather"]
     assert (rs.shape, rs.group_size, rs.count, rs.bytes) == ((64, 128), 4, 1, 64 * 128 * 2)
     assert (ag.group_size, ag.count) == (4, 10)
@@ -147,7 +149,7 @@ def test_tpu_convolution_flops_match_xla():
     for eq, a, b in cases:
         compiled = jax.jit(lambda x, y, eq=eq: jnp.einsum(eq, x, y)).lower(spec(a), spec(b))
         compiled = compiled.compile()
-        mine = hlo.program_cost(compiled.as_text()).flops
+        mine = hlo_cost.program_cost(compiled.as_text()).flops
         assert mine == compiled.cost_analysis()["flops"], eq
 
 
@@ -170,6 +172,43 @@ def test_in_place_updates_and_slices_cost_only_what_they_touch():
         spec((8192,), jnp.float32),
     )
     compiled = jax.jit(f, donate_argnums=0).lower(*args).compile()
-    cost = hlo.program_cost(compiled.as_text())
+    cost = hlo_cost.program_cost(compiled.as_text())
     buffer = 4096 * 8192 * 4
     assert 100 * 8192 * 4 <= cost.bytes < buffer / 4
+
+
+HLO_SAMPLE = """HloModule m
+
+%body.1 (p: (f32[8,4])) -> (f32[8,4]) {
+  %ar = f32[8,4]{1,0} all-reduce(f32[8,4]{1,0} %x), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  ROOT %t = (f32[8,4]) tuple(%ar)
+}
+
+ENTRY %main.2 (a: bf16[4,16], b: f32[2], /*index=2*/c: f32[2]) -> bf16[8,16] {
+  %ags = (bf16[4,16]{1,0}, bf16[8,16]{1,0}) all-gather-start(bf16[4,16]{1,0} %a), dimensions={0}
+  %agd = bf16[8,16]{1,0} all-gather-done((bf16[4,16]{1,0}, bf16[8,16]{1,0}) %ags)
+  %rs = (f32[1]{0}, f32[1]{0}) reduce-scatter(f32[2]{0} %b, f32[2]{0} %c), dimensions={0}
+  %ars = f32[2]{0} all-reduce-start(f32[2]{0} %b), replica_groups=[2,2]<=[4]
+  %ard = f32[2]{0} all-reduce-done(f32[2]{0} %ars)
+  ROOT %cp = bf16[8,16]{1,0} collective-permute(bf16[8,16]{1,0} %agd), source_target_pairs={{0,1}}
+}
+"""
+
+
+def test_collectives_listing_in_program_order():
+    """The appearance-level API (one entry per instruction; what the FSDP tests read)."""
+    cs = hlo.collectives(HLO_SAMPLE)
+    assert [(c.kind, c.computation) for c in cs] == [
+        ("all-reduce", "body.1"),
+        ("all-gather", "main.2"),
+        ("reduce-scatter", "main.2"),
+        ("all-reduce", "main.2"),
+        ("collective-permute", "main.2"),
+    ]
+    ag = cs[1]
+    assert ag.shapes == (("bf16", (8, 16)),) and ag.bytes == 8 * 16 * 2  # output, not operand
+    assert cs[2].shapes == (("f32", (1,)), ("f32", (1,))) and cs[2].bytes == 8
+    assert cs[2].operand_bytes == 16  # a reduce-scatter reads more than it writes
+    assert cs[0].replica_groups == "{{0,1}}" and cs[3].replica_groups == "[2,2]<=[4]"
+    assert (cs[0].group_size, cs[3].group_size) == (2, 2)
+    assert hlo.summary(cs)["all-reduce"] == (2, 8 * 4 * 4 + 2 * 4)

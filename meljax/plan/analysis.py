@@ -9,7 +9,7 @@ import re
 import time
 from typing import Any
 
-from meljax import hlo
+from meljax.plan import hlo_cost
 from meljax.plan.programs import Program
 from meljax.plan.targets import Target
 
@@ -30,7 +30,7 @@ class ProgramReport:
       total: ``arguments + outputs - aliased + temporaries + code + resident``.
       capacity: device memory; headroom: ``1 - total / capacity``.
       flops, hbm_bytes: per device and call, loop trip counts applied (``cost_analysis()``
-        scaled by the HLO walk of :mod:`meljax.hlo`); ``xla_flops`` / ``xla_bytes`` are
+        scaled by the HLO walk of :mod:`meljax.plan.hlo_cost`); ``xla_flops`` / ``xla_bytes`` are
         ``cost_analysis()`` as reported (loop bodies counted once).
       collective_bytes: bytes moved by collectives per device and call (array sizes x runs);
         collectives: the largest ones.
@@ -155,7 +155,7 @@ def analyse(
         with open(os.path.join(dump_dir, f"{program.name}.hlo.txt"), "w") as f:
             f.write(text)
     cost = _cost(compiled)
-    walk = hlo.program_cost(text, program.dynamic_trip_count)
+    walk = hlo_cost.program_cost(text, program.dynamic_trip_count)
     report.xla_flops = float(cost.get("flops", 0.0))
     report.xla_bytes = float(cost.get("bytes accessed", 0.0))
     # XLA counts every loop body once; scale by the trip-count-weighted HLO walk
