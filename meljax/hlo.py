@@ -123,7 +123,7 @@ def parse_module(text: str) -> tuple[dict[str, Computation], str]:
             if m:
                 name, is_entry, current, root = m.group(2), bool(m.group(1)), [], ""
             continue
-        if line.startswith("}"):
+        if line.strip() == "}":  # a closing brace alone (attributes may span lines)
             root = root or (current[-1].name if current else "")
             comps[name] = Computation(name, current, root, is_entry)
             if is_entry:

@@ -123,6 +123,9 @@ ENTRY %main (w: bf16[64,128], x: f32[8,8]) -> (bf16[16,128], f32[8,8]) {
 """
     cost = hlo_cost.program_cost(text)
     assert cost.flops == 10 * 2 * 8**3  # 12 - 2 trips of the costlier branch's dot
+    # a counter stepping by 2 (XLA's bidirectional windowed einsum loops) runs half as often
+    stepped = text.replace("%one = s32[] constant(1)", "%one = s32[] constant(2)")
+    assert hlo_cost.program_cost(stepped).flops == 5 * 2 * 8**3
     found = {c.kind: c for c in hlo_cost.collective_runs(text)}
     rs, ag = found["reduce-scatter"], found["all-gather"]
     assert (rs.shape, rs.group_size, rs.count, rs.bytes) == ((64, 128), 4, 1, 64 * 128 * 2)

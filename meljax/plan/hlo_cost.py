@@ -87,7 +87,8 @@ def trip_count(loop: Instruction, caller: Computation, comps: dict[str, Computat
     """Iterations of a ``while`` instruction, or ``None`` when its end depends on data.
 
     Recognises ``known_trip_count`` and conditions of the form ``counter < N`` / ``counter <= N``
-    (either operand order), the counter starting at the init tuple's constant (else 0).
+    (either operand order), the counter starting at the init tuple's constant (else 0) and
+    advancing by the constant the body adds to it (else 1).
     """
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attrs)
     if m:
@@ -112,11 +113,28 @@ def trip_count(loop: Instruction, caller: Computation, comps: dict[str, Computat
     index = int(a.attr("index") or 0)
     if init is not None and init.opcode == "tuple" and index < len(init.operands):
         start = _constant(caller.by_name.get(init.operands[index])) or 0
+    step = _counter_step(loop, comps, index)
     if direction == "LT":
-        return max(limit - start, 0)
+        return max(-(-(limit - start) // step), 0)
     if direction == "LE":
-        return max(limit - start + 1, 0)
+        return max((limit - start) // step + 1, 0)
     return None
+
+
+def _counter_step(loop: Instruction, comps: dict[str, Computation], index: int) -> int:
+    """How much the body adds to the loop counter (tuple element ``index``) per iteration;
+    XLA's bidirectional windowed einsums step by 2. Defaults to 1."""
+    names = loop.called("body")
+    body = comps.get(names[0]) if names else None
+    root = body.by_name.get(body.root) if body is not None else None
+    if root is None or root.opcode != "tuple" or index >= len(root.operands):
+        return 1
+    update = body.by_name.get(root.operands[index])
+    if update is None or update.opcode != "add":
+        return 1
+    steps = [_constant(body.by_name.get(n)) for n in update.operands]
+    steps = [x for x in steps if x is not None and x > 0]
+    return steps[0] if steps else 1
 
 
 # ------------------------------------------------------------------------------ collectives
