@@ -10,7 +10,7 @@ Model FLOPs per step (PaLM's convention, no credit for recomputation):
 embedding counted once: it is the LM-head matmul).
 
 Where the time goes: the compiled step's executed matmul FLOPs are read from its HLO
-(``meljax.hlo``, loop trip counts applied), so the report splits the gap to the matmul rate into
+(``meljax.plan.hlo_cost``, loop trip counts applied), so the report splits the gap to the matmul rate into
 *recomputation* (executed / model FLOPs: remat of the blocks, the rematerialised log-prob
 chunks) and *matmul efficiency* (executed FLOP/s / matmul rate).
 
@@ -41,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meljax import hlo, losses, optim
+from meljax import losses, optim
 from meljax import train_step as ts
 from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.models import ModelConfig, Transformer
+from meljax.plan import hlo_cost
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -160,7 +161,7 @@ def build_variant(name, base_cfg, params, opt, sched, loss_cfg, batch, micro) ->
         t = time.perf_counter()
         compiled = step.lower(state, batch).compile()  # the program the trainer runs
         compile_s = time.perf_counter() - t
-    executed = hlo.program_cost(compiled.as_text()).flops  # matmul FLOPs the step really runs
+    executed = hlo_cost.program_cost(compiled.as_text()).flops  # matmul FLOPs the step really runs
     return Variant(name, compiled, compile_s, executed, state, [])
 
 
