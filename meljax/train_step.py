@@ -341,7 +341,11 @@ def train_step_fn(
 def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch: bool):
     """Jits ``impl(state_or_params, batch)``; with a mesh the shardings are derived from the first
     call's arguments (cached by tree structure) and outputs are the state / replicated metrics, or
-    a batch-sharded array when ``out_batch``."""
+    a batch-sharded array when ``out_batch``.
+
+    The result also has ``.lower(first, batch)``: the same program lowered for (possibly
+    abstract, ``jax.ShapeDtypeStruct``) arguments, e.g. to ``.compile()`` it ahead of time for
+    another topology and read its ``memory_analysis()`` / ``as_text()``."""
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(impl, donate_argnums=donate_argnums)
@@ -366,7 +370,6 @@ def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch
         fn, s_batch = jitted(first, batch)
         return fn(first, shd.put_global(batch, s_batch))
 
-    # ahead of time: ``call.lower(abstract_state, abstract_batch).compile()`` (meljax plan)
     call.lower = lambda first, batch: jitted(first, batch)[0].lower(first, batch)
     return call
 
@@ -447,13 +450,15 @@ def make_compute_logprobs(
 
     jitted = _jit_for_state(impl, mesh, donate=False, out_batch=True)
 
-    def compute_logprobs(state_or_params, seq: SequenceBatch) -> jax.Array:
-        params = state_or_params
-        if isinstance(params, TrainState):
-            params = params.params
-        return jitted(params, seq)
+    def params_of(state_or_params):
+        return (
+            state_or_params.params if isinstance(state_or_params, TrainState) else state_or_params
+        )
 
-    compute_logprobs.lower = jitted.lower  # ahead of time (params, seq); see _jit_for_state
+    def compute_logprobs(state_or_params, seq: SequenceBatch) -> jax.Array:
+        return jitted(params_of(state_or_params), seq)
+
+    compute_logprobs.lower = lambda first, seq: jitted.lower(params_of(first), seq)
     return compute_logprobs
 
 
