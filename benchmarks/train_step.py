@@ -177,6 +177,9 @@ def main() -> None:
     p.add_argument("--mel_rows", type=int, default=0, help="meta-experience rows (0: no MEL)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--variants", default="default", help="comma-separated, see the docstring")
+    p.add_argument(
+        "--attention", default="default", help="model attention_impl, when it has one (auto ...)"
+    )
     p.add_argument("--random", action="store_true", help="random weights of the same shapes")
     p.add_argument("--with_ref", action="store_true", help="also time the forward-only pass")
     p.add_argument("--profile", default="", help="write a jax.profiler trace to this folder")
@@ -196,6 +199,10 @@ def main() -> None:
         cfg = model.cfg
     _, params = ts.split_params(model)
     del model
+    if args.attention != "default":
+        if not any(f.name == "attention_impl" for f in dataclasses.fields(cfg)):
+            raise SystemExit("--attention: this model has no attention_impl setting")
+        cfg = cfg.replace(attention_impl=args.attention)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     opt, sched = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-6))
     loss_cfg = losses.LossConfig(use_mel=args.mel_rows > 0, logprob_chunk_size=args.chunk)
