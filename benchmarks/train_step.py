@@ -1,23 +1,36 @@
-"""Throughput of the update step on SmolLM2-135M (CPU by default).
+"""Throughput of the update step on SmolLM2-135M (CPU by default), and where its time goes.
 
-Measures the median wall time of ``train_step`` on a GRPO batch of ``--batch`` sequences of
-``--seq`` tokens (f32), its tokens/s, its model FLOPs utilisation against the measured f32 matmul
-rate of the same machine (a 2048x2048 ``jnp.dot``, timed before and after the steps), and the peak
+Measures the wall time of ``train_step`` on a GRPO batch of ``--batch`` sequences of ``--seq``
+tokens, its tokens/s, and its model FLOPs utilisation against the measured matmul rate of the
+same machine and dtype (a 2048x2048 ``jnp.dot``, timed between the steps), plus the peak
 resident memory of the process.
 
 Model FLOPs per step (PaLM's convention, no credit for recomputation):
 ``tokens * (6 * N + 12 * layers * heads * head_dim * seq)``, N = parameter count (the tied
 embedding counted once: it is the LM-head matmul).
 
-Usage: ``python benchmarks/train_step.py [--batch 16] [--seq 256] [--steps 5] [--chunk 128]
-[--microbatches 4]``. Memory: the model keeps every layer's activations for the backward pass, so
-one 16 x 256 micro-batch needs about 12 GiB of temporaries in f32 (XLA's estimate); 4 micro-batches
-of 4 rows need about 3.3 GiB (6.2 GiB peak RSS in all).
+Where the time goes: the compiled step's executed matmul FLOPs are read from its HLO
+(``meljax.plan.hlo_cost``, loop trip counts applied), so the report splits the gap to the matmul rate into
+*recomputation* (executed / model FLOPs: remat of the blocks, the rematerialised log-prob
+chunks) and *matmul efficiency* (executed FLOP/s / matmul rate).
+
+``--variants`` compares several ways to run the same step in one process, timed round-robin
+(one step of each per round, a matmul timing between rounds), so that a busy machine slows all
+of them alike: a variant is a remat policy (``none``, ``full``, ``dots``, ``dots_no_batch``;
+``auto``; ``default`` = the model config's; the log-prob chunks always recompute their logits in
+the backward pass: a custom VJP in ``meljax.losses``). ``--with_ref`` also times the
+forward-only log-prob pass (``make_compute_logprobs``: the KL reference or recomputed old
+log-probs). ``--profile DIR`` writes a ``jax.profiler`` trace of the timed steps.
+
+Usage: ``python benchmarks/train_step.py [--batch 16] [--seq 256] [--steps 3]
+[--microbatches 4] [--variants full,none,dots] [--chunk 128] [--with_ref] [--random]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import resource
 import statistics
 import time
@@ -30,14 +43,15 @@ from flax import nnx
 from meljax import losses, optim
 from meljax import train_step as ts
 from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
-from meljax.models import Transformer, demo_model_dir, from_pretrained
+from meljax.models import ModelConfig, Transformer
 from meljax.models.config import REMAT_POLICIES
+from meljax.plan import hlo_cost
 
 
-def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
-    """Median f32 FLOP/s of an ``n x n`` by ``n x n`` matmul (2 n^3 FLOPs)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_flops_per_s(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
+    """Median FLOP/s of an ``n x n`` by ``n x n`` matmul (2 n^3 FLOPs)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(jnp.dot)
     f(a, b).block_until_ready()
     times = []
@@ -73,83 +87,150 @@ def make_batch(batch: int, seq: int, prompt: int, vocab: int, mel_rows: int) -> 
     return TrainBatch(pol, mel)
 
 
+@contextlib.contextmanager
+def remat_policy(cfg: ModelConfig, policy: str):
+    """Yields the model config with ``policy`` (``default``: the config's own)."""
+    yield cfg if policy == "default" else cfg.replace(remat_policy=policy)
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    compiled: object
+    compile_s: float
+    executed_flops: float
+    state: object
+    times: list
+    rates: list  # matmul FLOP/s around each timed call
+
+
+def build_variant(name, base_cfg, params, opt, sched, loss_cfg, batch, micro) -> Variant:
+    if name not in ("default",) + REMAT_POLICIES:
+        raise SystemExit(f"unknown variant {name!r}: one of default, {', '.join(REMAT_POLICIES)}")
+    with remat_policy(base_cfg, name) as cfg:
+        graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+        step = ts.make_train_step(graphdef, opt, loss_cfg, num_microbatches=micro, schedule=sched)
+        state = ts.init_train_state(params, opt)
+        t = time.perf_counter()
+        compiled = step.lower(state, batch).compile()  # the program the trainer runs
+        compile_s = time.perf_counter() - t
+    executed = hlo_cost.program_cost(compiled.as_text()).flops  # matmul FLOPs the step really runs
+    return Variant(name, compiled, compile_s, executed, state, [], [])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--prompt", type=int, default=64, help="context tokens per row (no loss)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed rounds (after one warm-up step)")
     p.add_argument("--chunk", type=int, default=128, help="log-prob chunk size (tokens)")
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--mel_rows", type=int, default=0, help="meta-experience rows (0: no MEL)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--variants", default="default", help="comma-separated, see the docstring")
     p.add_argument(
-        "--remat",
-        choices=("default", *REMAT_POLICIES),
-        default="default",
-        help="per-layer rematerialisation policy (default: the model config's, i.e. auto)",
+        "--attention", default="default", help="model attention_impl, when it has one (auto ...)"
     )
-    p.add_argument("--attention", default="default", help="attention_impl (default: auto)")
+    p.add_argument("--random", action="store_true", help="random weights of the same shapes")
+    p.add_argument("--with_ref", action="store_true", help="also time the forward-only pass")
+    p.add_argument("--profile", default="", help="write a jax.profiler trace to this folder")
     args = p.parse_args()
 
+    dtype = jnp.dtype(args.dtype)
     print(f"jax {jax.__version__}, devices: {jax.devices()}")
-    rate_before = matmul_flops_per_s()
-    print(f"matmul 2048^3 f32: {rate_before / 1e9:.1f} GFLOP/s")
+    from meljax.plan.architectures import BUILTIN
 
-    model = from_pretrained(demo_model_dir(), dtype=args.dtype)
-    cfg = model.cfg
-    graphdef, params = ts.split_params(model)
-    overrides = {}
-    if args.remat != "default":
-        overrides["remat_policy"] = args.remat
+    if args.random:
+        cfg = ModelConfig.from_hf_dict(BUILTIN["smollm2-135m"], dtype=args.dtype)
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+    else:
+        from meljax.models import demo_model_dir, from_pretrained
+
+        model = from_pretrained(demo_model_dir(), dtype=args.dtype)
+        cfg = model.cfg
+    _, params = ts.split_params(model)
+    del model
     if args.attention != "default":
-        overrides["attention_impl"] = args.attention
-    if overrides:
-        cfg = cfg.replace(**overrides)
-        graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+        cfg = cfg.replace(attention_impl=args.attention)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     opt, sched = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-6))
-    state = ts.init_train_state(params, opt)
-    del model, params
     loss_cfg = losses.LossConfig(use_mel=args.mel_rows > 0, logprob_chunk_size=args.chunk)
-    step = ts.make_train_step(
-        graphdef, opt, loss_cfg, num_microbatches=args.microbatches, schedule=sched
-    )
     batch = make_batch(args.batch, args.seq, args.prompt, cfg.vocab_size, args.mel_rows)
     batch = jax.device_put(batch)
-
-    t = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    print(f"compile + first step: {time.perf_counter() - t:.1f} s, loss {float(m['loss']):.4f}")
-    times = []
+    variants = [
+        build_variant(v, cfg, params, opt, sched, loss_cfg, batch, args.microbatches)
+        for v in args.variants.split(",")
+    ]
+    for v in variants:  # warm-up step (first-run allocations)
+        v.state, m = v.compiled(v.state, batch)
+        jax.block_until_ready(m)
+    ref_fn = ref_times = None
+    if args.with_ref:
+        graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+        ref_fn = ts.make_compute_logprobs(graphdef, chunk_size=args.chunk)
+        jax.block_until_ready(ref_fn(params, batch.policy.seq))
+        ref_times, ref_rates = [], []
+    if args.profile:
+        jax.profiler.start_trace(args.profile)
+    # A matmul timing before and after every timed call: on a shared machine the load drifts,
+    # so each call is scored against the mean of the two rates around it.
+    rates = [matmul_flops_per_s(dtype)]
     for _ in range(args.steps):
-        t = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t)
-    rate_after = matmul_flops_per_s()
-    rate = statistics.median([rate_before, rate_after])
+        for v in variants:
+            t = time.perf_counter()
+            v.state, m = v.compiled(v.state, batch)
+            jax.block_until_ready((v.state, m))
+            v.times.append(time.perf_counter() - t)
+            rates.append(matmul_flops_per_s(dtype))
+            v.rates.append((rates[-2] + rates[-1]) / 2)
+        if ref_fn is not None:
+            t = time.perf_counter()
+            jax.block_until_ready(ref_fn(params, batch.policy.seq))
+            ref_times.append(time.perf_counter() - t)
+            rates.append(matmul_flops_per_s(dtype))
+            ref_rates.append((rates[-2] + rates[-1]) / 2)
+    if args.profile:
+        jax.profiler.stop_trace()
+    rate = statistics.median(rates)
 
     tokens = args.batch * args.seq + args.mel_rows * args.seq
     per_token = 6 * n_params + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * args.seq
     flops = tokens * per_token
-    med = statistics.median(times)
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"model: {n_params / 1e6:.1f}M params, {cfg.num_layers} layers, vocab {cfg.vocab_size}")
     print(
         f"batch {args.batch} x {args.seq} (+{args.mel_rows} MEL rows), chunk {args.chunk}, "
-        f"micro-batches {args.microbatches}, dtype {args.dtype}, remat {cfg.remat_policy}, "
-        f"attention {cfg.attention_impl}"
+        f"micro-batches {args.microbatches}, dtype {args.dtype}; "
+        f"model FLOPs/step {flops / 1e12:.2f} TFLOP"
     )
-    print("step times (s): " + ", ".join(f"{x:.2f}" for x in times))
-    print(f"median step: {med:.2f} s -> {tokens / med:.0f} tokens/s")
-    print(f"model FLOPs/step: {flops / 1e12:.2f} TFLOP -> {flops / med / 1e9:.1f} GFLOP/s")
     print(
-        f"matmul rate before/after: {rate_before / 1e9:.1f} / {rate_after / 1e9:.1f} GFLOP/s; "
-        f"MFU vs median matmul rate: {100 * flops / med / rate:.1f}%"
+        f"matmul 2048^3 {dtype.name} per round (GFLOP/s): "
+        + ", ".join(f"{r / 1e9:.1f}" for r in rates)
+        + f"; median {rate / 1e9:.1f}"
     )
-    print(f"peak RSS: {rss_gib:.2f} GiB; skipped steps: {int(state.skipped_steps)}")
+    for v in variants:
+        med = statistics.median(v.times)
+        mfu = statistics.median(flops / t / r for t, r in zip(v.times, v.rates, strict=True))
+        busy = statistics.median(
+            v.executed_flops / t / r for t, r in zip(v.times, v.rates, strict=True)
+        )
+        print(
+            f"[{v.name}] compile {v.compile_s:.0f} s; steps (s): "
+            + ", ".join(f"{x:.2f}" for x in v.times)
+            + f"; median {med:.2f} s = {tokens / med:.0f} tokens/s; "
+            f"MFU vs the matmul rate around each step: {100 * mfu:.1f}% (median); executed "
+            f"matmul FLOPs {v.executed_flops / flops:.2f}x the model FLOPs, run at "
+            f"{100 * busy:.1f}% of the matmul rate"
+        )
+    if ref_times:
+        fwd = args.batch * args.seq * (2 * n_params)
+        eff = statistics.median(fwd / t / r for t, r in zip(ref_times, ref_rates, strict=True))
+        print(
+            f"forward-only log-probs (reference / old): median {statistics.median(ref_times):.2f}"
+            f" s = {100 * eff:.1f}% of the matmul rate (2N FLOPs per token)"
+        )
+    print(f"peak RSS: {rss_gib:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ COMMANDS = {
     "convert": "GGUF, HF folder or training checkpoint -> Hugging Face folder",
     "report": "plot a run's curves to a PNG and print a summary",
     "compare": "runs side by side: one figure and one table (e.g. GRPO vs MEL)",
+    "plan": "compile a run for a TPU slice (or cpu:N): memory, FLOPs, collectives, fit",
 }
 
 

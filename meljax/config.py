@@ -45,7 +45,9 @@ class ModelSettings:
     tokenizer: str = option("", 'tokenizer folder; "" = model.path')
     dtype: str = option("float32", "compute dtype of activations", choices=DTYPES)
     param_dtype: str = option(
-        "float32", "storage dtype of weights (optimizer state is float32)", choices=DTYPES
+        "float32",
+        "storage dtype of loaded weights (training keeps optim.master_dtype)",
+        choices=DTYPES,
     )
     random_init: bool = option(False, "True: random weights from model.random (tests, smoke runs)")
 

@@ -44,6 +44,13 @@ class OptimizerConfig:
         0.0, "AdamW decoupled weight decay, on matrices only (not norms or biases)", minimum=0
     )
     max_grad_norm: float = option(1.0, "global-norm gradient clipping (<= 0: off)")
+    master_dtype: str = option(
+        "float32",
+        "dtype of the trained (master) weights and both Adam moments, whatever "
+        "model.param_dtype stores the checkpoint in (bfloat16 halves them but rounds away "
+        "small updates)",
+        choices=("float32", "bfloat16"),
+    )
 
     def __post_init__(self):
         validate_fields(self)

@@ -503,7 +503,8 @@ class Sampler:
           mesh: optional device mesh; the batch is sharded over its data axes.
           cache_dtype: KV-cache dtype (``"bfloat16"`` halves its memory); default: compute dtype.
           prompt_buckets, batch_buckets: sizes the prompt length / prompt count are padded to.
-          max_prompt_len: longer prompts are cut from the left; ``None``: no limit.
+          max_prompt_len: longer prompts are cut from the left; ``None``: no limit. The limit
+            is also the largest prompt bucket (a limit of 6144 pads to 6144, not 8192).
           new_token_buckets: sizes ``max_new_tokens`` is padded to for the cache and output
             buffers (the loop still stops at ``max_new_tokens``); ``None``: exact size.
         """
@@ -545,6 +546,8 @@ class Sampler:
         multiple = dp // math.gcd(dp, sampling.num_samples)
         b = bucket(max(num_prompts, 1), self.batch_buckets, multiple=multiple)
         p = bucket(prompt_len, self.prompt_buckets)
+        if self.max_prompt_len is not None:  # the limit is the top bucket: 6144 stays 6144
+            p = min(p, self.max_prompt_len)
         m = sampling.max_new_tokens
         if self.new_token_buckets is not None:
             m = bucket(m, self.new_token_buckets)
@@ -633,7 +636,13 @@ class Sampler:
                 for x in (tokens, mask, valid)
             )
         before = _TRACE_COUNT
-        out = sample_core(
+        out = self._call_core(sample_core, params, tokens, mask, valid, sampling, key, m)
+        self.compile_count += _TRACE_COUNT - before
+        return out
+
+    def _call_core(self, fn, params, tokens, mask, valid, sampling: SamplingParams, key, m: int):
+        """``fn`` is ``sample_core`` (run) or ``sample_core.lower`` (ahead-of-time)."""
+        return fn(
             params,
             tokens,
             mask,
@@ -651,8 +660,21 @@ class Sampler:
             cache_dtype=self.cache_dtype,
             mesh=self.mesh,
         )
-        self.compile_count += _TRACE_COUNT - before
-        return out
+
+    def lower(self, params, num_prompts: int, prompt_len: int, sampling: SamplingParams):
+        """The program ``sample`` would compile for ``num_prompts`` prompts of up to
+        ``prompt_len`` tokens, lowered ahead of time (``.compile()`` it). ``params`` may be
+        abstract (``jax.ShapeDtypeStruct`` leaves with shardings): nothing is allocated."""
+        sampling.validate()
+        b, p, m = self.shapes(num_prompts, prompt_len, sampling)
+
+        def spec(shape, dtype):
+            sharding = None if self.mesh is None else shd.batch_sharding(self.mesh, len(shape))
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        inputs = spec((b, p), jnp.int32), spec((b, p), jnp.bool_), spec((b,), jnp.bool_)
+        key = jax.random.key(0)
+        return self._call_core(sample_core.lower, params, *inputs, sampling, key, m)
 
     def sample(
         self,

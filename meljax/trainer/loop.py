@@ -28,7 +28,6 @@ from meljax.meta import META_LOG_FILE, MetaExperiencePipeline
 from meljax.models import save_pretrained
 from meljax.optim import make_optimizer
 from meljax.train_step import (
-    init_train_state,
     make_compute_logprobs,
     make_train_step,
     train_on_batch,
@@ -194,8 +193,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
     del model
 
     optimizer, schedule = make_optimizer(s.optim)
-    master = "bfloat16" if cfg.model.param_dtype == "bfloat16" else "float32"
-    state = init_train_state(params, optimizer, mesh, master_dtype=master)
+    state = setup.init_state(cfg, params, optimizer, mesh)
     ref_params = (
         jax.tree.map(lambda x: x.copy(), state.params) if cfg.algorithm.kl_beta > 0 else None
     )

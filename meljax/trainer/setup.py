@@ -27,24 +27,7 @@ def build_model_and_tokenizer(cfg: ml_collections.ConfigDict, *, mesh=None):
     m = cfg.model
     if m.random_init:
         tokenizer = load_tokenizer(m.tokenizer) if m.tokenizer else make_tiny_tokenizer()
-        r = m.random
-        mcfg = ModelConfig(
-            model_type=r.model_type,
-            vocab_size=len(tokenizer),
-            hidden_size=r.hidden_size,
-            intermediate_size=r.intermediate_size,
-            num_layers=r.num_layers,
-            num_heads=r.num_heads,
-            num_kv_heads=r.num_kv_heads,
-            head_dim=r.head_dim,
-            qk_norm=r.model_type == "qwen3",
-            attention_bias=r.model_type == "qwen2",
-            eos_token_id=tokenizer.eos_token_id,
-            dtype=m.dtype,
-            param_dtype=m.param_dtype,
-        )
-        mcfg = mcfg.replace(dtype=_dt(m.dtype), param_dtype=_dt(m.param_dtype))
-        model = Transformer(mcfg, rngs=nnx.Rngs(cfg.seed))
+        model = Transformer(random_model_config(cfg, tokenizer), rngs=nnx.Rngs(cfg.seed))
         if mesh is not None:
             graphdef, state = nnx.split(model)
             state = jax.device_put(state, shd.param_shardings(state, mesh))
@@ -54,6 +37,34 @@ def build_model_and_tokenizer(cfg: ml_collections.ConfigDict, *, mesh=None):
     model = from_pretrained(path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
     tokenizer = load_tokenizer(resolve_model_path(m.tokenizer) if m.tokenizer else path)
     return model, tokenizer
+
+
+def random_model_config(cfg: ml_collections.ConfigDict, tokenizer) -> ModelConfig:
+    """The architecture of ``model.random_init`` runs (``model.random``, the tokenizer's size)."""
+    m, r = cfg.model, cfg.model.random
+    return ModelConfig(
+        model_type=r.model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=r.hidden_size,
+        intermediate_size=r.intermediate_size,
+        num_layers=r.num_layers,
+        num_heads=r.num_heads,
+        num_kv_heads=r.num_kv_heads,
+        head_dim=r.head_dim,
+        qk_norm=r.model_type == "qwen3",
+        attention_bias=r.model_type == "qwen2",
+        eos_token_id=tokenizer.eos_token_id,
+        dtype=_dt(m.dtype),
+        param_dtype=_dt(m.param_dtype),
+    )
+
+
+def init_state(cfg: ml_collections.ConfigDict, params, optimizer, mesh):
+    """The run's ``TrainState``: master weights and Adam moments in ``optim.master_dtype``
+    (float32 unless asked otherwise, whatever ``model.param_dtype`` stores the weights in)."""
+    from meljax.train_step import init_train_state
+
+    return init_train_state(params, optimizer, mesh, master_dtype=cfg.optim.master_dtype)
 
 
 def _dt(name: str):

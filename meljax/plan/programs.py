@@ -1,0 +1,325 @@
+"""Which jitted programs a training run launches, at which shapes: the one place that knows.
+
+Each :class:`Program` is built from the trainer's own pieces (``setup.build_sampler``,
+``make_train_step``, ``make_compute_logprobs``, the batch builders) with the config's worst-case
+sizes, and lowered ahead of time on abstract weights, so nothing is allocated. When the run
+changes what it launches (a continuous-batching rollout engine, a new pass), this file is what
+to extend: add a ``Program`` to :func:`run_programs`.
+
+Worst cases (the shapes the run may reach, not the typical ones):
+
+- rollout: ``num_questions`` prompts of up to ``data.max_prompt_tokens`` tokens, ``G`` answers
+  of ``rollout.max_new_tokens``;
+- MEL analysis: every question mixed, ``max_pairs_per_query`` analyses each, prompts of
+  ``mel.analysis_max_prompt_tokens``;
+- MEL replay: as many replays as analyses, each prompt holding a full analysis and a full
+  question plus the replay template;
+- update: the policy batch ``[N*G, bucket(max_prompt) + max_new_tokens]`` and the NLL batch
+  with every analysis kept (``nll_bucketed`` gives smaller batches on typical steps, never a
+  larger one);
+- periodic evaluation: prompts assumed no longer than ``data.max_prompt_tokens``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from meljax import sharding as shd
+from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
+from meljax.buckets import bucket
+from meljax.meta import templates
+from meljax.models import ModelConfig, abstract_model
+from meljax.optim import make_optimizer
+from meljax.train_step import make_compute_logprobs, make_train_step, state_shardings
+
+
+@dataclasses.dataclass
+class Program:
+    """One jitted program of the run.
+
+    Attributes:
+      name: short name (``rollout``, ``analysis``, ``replay``, ``logprobs``, ``update`` ...).
+      shapes: its sizes in words.
+      lower: ``() -> jax.stages.Lowered`` (compile it to measure).
+      resident_extra: names of the run's long-lived buffers (``state.params``,
+        ``state.opt_state``, ``ref_params``) that are NOT arguments of this program but stay
+        in device memory while it runs.
+      dynamic_trip_count: iterations of its data-dependent loops at most (the decode loop).
+      fix: what to change when it does not fit.
+    """
+
+    name: str
+    shapes: str
+    lower: Callable[[], Any]
+    resident_extra: tuple[str, ...]
+    dynamic_trip_count: int
+    fix: str
+
+
+@dataclasses.dataclass
+class RunModel:
+    """The run's abstract model and training state on a mesh (nothing allocated).
+
+    ``resident`` maps each long-lived buffer to its bytes per device.
+    """
+
+    config: ModelConfig
+    source: str
+    graphdef: Any
+    state: Any  # abstract TrainState, leaves with shardings
+    ref_params: Any  # abstract reference params (kl_beta > 0) or None
+    resident: dict[str, int]
+
+
+def attach_shardings(tree, shardings):
+    """``tree`` with every leaf a ``jax.ShapeDtypeStruct`` carrying its ``NamedSharding``
+    (``shardings`` may be a prefix tree, as ``state_shardings`` returns)."""
+
+    def one(sharding, sub):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), sub
+        )
+
+    return jax.tree.map(
+        one, shardings, tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+    )
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded ``ShapeDtypeStruct`` leaves."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def build_run_model(cfg: ml_collections.ConfigDict, mesh, model_config: ModelConfig, source: str):
+    """Abstract graphdef, train state (``setup.init_state``, so the master dtype is the run's)
+    and reference params on ``mesh``."""
+    from meljax.trainer import loop, setup
+
+    graphdef, params = abstract_model(model_config)
+    graphdef, params = nnx.split(nnx.merge(graphdef, params), nnx.Param)
+    optimizer, _ = make_optimizer(loop.optimizer_config(cfg))
+    state = jax.eval_shape(lambda p: setup.init_state(cfg, p, optimizer, mesh), params)
+    state = attach_shardings(state, state_shardings(state, mesh))
+    ref = state.params if cfg.algorithm.kl_beta > 0 else None
+    resident = {
+        "state.params": bytes_per_device(state.params),
+        "state.opt_state": bytes_per_device(state.opt_state),
+    }
+    if ref is not None:
+        resident["ref_params"] = resident["state.params"]
+    return RunModel(model_config, source, graphdef, state, ref, resident)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
+
+
+def replay_prompt_bound(cfg: ml_collections.ConfigDict) -> int:
+    """Most tokens a replay prompt can have: a full analysis, a full question and the template
+    text (its characters bound its tokens)."""
+    from meljax.trainer import setup
+
+    template = templates.load_template(
+        cfg.mel.replay_template or None,
+        default=templates.DEFAULT_REPLAY_TEMPLATE,
+        required=templates.REPLAY_FIELDS,
+        what="replay_template",
+    )
+    fixed = len(re.sub(r"\{\w+\}", "", template)) + len(setup.instruction_text(cfg))
+    return cfg.mel.analysis_max_new_tokens + cfg.data.max_prompt_tokens + fixed
+
+
+def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Program]:
+    """Every jitted program ``meljax train`` launches with ``cfg`` on ``mesh``, worst case."""
+    from meljax.sampling import SamplingParams
+    from meljax.trainer import loop, setup
+
+    dp = shd.data_parallel_size(mesh)
+    graphdef, params = run.graphdef, run.state.params
+    r = cfg.rollout
+    stop_ids, pad_id = [0], 0  # token ids do not change shapes
+    sampler = setup.build_sampler(cfg, graphdef, stop_ids, pad_id, mesh)
+    all_resident = tuple(run.resident)
+    not_params = tuple(k for k in all_resident if k != "state.params")
+    programs: list[Program] = []
+
+    def sampling_program(name, smp, prompts, prompt_len, sampling: SamplingParams, why, fix):
+        b, p, m = smp.shapes(prompts, prompt_len, sampling)
+        shapes = (
+            f"{b} prompts x {p} tokens, G={sampling.num_samples}, {m} new tokens "
+            f"({b * sampling.num_samples} rows, KV cache {b * sampling.num_samples} x {p + m}); "
+            f"{why}"
+        )
+        programs.append(
+            Program(
+                name=name,
+                shapes=shapes,
+                lower=lambda: smp.lower(params, prompts, prompt_len, sampling),
+                resident_extra=not_params,
+                dynamic_trip_count=m,
+                fix=fix,
+            )
+        )
+
+    kv = "rollout.cache_dtype=bfloat16"
+    sampling_program(
+        "rollout",
+        sampler,
+        r.num_questions,
+        cfg.data.max_prompt_tokens,
+        setup.rollout_sampling(cfg),
+        "prefill + decode",
+        f"fewer rollout.num_questions or rollout.max_new_tokens, {kv}, or more devices",
+    )
+    meta = loop.meta_config(cfg, dp)
+    pairs = meta.max_pairs_per_query * r.num_questions
+    if cfg.mel.enabled:
+        sampling_program(
+            "analysis",
+            sampler,
+            pairs,
+            meta.analysis_max_prompt_tokens,
+            meta.analysis_sampling(),
+            "MEL analysis pass, every question mixed",
+            "lower mel.max_pairs_per_query, mel.analysis_max_prompt_tokens (a bucket edge such "
+            f"as 4096 rather than just above one) or mel.analysis_max_new_tokens, or {kv}",
+        )
+        sampling_program(
+            "replay",
+            sampler,
+            pairs,
+            replay_prompt_bound(cfg),
+            meta.replay_sampling(),
+            "MEL replay pass, every analysis replayed",
+            f"lower mel.replay_max_new_tokens or mel.max_pairs_per_query, or {kv}",
+        )
+
+    # the update's batches, built by the trainer's own builders (worst case: longest prompts)
+    rows = r.num_questions * r.group_size
+    seq_len = bucket(cfg.data.max_prompt_tokens) + r.max_new_tokens
+    ones = [[1]] * rows
+    policy = build_policy_batch(
+        ones,
+        ones,
+        advantages=np.zeros(rows),
+        rewards=np.zeros(rows),
+        group_index=np.arange(rows),
+        old_logprobs=None,
+        batch_multiple=dp,
+        max_len=seq_len,
+    )
+    if cfg.mel.enabled:
+        nll = build_sequence_batch(
+            [], [], min_rows=pairs, batch_multiple=dp, max_len=meta.nll_length
+        )
+    else:  # the all-padding NLL batch the loop passes without MEL
+        nll = build_sequence_batch([], [], min_rows=dp, batch_multiple=dp, max_len=bucket(1))
+    batch = _abstract(TrainBatch(policy=policy, mel=nll))
+    policy_rows, t = batch.policy.seq.tokens.shape
+    micro = cfg.algorithm.num_microbatches
+
+    if cfg.algorithm.kl_beta > 0 or cfg.algorithm.old_logprobs == "recompute":
+        logprobs = make_compute_logprobs(
+            graphdef, mesh=mesh, chunk_size=cfg.algorithm.logprob_chunk
+        )
+        first = run.ref_params if run.ref_params is not None else params
+        uses = "reference (algorithm.kl_beta > 0)" if run.ref_params is not None else "old"
+        programs.append(
+            Program(
+                name="logprobs",
+                shapes=f"[{policy_rows}, {t}] {uses} log-probs",
+                lower=lambda: logprobs.lower(first, batch.policy.seq),
+                resident_extra=tuple(k for k in all_resident if k != "ref_params")
+                if run.ref_params is not None
+                else not_params,
+                dynamic_trip_count=1,
+                fix="lower algorithm.logprob_chunk or rollout.max_new_tokens, or more devices",
+            )
+        )
+
+    optimizer, schedule = make_optimizer(loop.optimizer_config(cfg))
+    train_step = make_train_step(
+        graphdef,
+        optimizer,
+        loop.loss_config(cfg),
+        mesh=mesh,
+        num_microbatches=micro,
+        schedule=schedule,
+    )
+    nll_rows, nll_t = batch.mel.tokens.shape
+    programs.append(
+        Program(
+            name="update",
+            shapes=(
+                f"policy [{policy_rows}, {t}] in {micro} micro-batches of "
+                f"{policy_rows // micro} rows, NLL [{nll_rows}, {nll_t}]"
+            ),
+            lower=lambda: train_step.lower(run.state, batch),
+            resident_extra=tuple(k for k in all_resident if k == "ref_params"),
+            dynamic_trip_count=1,
+            fix=(
+                "raise algorithm.num_microbatches, lower algorithm.logprob_chunk, shorten "
+                "rollout.max_new_tokens / mel.analysis_max_prompt_tokens, or shard over more "
+                "devices (mesh.fsdp)"
+            ),
+        )
+    )
+
+    if cfg.eval.every_steps:
+        _eval_programs(cfg, graphdef, mesh, sampling_program, stop_ids, pad_id)
+    return programs
+
+
+def _eval_programs(cfg, graphdef, mesh, sampling_program, stop_ids, pad_id) -> None:
+    """The periodic evaluation's two sampler programs, shaped like ``meljax.evaluation``: a
+    sampler with one batch bucket per pass and the model's dtype for its cache."""
+    from meljax import evaluation
+    from meljax.sampling import Sampler, SamplingParams
+
+    e = cfg.eval
+    ecfg = evaluation.EvalConfig(num_samples=e.num_samples, max_new_tokens=e.max_new_tokens)
+    passes = [("eval_greedy", ecfg.batch_size, 1, 0.0)]
+    if e.num_samples:
+        passes.append(
+            ("eval_sampled", ecfg.prompts_per_sampled_batch, e.num_samples, e.temperature)
+        )
+    for name, prompts, g, temperature in passes:
+        smp = Sampler(
+            graphdef, stop_token_ids=stop_ids, pad_id=pad_id, mesh=mesh, batch_buckets=(prompts,)
+        )
+        sampling = SamplingParams(
+            max_new_tokens=e.max_new_tokens, temperature=temperature, num_samples=g
+        )
+        sampling_program(
+            name,
+            smp,
+            prompts,
+            cfg.data.max_prompt_tokens,
+            sampling,
+            "periodic evaluation (prompts assumed <= data.max_prompt_tokens)",
+            "lower eval.max_new_tokens or eval.num_samples",
+        )
+
+
+__all__ = [
+    "Program",
+    "RunModel",
+    "attach_shardings",
+    "build_run_model",
+    "bytes_per_device",
+    "replay_prompt_bound",
+    "run_programs",
+]
