@@ -192,37 +192,3 @@ def test_sharded_update_and_logprobs_equal_one_device(shape):
     )
     np.testing.assert_allclose(np.asarray(lp), np.asarray(ref_lp_new), atol=1e-5)
     assert np.asarray(ref_lp).shape == np.asarray(lp).shape
-
-
-HLO_SAMPLE = """HloModule m
-
-%body.1 (p: (f32[8,4])) -> (f32[8,4]) {
-  %ar = f32[8,4]{1,0} all-reduce(f32[8,4]{1,0} %x), channel_id=1, replica_groups={{0,1}}, to_apply=%add
-  ROOT %t = (f32[8,4]) tuple(%ar)
-}
-
-ENTRY %main.2 (a: bf16[4,16], b: f32[2], /*index=2*/c: f32[2]) -> bf16[8,16] {
-  %ags = (bf16[4,16]{1,0}, bf16[8,16]{1,0}) all-gather-start(bf16[4,16]{1,0} %a), dimensions={0}
-  %agd = bf16[8,16]{1,0} all-gather-done((bf16[4,16]{1,0}, bf16[8,16]{1,0}) %ags)
-  %rs = (f32[1]{0}, f32[1]{0}) reduce-scatter(f32[2]{0} %b, f32[2]{0} %c), dimensions={0}
-  %ars = f32[2]{0} all-reduce-start(f32[2]{0} %b), replica_groups=[2,2]<=[4]
-  %ard = f32[2]{0} all-reduce-done(f32[2]{0} %ars)
-  ROOT %cp = bf16[8,16]{1,0} collective-permute(bf16[8,16]{1,0} %agd), source_target_pairs={{0,1}}
-}
-"""
-
-
-def test_hlo_collectives_parser():
-    cs = hlo.collectives(HLO_SAMPLE)
-    assert [(c.kind, c.computation) for c in cs] == [
-        ("all-reduce", "body.1"),
-        ("all-gather", "main.2"),
-        ("reduce-scatter", "main.2"),
-        ("all-reduce", "main.2"),
-        ("collective-permute", "main.2"),
-    ]
-    ag = cs[1]
-    assert ag.shapes == (("bf16", (8, 16)),) and ag.bytes == 8 * 16 * 2  # output, not operand
-    assert cs[2].shapes == (("f32", (1,)), ("f32", (1,))) and cs[2].bytes == 8
-    assert cs[0].replica_groups == "{{0,1}}" and cs[3].replica_groups == "[2,2]<=[4]"
-    assert hlo.summary(cs)["all-reduce"] == (2, 8 * 4 * 4 + 2 * 4)
