@@ -37,7 +37,7 @@ from meljax.data.prompts import (
     format_prompt,
 )
 from meljax.sampling.engine import Engine, Request, SamplerEngine
-from meljax.sampling.sampler import SamplingParams
+from meljax.sampling.select import SamplingParams
 from meljax.schema import option, validate_fields
 
 __all__ = [

@@ -27,7 +27,7 @@ from meljax.models import (
     default_positions,
 )
 from meljax.sampling import Sampler, SamplingParams, filter_logits
-from meljax.sampling.sampler import argmax_last, categorical, config_from_graphdef
+from meljax.sampling.select import argmax_last, categorical, config_from_graphdef
 
 VOCAB = 200  # > 128: the inverse-CDF sampler sees two blocks, the second one padded
 STOP = 7

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from meljax.sampling.sampler import SamplingParams, format_bytes
+from meljax.sampling.select import SamplingParams, format_bytes
 
 
 def generate(
