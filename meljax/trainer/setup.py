@@ -75,8 +75,8 @@ def _dt(name: str):
 
 def build_policy(cfg: ml_collections.ConfigDict, graphdef, tokenizer, mesh=None):
     """The run's :class:`~meljax.policy.Policy`: rollouts, MEL analyses and replays and the
-    periodic evaluation all sample through it, so its sampler's prompt limit covers the longest
-    of them (the filled analysis prompt)."""
+    periodic evaluation all sample through it (one continuous-batching engine), so its prompt
+    limit covers the longest of them (the filled analysis prompt)."""
     from meljax.config import settings
     from meljax.policy import Policy
 
@@ -89,7 +89,10 @@ def build_policy(cfg: ml_collections.ConfigDict, graphdef, tokenizer, mesh=None)
         mesh=mesh,
         cache_dtype=r.cache_dtype or None,
         max_prompt_len=max(s.prompt.max_prompt_tokens, s.meta.analysis_max_prompt_tokens),
-        max_rows=r.max_rows or r.num_questions * r.group_size,
+        max_slots=r.max_slots,
+        kv_budget_gib=r.kv_budget_gib,
+        segment_steps=r.segment_steps,
+        tensor_parallel=r.tensor_parallel,
     )
 
 
