@@ -125,7 +125,7 @@ class RolloutConfig:
     max_slots: int = option(
         0,
         "decode slots of the rollout engine (one sample each; rollouts, MEL passes and "
-        "evaluation); 0 = one per sample of the call (num_questions x group_size for rollouts)",
+        "evaluation share it); 0 = num_questions x group_size",
         minimum=0,
     )
     kv_budget_gib: float = option(

@@ -56,7 +56,6 @@ from meljax import sharding as shd
 from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
 from meljax.models.config import resolve_dtype
 from meljax.models.kv_cache import cache_bytes
-from meljax.models.transformer import prefer_split_layers
 from meljax.sampling import slots
 from meljax.sampling.select import SamplingParams, config_from_graphdef, format_bytes
 from meljax.sampling.slots import InferenceWeights
@@ -195,7 +194,12 @@ class ContinuousEngine:
         self.prompt_buckets = tuple(prompt_buckets)
         self.batch_buckets = tuple(batch_buckets)
         self.kv_buckets = tuple(kv_buckets)
-        self.split = prefer_split_layers()
+        # CPU decodes faster over per-layer weight copies (``prefer_split_layers``); the
+        # decode mesh's devices decide (an AOT plan for TPU on this host is not CPU)
+        platform = (
+            jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
+        )
+        self.split = platform == "cpu"
         self.num_truncated_prompts = 0
         self.last_stats = EngineStats()
         vocab = self.config.vocab_size
@@ -234,7 +238,8 @@ class ContinuousEngine:
         to ``prompt_len`` tokens and up to ``max_new`` new tokens."""
         dp = self._dp()
         cache_len = self.prompt_bucket(prompt_len) + max_new
-        cap = self.max_slots or num_samples
+        want = bucket(num_samples, self.batch_buckets, multiple=dp)
+        cap = self.max_slots or want
         if self.kv_budget_gib:
             per_device = int(self.kv_budget_gib * 2**30) // self.slot_bytes(cache_len)
             if per_device < 1:
@@ -243,8 +248,7 @@ class ContinuousEngine:
                     f"cache slots ({format_bytes(self.slot_bytes(cache_len))} per device)"
                 )
             cap = min(cap, per_device * dp)
-        cap = max(dp, cap // dp * dp)
-        return min(bucket(num_samples, self.batch_buckets, multiple=dp), cap), cache_len
+        return min(want, max(dp, cap // dp * dp)), cache_len
 
     def describe(self, num_samples: int, prompt_len: int, max_new: int) -> str:
         """One line on the pool a call of these sizes gets (printed at the start of a run)."""

@@ -124,16 +124,9 @@ def weight_shardings(graphdef, params, mesh: Mesh, split: bool):
     return InferenceWeights(state, layers)
 
 
-def prepare_weights(
-    graphdef, params, mesh: Mesh | None = None, split: bool = False
-) -> InferenceWeights:
-    """The weights every engine program reads.
-
-    The state is cast to the model's compute dtype (floating leaves) and laid out on ``mesh``
-    (the :func:`inference_mesh`); with ``split`` (CPU) ``layers`` holds per-layer weight dicts
-    in the compute dtype and the state's stacked layer weights are left as they are (unused).
-    One copy per policy update, never per decode step.
-    """
+def weights_program(graphdef, params, mesh: Mesh | None = None, split: bool = False):
+    """The jitted function ``params -> InferenceWeights`` of :func:`prepare_weights` (its
+    ``out_shardings`` are the inference layout on ``mesh``), for running or lowering."""
     cfg = config_from_graphdef(graphdef)
 
     def cast(x):
@@ -151,7 +144,23 @@ def prepare_weights(
             state = jax.tree.map(cast, params)
         return InferenceWeights(state, layers)
 
-    out_shardings = None if mesh is None else weight_shardings(graphdef, params, mesh, split)
+    out_shardings = None
+    if mesh is not None:
+        out_shardings = weight_shardings(graphdef, params, mesh, split)
+    return jax.jit(build, out_shardings=out_shardings)
+
+
+def prepare_weights(
+    graphdef, params, mesh: Mesh | None = None, split: bool = False
+) -> InferenceWeights:
+    """The weights every engine program reads.
+
+    The state is cast to the model's compute dtype (floating leaves) and laid out on ``mesh``
+    (the :func:`inference_mesh`); with ``split`` (CPU) ``layers`` holds per-layer weight dicts
+    in the compute dtype and the state's stacked layer weights are left as they are (unused).
+    One copy per policy update, never per decode step.
+    """
+    cfg = config_from_graphdef(graphdef)
     if (
         not split
         and mesh is None
@@ -161,7 +170,22 @@ def prepare_weights(
         )
     ):
         return InferenceWeights(params, None)  # already what decoding reads: no copy
-    return jax.jit(build, out_shardings=out_shardings)(params)
+    return weights_program(graphdef, params, mesh, split)(params)
+
+
+def state_shardings(state, mesh: Mesh):
+    """``NamedSharding`` tree of a (abstract) :class:`SlotState` or prompt cache: rows over
+    the data axes, cache kv heads over ``tensor``."""
+
+    def one(x):
+        if x.ndim >= 4:  # a cache buffer: [(L,) S, K, ., .]
+            lead = x.ndim - 4
+            axes = (None,) * lead + ("batch", "kv_heads", None, None)
+        else:
+            axes = ("batch",) + (None,) * (x.ndim - 1)
+        return NamedSharding(mesh, shd.logical_to_spec(axes, None, mesh, x.shape))
+
+    return jax.tree.map(one, state)
 
 
 def _merge(graphdef, weights):
