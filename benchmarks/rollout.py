@@ -142,6 +142,9 @@ def run_hf(args) -> dict:
     policy, _, _, prompts, tok = load_policy(args)
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir(), dtype=torch.float32).eval()
     stops = list(policy.stop_ids)
+    warm = torch.tensor([prompts[0]])
+    with torch.no_grad():  # warm-up call (first-call set-up is not throughput)
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=8)
     runs = []
     for r in range(args.runs):
         torch.manual_seed(r)
