@@ -103,7 +103,9 @@ def test_plan_on_8_cpu_devices_measures_every_program():
     assert state["state.opt_state"] == pytest.approx(2 * state["state.params"], rel=0.05)
     for p in report.programs:
         assert p.status == "ok" and p.fits and 0 < p.total < p.capacity
-        assert p.flops > 0 and p.hbm_bytes > 0
+        # the weights' layout change and the slot copy only move bytes
+        moves_only = p.name == "rollout_weights" or p.name.endswith("_insert")
+        assert (p.flops > 0 or moves_only) and p.hbm_bytes > 0
     update = report.programs[-1]
     # the update's arguments are the train state (params + moments) and the two batches
     assert update.arguments > state["state.params"] + state["state.opt_state"]
