@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from meljax.buckets import bucket
 from meljax.sampling import slots
 from meljax.sampling.select import SamplingParams
+from meljax.sampling.weights import weight_shardings, weights_program
 
 
 @dataclasses.dataclass
@@ -62,10 +63,10 @@ def lower_engine_programs(
         sharding = None if mesh is None else NamedSharding(mesh, jax.sharding.PartitionSpec())
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    build = slots.weights_program(engine.graphdef, params, mesh, engine.split)
+    build = weights_program(engine.graphdef, params, mesh, engine.split)
     weights = jax.eval_shape(build, params)
     if mesh is not None:
-        w = slots.weight_shardings(engine.graphdef, params, mesh, engine.split)
+        w = weight_shardings(engine.graphdef, params, mesh, engine.split)
         weights = _attach(weights, w)
     state = jax.eval_shape(
         lambda: slots.init_slots(

@@ -30,7 +30,7 @@ instead of the bucket of the longest, but that kernel runs only on TPU and canno
 on this CPU-only machine; buckets are measurable here and need no page table. KV_MEASUREMENT
 
 Weights: :meth:`ContinuousEngine.prepare` casts the policy's parameters to the compute dtype
-and lays them out once per update on the :func:`~meljax.sampling.slots.inference_mesh`
+and lays them out once per update on the :func:`~meljax.sampling.weights.inference_mesh`
 (``tensor_parallel``-way tensor parallelism inside a replica, data-parallel replicas across
 the other devices; replicated weights when ``tensor_parallel == 1``), so no decode step
 gathers FSDP shards.
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,56 +57,9 @@ from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
 from meljax.models.config import resolve_dtype
 from meljax.models.kv_cache import cache_bytes
 from meljax.sampling import slots
-from meljax.sampling.select import SamplingParams, config_from_graphdef, format_bytes
-from meljax.sampling.slots import InferenceWeights
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One prompt to complete ``sampling.num_samples`` (G) times.
-
-    Attributes:
-      prompt_ids: the prompt's token ids, as the model sees them (BOS and template included).
-      sampling: the controls of this request; ``num_samples`` is its group size G.
-    """
-
-    prompt_ids: tuple[int, ...]
-    sampling: SamplingParams
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """One sample of a request, as the engine produced it.
-
-    Attributes:
-      tokens: int32 ``[L]`` generated ids, the stop token included when one came.
-      logprobs: float32 ``[L]`` ``log_softmax`` of the raw logits at each token (before
-        temperature / top-p / top-k), what a training forward pass recomputes.
-      truncated: no stop token within ``max_new_tokens``.
-    """
-
-    tokens: np.ndarray
-    logprobs: np.ndarray
-    truncated: bool
-
-
-class Engine(Protocol):
-    """What :class:`meljax.policy.Policy` needs from a sampling engine."""
-
-    max_prompt_len: int | None  # longer prompts are cut from the left; None: no limit
-
-    def generate(
-        self,
-        params: Any,
-        requests: Sequence[Request],
-        key: jax.Array,
-        progress: Callable[[int], None] | None = None,
-    ) -> list[list[Generation]]:
-        """``G`` generations per request, in request order; deterministic in ``key``.
-
-        ``progress(n)`` is called as ``n`` more requests are finished.
-        """
-        ...
+from meljax.sampling.protocol import Engine, Generation, Request
+from meljax.sampling.select import config_from_graphdef, format_bytes
+from meljax.sampling.weights import InferenceWeights, inference_mesh, prepare_weights
 
 
 @dataclasses.dataclass
@@ -184,7 +137,7 @@ class ContinuousEngine:
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
         self.pad_id = int(pad_id)
         self.train_mesh = mesh
-        self.mesh = slots.inference_mesh(mesh, tensor_parallel)
+        self.mesh = inference_mesh(mesh, tensor_parallel)
         self.cache_dtype = None if cache_dtype is None else resolve_dtype(cache_dtype)
         self.max_prompt_len = max_prompt_len
         self.max_slots = max_slots
@@ -216,7 +169,7 @@ class ContinuousEngine:
         update; :meth:`generate` takes the result (or prepares raw params itself)."""
         if isinstance(params, InferenceWeights):
             return params
-        return slots.prepare_weights(self.graphdef, params, self.mesh, self.split)
+        return prepare_weights(self.graphdef, params, self.mesh, self.split)
 
     # -- shapes
 
@@ -451,3 +404,13 @@ def _mesh_text(mesh) -> str:
     if mesh is None:
         return "none (one device)"
     return " x ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
+
+
+__all__ = [
+    "ContinuousEngine",
+    "Engine",
+    "EngineStats",
+    "Generation",
+    "InferenceWeights",
+    "Request",
+]

@@ -39,17 +39,20 @@ from jax.sharding import Mesh
 
 from meljax import sharding as shd
 from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
-from meljax.models import kv_cache
 from meljax.models.config import ModelConfig, resolve_dtype
 from meljax.models.kv_cache import cache_bytes, init_cache
 from meljax.models.transformer import default_positions, prefer_split_layers
-from meljax.sampling.engine import Generation, Request
+from meljax.sampling.protocol import Generation, Request
 from meljax.sampling.select import (
     SamplingParams,
     config_from_graphdef,
     select_tokens,
     token_logprobs,
 )
+from meljax.sampling.slots import cache_map as _cache_map
+from meljax.sampling.slots import constrain_cache as _constrain_cache
+from meljax.sampling.slots import constrain_rows as _constrain
+from meljax.sampling.slots import in_mesh_context as _in_mesh_context
 
 # ----------------------------------------------------------------------------- host-level types
 
@@ -102,37 +105,6 @@ class SampleOutput:
 # ----------------------------------------------------------------------------- jitted core
 
 _TRACE_COUNT = 0  # bumped each time the core is traced (= compiled); see Sampler.compile_count
-
-
-def _constrain(x: jax.Array, mesh: Mesh | None) -> jax.Array:
-    """Shards a batch-major array over the data axes of ``mesh`` (no-op without a mesh)."""
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
-
-
-def _cache_map(fn, cache):
-    """Applies ``fn(array, batch_axis)`` to every buffer of a stacked or split cache."""
-    axis = 1 if kv_cache.is_stacked(cache) else 0
-    return jax.tree.map(lambda c: fn(c, axis), cache)
-
-
-def _constrain_cache(c: jax.Array, batch_axis: int) -> jax.Array:
-    """Rows over the data axes, kv heads over ``tensor`` (no-op without a mesh in context)."""
-    axes = (None,) * batch_axis + ("batch", "kv_heads", None, None)
-    return shd.constrain(c, axes)
-
-
-def _in_mesh_context(fn):
-    """Runs ``fn`` with its ``mesh`` keyword in context (``sharding.use_mesh``), so the model's
-    activation constraints apply while it is traced."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, mesh=None, **kw):
-        with shd.use_mesh(mesh):
-            return fn(*args, mesh=mesh, **kw)
-
-    return wrapped
 
 
 @functools.partial(
