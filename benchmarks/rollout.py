@@ -15,9 +15,10 @@ Engines (each in its own child process, so each one's peak RSS is its own; round
   call, on the first ``--hf_questions`` questions (it is slow).
 
 Figure: useful new tokens/s = generated tokens up to and including each sample's stop token,
-over the wall time of the timed run (after one warm-up run of the same workload that
-compiles; JAX only). Also slot utilisation (useful tokens / slot-steps; for the static sampler
-rows x decode steps of each call) and peak RSS.
+over the wall time of the run minus the time JAX spent compiling in it (traced, lowered and
+compiled, summed from ``jax.monitoring`` events; ``--warmup`` runs the workload once before
+instead, which doubles a long benchmark on a shared machine). Also slot utilisation (useful
+tokens / slot-steps; for the static sampler rows x decode steps of each call) and peak RSS.
 
   python benchmarks/rollout.py                       # all engines
   python benchmarks/rollout.py --engines=engine,static --runs=1
@@ -42,6 +43,29 @@ GSM8K_FILE = Path("gsm8k") / "test.jsonl"
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+COMPILE_S = [0.0]  # seconds JAX spent tracing, lowering and compiling in this process
+
+
+def count_compile_time() -> None:
+    import jax
+
+    def listen(event: str, seconds: float, **_) -> None:
+        if event.startswith("/jax/core/compile/") or event.endswith("backend_compile_duration"):
+            COMPILE_S[0] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+
+
+def timed(fn, *args):
+    """``(seconds excluding compilation, compile seconds, result)`` of ``fn(*args)``."""
+    before = COMPILE_S[0]
+    t = time.perf_counter()
+    out = fn(*args)
+    wall = time.perf_counter() - t
+    compiled = COMPILE_S[0] - before
+    return wall - compiled, compiled, out
 
 
 def load_policy(args):
@@ -76,17 +100,15 @@ def run_engine(args) -> dict:
     weights = policy.engine.prepare(params)
 
     def call(seed):
-        t = time.perf_counter()
         out = policy.engine.generate(weights, reqs, jax.random.key(seed))
-        dt = time.perf_counter() - t
-        return dt, sum(len(x.tokens) for g in out for x in g)
+        return sum(len(x.tokens) for g in out for x in g)
 
-    first, _ = call(100)
-    runs = [call(i) for i in range(args.runs)]
+    if args.warmup:
+        call(100)
+    runs = [timed(call, i) for i in range(args.runs)]
     stats = policy.engine.last_stats
     return {
-        "runs": [{"seconds": dt, "tokens": n} for dt, n in runs],
-        "warmup_s": first,
+        "runs": [{"seconds": dt, "compile_s": c, "tokens": n} for dt, c, n in runs],
         "slot_utilisation": stats.slot_utilisation,
         "slots": stats.slots,
         "cache_len": stats.cache_len,
@@ -110,7 +132,6 @@ def run_static(args) -> dict:
     calls = [order[i : i + per_call] for i in range(0, len(order), per_call)]
 
     def call(seed):
-        t = time.perf_counter()
         made = row_steps = 0
         for c, members in enumerate(calls):
             res = sampler.sample(
@@ -119,14 +140,14 @@ def run_static(args) -> dict:
             made += int(res.lengths.sum())
             # the decode loop ran until the call's longest row ended, for every row
             row_steps += len(res) * int(np.max(res.lengths))
-        return time.perf_counter() - t, made, row_steps
+        return made, row_steps
 
-    first = call(100)[0]
-    runs = [call(i) for i in range(args.runs)]
+    if args.warmup:
+        call(100)
+    runs = [timed(call, i) for i in range(args.runs)]
     return {
-        "runs": [{"seconds": dt, "tokens": n} for dt, n, _ in runs],
-        "warmup_s": first,
-        "slot_utilisation": runs[-1][1] / runs[-1][2],
+        "runs": [{"seconds": dt, "compile_s": c, "tokens": n[0]} for dt, c, n in runs],
+        "slot_utilisation": runs[-1][2][0] / runs[-1][2][1],
         "calls": len(calls),
         "peak_rss_mib": peak_rss_mib(),
     }
@@ -183,7 +204,8 @@ def main() -> None:
     ap.add_argument("--max_new", type=int, default=384)
     ap.add_argument("--slots", type=int, default=64, help="engine slots = static rows per call")
     ap.add_argument("--segment_steps", type=int, default=16)
-    ap.add_argument("--runs", type=int, default=1, help="timed runs per child (after a warm-up)")
+    ap.add_argument("--runs", type=int, default=1, help="timed runs per child")
+    ap.add_argument("--warmup", type=int, default=0, help="1: one untimed run first (JAX)")
     ap.add_argument("--rounds", type=int, default=1, help="child processes per engine")
     ap.add_argument("--hf_questions", type=int, default=4)
     ap.add_argument("--torch_threads", type=int, default=2)
@@ -196,6 +218,8 @@ def main() -> None:
         print(f"rollout benchmark skipped: no {data / GSM8K_FILE}", file=sys.stderr)
         return
     if args.child:
+        if args.child != "hf":
+            count_compile_time()
         print("RESULT " + json.dumps(RUNNERS[args.child](args)), flush=True)
         return
     passed = [a for a in sys.argv[1:] if not a.startswith("--engines")]
@@ -222,7 +246,10 @@ def main() -> None:
         f"<= {args.max_new} new tokens, real stop tokens; {args.slots} slots / rows per call; "
         f"1-min load avg after each child: {', '.join(f'{x:.1f}' for x in loads)}"
     )
-    print(f"{'engine':<7} {'useful tok/s (median)':>22} {'tokens':>8} {'util':>6} {'RSS MiB':>8}")
+    print(
+        f"{'engine':<7} {'useful tok/s (median)':>22} {'tokens':>8} {'run s':>7} "
+        f"{'compile s':>9} {'util':>6} {'RSS MiB':>8}"
+    )
     rates = {}
     for engine, rounds in raw.items():
         runs = [r for rd in rounds for r in rd["runs"]]
@@ -230,8 +257,8 @@ def main() -> None:
         rates[engine] = rate
         util = rounds[-1].get("slot_utilisation")
         print(
-            f"{engine:<7} {rate:22.1f} {runs[-1]['tokens']:8d} "
-            f"{util if util is None else round(util, 3)!s:>6} "
+            f"{engine:<7} {rate:22.1f} {runs[-1]['tokens']:8d} {runs[-1]['seconds']:7.1f} "
+            f"{runs[-1].get('compile_s', 0.0):9.1f} {util if util is None else round(util, 3)!s:>6} "
             f"{max(rd['peak_rss_mib'] for rd in rounds):8.0f}"
         )
     for a, b in (("engine", "static"), ("engine", "hf"), ("static", "hf")):
