@@ -7,7 +7,7 @@ compute, f32 master weights and Adam moments (as ``meljax train`` keeps them); i
   ``--seq`` tokens, and reports model FLOP/s as a fraction of the chip's peak (MFU; target
   >= 40% on an H100). Model FLOPs per step follow PaLM (no credit for recomputation):
   ``tokens * (6 * N + 12 * layers * heads * head_dim * seq)``;
-- sampling (``Sampler``, the trainer's rollout engine) at ``--decode_batch`` rows: new tokens
+- sampling (``ContinuousEngine``, the trainer's rollout engine) at ``--decode_batch`` slots: new tokens
   per second with the decode loop running to ``--new_tokens`` (no stop token).
 
 ``--tiny`` runs the same code on a 2-layer model with small shapes (the test suite runs it on
@@ -130,30 +130,39 @@ def time_update(args, cfg, graphdef, params) -> dict:
 
 
 def time_decode(args, cfg, graphdef, params) -> dict:
-    from meljax.sampling import Sampler, SamplingParams
+    """The rollout engine (what every caller samples with): one slot per row, no stop ids."""
+    from meljax.sampling import ContinuousEngine, Request, SamplingParams
 
     rows = args.decode_batch
-    sampler = Sampler(graphdef, stop_token_ids=[], pad_id=0, cache_dtype=args.dtype)
+    engine = ContinuousEngine(
+        graphdef, stop_token_ids=[], pad_id=0, cache_dtype=args.dtype, max_slots=rows
+    )
     rng = np.random.default_rng(1)
-    prompts = [list(rng.integers(1, cfg.vocab_size, args.prompt_len)) for _ in range(rows)]
+    prompts = [tuple(rng.integers(1, cfg.vocab_size, args.prompt_len)) for _ in range(rows)]
     sampling = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
-    params = jax.tree.map(lambda x: x.astype(args.dtype), params)  # weights as served
+    requests = [Request(p, sampling) for p in prompts]
+    weights = engine.prepare(params)  # compute dtype, inference layout: once, as served
+
+    def run(seed):
+        out = engine.generate(weights, requests, jax.random.key(seed))
+        return sum(len(g.tokens) for group in out for g in group)
+
     t0 = time.perf_counter()
-    out = sampler.sample(params, prompts, sampling, jax.random.key(0))
+    run(0)
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(args.steps):
         t0 = time.perf_counter()
-        out = sampler.sample(params, prompts, sampling, jax.random.key(i + 1))
+        generated = run(i + 1)
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
-    generated = int(out.lengths.sum())
     return {
         "decode_rows": rows,
         "decode_s": seconds,
         "decode_compile_s": compile_s,
         "decode_tokens_per_s": generated / seconds,
         "decode_ms_per_step": 1e3 * seconds / args.new_tokens,
+        "decode_slot_utilisation": engine.last_stats.slot_utilisation,
     }
 
 

@@ -1,4 +1,8 @@
-"""Sampler throughput: meljax (JAX, jitted while-loop decode) vs Hugging Face ``generate`` (torch).
+"""Sampler throughput: meljax (JAX) vs Hugging Face ``generate`` (torch).
+
+meljax runs twice: ``engine`` (the continuous-batching engine every caller uses, one slot per
+row) and ``jax`` (the static-batch reference sampler it replaced), so old and new are compared
+in the same run.
 
 Model: the SmolLM2-135M-Instruct demo model, float32, CPU. Both engines get the same weights
 (``demo_model_dir()``), the same prompts (GSM8K test questions in the chat template, cut to
@@ -17,7 +21,7 @@ shared, and the best call is the least disturbed one), median wall time per call
 first token (a call with one new token: prefill + first sample), compile time (first call
 minus a steady call; JAX only), peak RSS of the process.
 
-  python benchmarks/sampler.py                   # both engines, both scenarios
+  python benchmarks/sampler.py                   # all engines, both scenarios
   python benchmarks/sampler.py --engines=jax     # one engine
   python benchmarks/sampler.py --data=DIR        # DIR/gsm8k/test.jsonl (default ../shared/data)
 
@@ -77,12 +81,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def run_jax(args, scenarios) -> dict:
+def run_jax(args, scenarios, engine: bool = False) -> dict:
+    """The static reference sampler, or (``engine``) the continuous engine with one slot per
+    row and segments of ``--segment_steps``."""
     import jax
     from flax import nnx
 
     from meljax.models import demo_model_dir, from_pretrained, load_tokenizer
-    from meljax.sampling import Sampler, SamplingParams
+    from meljax.sampling import ContinuousEngine, Request, Sampler, SamplingParams
 
     path = demo_model_dir()
     model = from_pretrained(path, dtype="float32")
@@ -96,12 +102,27 @@ def run_jax(args, scenarios) -> dict:
     for name, n_prompts, group, temp in scenarios:
         prompts = build_prompts(tok, n_prompts, args.prompt_len, args.data)
         sp = SamplingParams(args.new_tokens, temperature=temp, num_samples=group)
+        eng = ContinuousEngine(
+            graphdef,
+            stop_token_ids=[],
+            pad_id=tok.pad_token_id,
+            max_slots=n_prompts * group,
+            segment_steps=args.segment_steps,
+        )
+        weights = eng.prepare(params)
 
-        def call(sp=sp, prompts=prompts, seed=0):
+        def call(sp=sp, prompts=prompts, seed=0, eng=eng, weights=weights):
             t = time.perf_counter()
-            res = sampler.sample(params, prompts, sp, jax.random.key(seed))
+            if engine:
+                out = eng.generate(
+                    weights, [Request(tuple(p), sp) for p in prompts], jax.random.key(seed)
+                )
+                made = sum(len(x.tokens) for group in out for x in group)
+            else:
+                res = sampler.sample(params, prompts, sp, jax.random.key(seed))
+                made = int(res.mask.sum())
             dt = time.perf_counter() - t
-            assert int(res.mask.sum()) == len(prompts) * sp.num_samples * sp.max_new_tokens
+            assert made == len(prompts) * sp.num_samples * sp.max_new_tokens
             return dt
 
         first = call()
@@ -117,11 +138,6 @@ def run_jax(args, scenarios) -> dict:
             "call_s_all": times,
             "ttft_s": statistics.median(ttft),
             "compile_s": first - med,
-            "compiles": sampler.compile_count,
-            "kv_cache_mib": sampler.memory_estimate(n_prompts, args.prompt_len, sp)[
-                "kv_cache_bytes"
-            ]
-            / 2**20,
         }
     results["peak_rss_mib"] = peak_rss_mib()
     return results
@@ -183,8 +199,11 @@ def scenarios_of(args):
 
 
 def child(args) -> None:
-    fn = run_jax if args.child == "jax" else run_hf
-    print("RESULT " + json.dumps(fn(args, scenarios_of(args))), flush=True)
+    if args.child == "hf":
+        out = run_hf(args, scenarios_of(args))
+    else:
+        out = run_jax(args, scenarios_of(args), engine=args.child == "engine")
+    print("RESULT " + json.dumps(out), flush=True)
 
 
 def _merge(rounds: list[dict]) -> dict:
@@ -216,6 +235,7 @@ def parent(args) -> None:
         f"--group={args.group}",
         f"--torch_threads={args.torch_threads}",
         f"--data={args.data}",
+        f"--segment_steps={args.segment_steps}",
     ]
     engines = args.engines.split(",")
     raw: dict[str, list[dict]] = {e: [] for e in engines}
@@ -245,23 +265,25 @@ def parent(args) -> None:
         f"{args.torch_threads}, cpus: {os.cpu_count()}, 1-min load avg after each child: "
         f"{', '.join(f'{x:.1f}' for x in loads)})"
     )
-    header = f"{'scenario':<9} {'engine':<5} {'tok/s med':>9} {'tok/s best':>10} {'call s':>7} "
+    header = f"{'scenario':<9} {'engine':<6} {'tok/s med':>9} {'tok/s best':>10} {'call s':>7} "
     print(header + f"{'TTFT s':>7} {'compile s':>9} {'peak RSS MiB':>12}")
     for name, n_prompts, group, _ in scenarios_of(args):
         for engine, r in results.items():
             x = r[name]
             comp = f"{x['compile_s']:9.1f}" if "compile_s" in x else f"{'-':>9}"
             print(
-                f"{name:<9} {engine:<5} {x['tokens_per_s']:9.1f} {x['tokens_per_s_best']:10.1f} "
+                f"{name:<9} {engine:<6} {x['tokens_per_s']:9.1f} {x['tokens_per_s_best']:10.1f} "
                 f"{x['call_s']:7.2f} {x['ttft_s']:7.3f} {comp} {r['peak_rss_mib']:12.0f}"
             )
-        if {"jax", "hf"} <= results.keys():
-            j, h = results["jax"][name], results["hf"][name]
-            print(
-                f"{name:<9} ratio jax/hf tokens/s: median {j['tokens_per_s'] / h['tokens_per_s']:.2f}x"
-                f", best {j['tokens_per_s_best'] / h['tokens_per_s_best']:.2f}x"
-                f"  (batch {n_prompts * group})"
-            )
+        for a, c in (("jax", "hf"), ("engine", "hf"), ("engine", "jax")):
+            if {a, c} <= results.keys():
+                j, h = results[a][name], results[c][name]
+                print(
+                    f"{name:<9} ratio {a}/{c} tokens/s: median "
+                    f"{j['tokens_per_s'] / h['tokens_per_s']:.2f}x, best "
+                    f"{j['tokens_per_s_best'] / h['tokens_per_s_best']:.2f}x"
+                    f"  (batch {n_prompts * group})"
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"raw": raw, "merged": results}, f, indent=2)
@@ -269,7 +291,10 @@ def parent(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engines", default="jax,hf", help="comma list of jax, hf")
+    ap.add_argument(
+        "--engines", default="engine,jax,hf", help="comma list of engine, jax (static), hf"
+    )
+    ap.add_argument("--segment_steps", type=int, default=16, help="engine: steps per segment")
     ap.add_argument("--runs", type=int, default=3, help="timed calls per child process")
     ap.add_argument("--rounds", type=int, default=1, help="child processes per engine")
     ap.add_argument("--new_tokens", type=int, default=128)

@@ -122,11 +122,26 @@ class RolloutConfig:
     cache_dtype: str = option(
         "", 'KV-cache dtype; "" = model.dtype (bfloat16 halves its memory)', choices=("", *DTYPES)
     )
-    max_rows: int = option(
+    max_slots: int = option(
         0,
-        "most rows (prompts x G) per sampler call, evaluation included; 0 = "
-        "num_questions x group_size",
+        "decode slots of the rollout engine (one sample each; rollouts, MEL passes and "
+        "evaluation share it); 0 = num_questions x group_size",
         minimum=0,
+    )
+    kv_budget_gib: float = option(
+        0.0,
+        "most KV-cache GiB per device for the engine's slot pool (0 = no limit); fewer slots "
+        "when it binds",
+        minimum=0,
+    )
+    segment_steps: int = option(
+        16, "decode steps per jitted segment, between harvests and refills of slots", minimum=1
+    )
+    tensor_parallel: int = option(
+        1,
+        "tensor-parallel size of the rollout weights' inference layout (1 = the compute-dtype "
+        "weights replicated on every device: no gathers per decode step)",
+        minimum=1,
     )
 
     def __post_init__(self):

@@ -17,8 +17,11 @@ MEL analysis and replay passes, evaluation, :func:`meljax.sampling.generate` and
   equal a recomputed forward pass), and its text ends before the stop string;
 * **pad id**: the tokenizer's, else the first stop id.
 
-Exactly one place builds a sampler: :meth:`Policy.build`. The engine sits behind the
-:class:`~meljax.sampling.engine.Engine` protocol (requests in, per-request generations out).
+Exactly one place builds the sampling engine: :meth:`Policy.build` (a
+:class:`~meljax.sampling.engine.ContinuousEngine`: continuous batching over a pool of decode
+slots). The engine sits behind the :class:`~meljax.sampling.engine.Engine` protocol (requests
+in, per-request generations out); :meth:`Policy.set_params` lets it lay the weights out for
+decoding once per update.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from meljax.data.prompts import (
     DEMO_INSTRUCTION,
     format_prompt,
 )
-from meljax.sampling.engine import Engine, Request, SamplerEngine
-from meljax.sampling.sampler import SamplingParams
+from meljax.sampling.engine import ContinuousEngine, Engine, Request
+from meljax.sampling.select import SamplingParams
 from meljax.schema import option, validate_fields
 
 __all__ = [
@@ -206,44 +209,48 @@ class Policy:
         mesh: Any = None,
         cache_dtype: Any = None,
         max_prompt_len: int | None = None,
-        max_rows: int = 0,
+        **engine: Any,
     ) -> Policy:
-        """The policy of a meljax ``Transformer``: THE place a sampler is constructed.
+        """The policy of a meljax ``Transformer``: THE place the sampling engine is built.
 
         Args:
           graphdef: ``nnx.split(model)[0]``.
           tokenizer: its tokenizer.
           prompt: see :class:`PromptConfig`.
-          mesh, cache_dtype: the sampler's (batch sharding, KV-cache dtype).
-          max_prompt_len: the sampler cuts longer prompts from the left (analysis prompts
+          mesh, cache_dtype: the training mesh (decoding runs on its inference layout) and
+            the KV-cache dtype.
+          max_prompt_len: the engine cuts longer prompts from the left (analysis prompts
             are longer than questions); ``None``: no limit.
-          max_rows: most rows (prompts x G) per sampler call; 0: no limit.
+          **engine: :class:`~meljax.sampling.engine.ContinuousEngine` settings
+            (``max_slots``, ``kv_budget_gib``, ``segment_steps``, ``tensor_parallel``).
         """
-        from meljax.sampling.sampler import Sampler, config_from_graphdef
+        from meljax.sampling.select import config_from_graphdef
 
         stops = stop_token_ids(tokenizer, config_from_graphdef(graphdef))
         if not stops:
             raise ValueError("the tokenizer and the model config name no EOS token to stop at")
         pad = pad_token_id(tokenizer, stops)
-        sampler = Sampler(
+        eng = ContinuousEngine(
             graphdef,
             stop_token_ids=stops,
             pad_id=pad,
             mesh=mesh,
             cache_dtype=cache_dtype,
             max_prompt_len=max_prompt_len,
+            **engine,
         )
-        return cls(
-            tokenizer,
-            SamplerEngine(sampler, max_rows=max_rows),
-            prompt,
-            stop_ids=stops,
-            pad_id=pad,
-        )
+        return cls(tokenizer, eng, prompt, stop_ids=stops, pad_id=pad)
 
     def set_params(self, params: Any) -> None:
-        """The weights :meth:`generate` samples from (an engine may re-lay them out once here)."""
-        self.params = params
+        """The weights :meth:`generate` samples from. An engine with ``prepare`` (the
+        continuous engine) casts and lays them out for decoding here, once per update."""
+        self.params = None  # drop the previous copy before making the next one
+        prepare = getattr(self.engine, "prepare", None)
+        self.params = prepare(params) if prepare is not None else params
+
+    def clear_params(self) -> None:
+        """Frees the decode copy of the weights (e.g. while the update step runs)."""
+        self.params = None
 
     @property
     def max_prompt_len(self) -> int | None:

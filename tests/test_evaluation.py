@@ -27,7 +27,7 @@ from meljax.evaluation import (
 )
 from meljax.policy import Policy, PromptConfig, stop_token_ids
 from meljax.rewards import RewardConfig, Verifier
-from meljax.sampling import SamplerEngine, SampleResult, SamplingParams
+from meljax.sampling import Sampler, SamplerEngine, SampleResult, SamplingParams
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -451,7 +451,7 @@ def test_tiny_model_report_matches_direct_sampling(tok, tiny_model):
         ],
     }
     graphdef, params = nnx.split(tiny_model)
-    policy = Policy.build(graphdef, tok, PromptConfig(instruction="none"), max_rows=4)
+    policy = Policy.build(graphdef, tok, PromptConfig(instruction="none"), max_slots=4)
     policy.set_params(params)
     config = EvalConfig(
         num_samples=2, max_new_tokens=6, temperature=1.0, keep_sample_completions=True
@@ -466,9 +466,9 @@ def test_tiny_model_report_matches_direct_sampling(tok, tiny_model):
     report = run(3)
     assert [r.benchmark for r in report.records] == ["arith"] * 2 + ["more"] * 3
 
-    # Greedy completions equal one-prompt-at-a-time sampling: batching, sorting by length and
-    # padding did not mix problems up.
-    sampler = policy.engine.sampler
+    # Greedy completions equal one-prompt-at-a-time sampling with the static reference sampler:
+    # sharing 4 slots with the sampled requests did not mix problems up.
+    sampler = Sampler(graphdef, stop_token_ids=policy.stop_ids, pad_id=policy.pad_id)
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0, num_samples=1)
     import jax
 
@@ -540,7 +540,7 @@ def test_cli_writes_report_for_saved_model(tok, tiny_model, tmp_path):
         "--limit=2",
         "--num_samples=2",
         "--max_new_tokens=4",
-        "--batch_size=4",
+        "--max_slots=4",
         "--instruction=none",
         "--answer_mode=last_number",
         "--verifier_workers=0",

@@ -85,11 +85,15 @@ def test_config_json_is_preferred(tmp_path):
         resolve_model_config(cfg)
 
 
+PARTS = ("prefill", "insert", "decode")
+
+
 def test_plan_on_8_cpu_devices_measures_every_program():
     cfg = _tiny()
     report = plan(cfg, "cpu:8")
     names = [p.name for p in report.programs]
-    assert names == ["rollout", "analysis", "replay", "update"]
+    passes = [f"{p}_{part}" for p in ("rollout", "analysis", "replay") for part in PARTS]
+    assert names == ["rollout_weights", *passes, "update"]
     assert report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
     # FSDP: each device holds about an eighth of the weights (norms and indivisible dims are
     # replicated), and Adam's two moments twice that
@@ -99,14 +103,21 @@ def test_plan_on_8_cpu_devices_measures_every_program():
     assert state["state.opt_state"] == pytest.approx(2 * state["state.params"], rel=0.05)
     for p in report.programs:
         assert p.status == "ok" and p.fits and 0 < p.total < p.capacity
-        assert p.flops > 0 and p.hbm_bytes > 0
+        # the weights' layout change and the slot copy only move bytes
+        moves_only = p.name == "rollout_weights" or p.name.endswith("_insert")
+        assert (p.flops > 0 or moves_only) and p.hbm_bytes > 0
     update = report.programs[-1]
     # the update's arguments are the train state (params + moments) and the two batches
     assert update.arguments > state["state.params"] + state["state.opt_state"]
     assert update.resident == 0  # no reference model (kl_beta = 0): nothing else stays
-    rollout = report.programs[0]
-    assert rollout.resident == state["state.opt_state"]  # the moments wait in memory
-    assert rollout.dynamic_loops >= 1
+    weights = report.programs[0]  # the decode copy of the weights, made from state.params
+    assert weights.resident == state["state.opt_state"]  # the moments wait in memory
+    assert weights.arguments >= state["state.params"]
+    decode = report.programs[names.index("rollout_decode")]
+    # the engine reads its own (replicated) copy: training weights and moments wait
+    assert decode.resident == state["state.params"] + state["state.opt_state"]
+    assert decode.arguments > 4 * n_params  # the replicated f32 weights (tiny: 1 device each)
+    assert decode.dynamic_loops >= 1
     assert report.to_json()["fits"] is True
 
 
@@ -125,8 +136,10 @@ def test_plan_cli_on_cpu_8_json():
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout)
     assert data["fits"] and data["target"]["devices"] == 8
-    (rollout,) = data["programs"]
-    assert rollout["name"] == "rollout" and rollout["fits"] and rollout["total"] > 0
+    # "rollout" selects the rollout's programs: weights, prefill, slot copy, decode segment
+    names = [p["name"] for p in data["programs"]]
+    assert names == ["rollout_weights"] + [f"rollout_{p}" for p in PARTS]
+    assert all(p["fits"] and p["total"] > 0 for p in data["programs"])
 
 
 def test_plan_cli_not_fitting_names_the_program_and_the_fix():
@@ -134,7 +147,7 @@ def test_plan_cli_not_fitting_names_the_program_and_the_fix():
         "--config=configs/tiny.py", "--topology=cpu:8", "--programs=rollout", "--hbm_gib=0.000001"
     )
     assert out.returncode == 1
-    assert "rollout does not fit" in out.stderr and "rollout.max_new_tokens" in out.stderr
+    assert "rollout_decode does not fit" in out.stderr and "rollout.max_new_tokens" in out.stderr
 
 
 def test_plan_cli_bad_topology_is_a_clean_error():
@@ -167,13 +180,14 @@ def test_plan_reports_a_tpu_program_that_does_not_fit():
     r.hidden_size, r.intermediate_size, r.num_layers = 4096, 16384, 8
     r.num_heads, r.num_kv_heads, r.head_dim = 32, 8, 128
     cfg.mesh.data, cfg.mesh.fsdp = 4, 1
-    report = plan(cfg, "v5e:2x2", programs=["rollout"])
-    (rollout,) = report.programs
-    assert rollout.status == "over" and not report.fits
-    assert rollout.resident == report.resident["state.opt_state"] > 14 * 2**30
-    assert rollout.total > rollout.capacity and rollout.headroom < 0
-    (message,) = report.problems()
-    assert message.startswith("rollout does not fit") and "rollout.max_new_tokens" in message
+    report = plan(cfg, "v5e:2x2", programs=["rollout_weights", "rollout_decode"])
+    weights, decode = report.programs
+    assert weights.status == decode.status == "over" and not report.fits
+    assert weights.resident == report.resident["state.opt_state"] > 14 * 2**30
+    assert decode.total > decode.capacity and decode.headroom < 0
+    messages = report.problems()
+    assert messages[1].startswith("rollout_decode does not fit")
+    assert "rollout.max_new_tokens" in messages[1]
 
 
 def test_master_weights_stay_float32_with_bfloat16_storage():

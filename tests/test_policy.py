@@ -17,7 +17,7 @@ from meljax.meta import MetaExperiencePipeline
 from meljax.meta.templates import fill_replay_prompt
 from meljax.policy import Policy, PromptConfig
 from meljax.rewards import RewardConfig, RewardResult, Verifier
-from meljax.sampling import Sampler, SamplingParams, generate
+from meljax.sampling import ContinuousEngine, SamplingParams, generate
 from meljax.train_step import make_compute_logprobs
 from meljax.trainer import setup
 from meljax.trainer.rollout import run_rollouts
@@ -48,23 +48,24 @@ def tiny_cfg(model_type: str, template: str):
 
 
 class Recorder:
-    """Wraps ``Sampler.sample`` (the real one runs) and records what every caller sent it."""
+    """Wraps ``ContinuousEngine.generate`` (the real one runs) and records what every caller
+    sent it."""
 
     def __init__(self, monkeypatch):
         self.calls: list[dict] = []
-        real = Sampler.sample
+        real = ContinuousEngine.generate
 
-        def sample(sampler, params, prompts, sampling, key):
+        def generate(engine, params, requests, key, progress=None):
             self.calls.append(
                 {
-                    "prompts": [list(map(int, p)) for p in prompts],
-                    "stops": sampler.stop_token_ids,
-                    "pad": sampler.pad_id,
+                    "prompts": [list(map(int, r.prompt_ids)) for r in requests],
+                    "stops": engine.stop_token_ids,
+                    "pad": engine.pad_id,
                 }
             )
-            return real(sampler, params, prompts, sampling, key)
+            return real(engine, params, requests, key, progress)
 
-        monkeypatch.setattr(Sampler, "sample", sample)
+        monkeypatch.setattr(ContinuousEngine, "generate", generate)
 
     def take(self) -> list[dict]:
         out, self.calls = self.calls, []
@@ -108,7 +109,7 @@ def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monk
             EvalConfig(num_samples=2, max_new_tokens=4),
             progress=False,
         )
-        greedy, sampled = rec.take()
+        (evaluation,) = rec.take()  # greedy and sampled requests in one engine run
     # 3. generate() with the run's prompt settings (its own Policy, its own sampler)
     generate(model, tok, [QUESTION], max_new_tokens=4, temperature=0.0, prompt=s.prompt)
     (gen,) = rec.take()
@@ -152,9 +153,10 @@ def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monk
     assert replay["prompts"] == [mel_policy.encode_message(user)]
     assert mel_policy.encode(QUESTION) == expected
 
-    for call in (rollout, greedy, sampled, gen):
+    for call in (rollout, gen):
         assert call["prompts"] == [expected]
-    for call in (rollout, greedy, sampled, gen, analysis, replay):
+    assert evaluation["prompts"] == [expected, expected]
+    for call in (rollout, evaluation, gen, analysis, replay):
         assert call["stops"] == policy.stop_ids and call["pad"] == policy.pad_id
     assert tok.eos_token_id in policy.stop_ids
     # A user message holding the question and the instruction renders like the question.
@@ -220,7 +222,7 @@ def test_stop_string_cuts_text_tokens_and_logprobs_consistently():
     np.testing.assert_allclose(fresh[mask], batch.old_logprobs[mask], atol=1e-4)
 
 
-def test_rows_not_prompts_are_padded_to_the_data_parallel_size():
+def test_slots_are_padded_to_the_data_parallel_size():
     from meljax import sharding as shd
 
     cfg = tiny_cfg("llama", "chat")
@@ -228,12 +230,13 @@ def test_rows_not_prompts_are_padded_to_the_data_parallel_size():
     graphdef, params = nnx.split(model)
     mesh = shd.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
     sharded = Policy.build(graphdef, tok, PromptConfig(), mesh=mesh)
-    sampler = sharded.engine.sampler
+    eng = sharded.engine
     g4 = SamplingParams(max_new_tokens=4, temperature=1.0, num_samples=4)
-    # 2 prompts x G=4 = 8 rows on 8 shards: no padding prompts (was 8 prompts, 32 rows).
-    assert sampler.shapes(2, 10, g4)[0] == 2
-    assert sampler.shapes(3, 10, g4)[0] == 4  # 3 -> bucket 4 (16 rows)
-    assert sampler.shapes(3, 10, dataclasses.replace(g4, num_samples=1))[0] == 8
+    # slots hold samples: 2 prompts x G=4 = 8 slots on 8 shards; 12 samples -> 16 slots;
+    # 3 samples -> 8 slots (one per data shard)
+    assert eng.pool_shape(8, 10, 4)[0] == 8
+    assert eng.pool_shape(12, 10, 4)[0] == 16
+    assert eng.pool_shape(3, 10, 4)[0] == 8
     # And the sharded call with unevenly split prompts gives the one-device result.
     sharded.set_params(jax.device_put(params, shd.param_shardings(params, mesh)))
     local = Policy.build(graphdef, tok, PromptConfig())

@@ -27,7 +27,7 @@ from meljax.models import (
     default_positions,
 )
 from meljax.sampling import Sampler, SamplingParams, filter_logits
-from meljax.sampling.sampler import argmax_last, categorical, config_from_graphdef
+from meljax.sampling.select import argmax_last, categorical, config_from_graphdef
 
 VOCAB = 200  # > 128: the inverse-CDF sampler sees two blocks, the second one padded
 STOP = 7
@@ -229,11 +229,18 @@ def test_demo_model_greedy_matches_transformers():
     for ref, texts_i in zip(refs, got, strict=True):
         assert texts_i == [tok.decode(ref, skip_special_tokens=True)]
     params = nnx.split(model)[1]
-    sampler = policy.engine.sampler  # the policy's stops: EOS and <|endoftext|> (end of turn)
+    # the static reference sampler with the policy's stops (EOS and <|endoftext|>) agrees
+    sampler = Sampler(policy.engine.graphdef, stop_token_ids=policy.stop_ids, pad_id=policy.pad_id)
     result = sampler.sample(params, ids, SamplingParams(20, temperature=0.0), jax.random.key(0))
     for i, ref in enumerate(refs):
         assert result.completion(i) == ref, i
-    assert sampler.compile_count == 0  # generate() above compiled the very same program
+    # and so does the engine with prompts of different lengths, more requests than slots
+    policy = Policy.build(nnx.split(model)[0], tok, PromptConfig.plain(chat=True), max_slots=2)
+    policy.set_params(params)
+    many = ids + [policy.encode("Count from one to ten, please, in words.")]
+    out = policy.generate(many, SamplingParams(20, temperature=0.0), jax.random.key(0))
+    for i, ref in enumerate(refs):
+        assert out[i][0].tokens.tolist() == ref, i
 
 
 # ----------------------------------------------------------------------------- sampling semantics
@@ -469,9 +476,9 @@ def test_sample_command_prints_completions_and_memory():
     printed = "\n".join(lines)
     assert len(out) == 3 and all(len(x) == 1 and x[0] for x in out)
     assert "=== prompt 1: Hi" in printed and "--- sample 0 (6 tokens" in printed
-    # 3 prompts in the batch bucket 4 -> 4 rows; prompt bucket 64 + 32 new slots:
-    # 2 * 30 layers * 4 rows * 96 slots * 3 kv heads * 64 dims * 4 bytes = 16.9 MiB.
-    assert "KV cache: 16.9 MiB for 4 rows x 96 slots" in printed
+    # 3 samples -> 4 slots; prompt bucket 64 + 6 new tokens = 70 cache slots:
+    # 2 * 30 layers * 4 slots * 70 * 3 kv heads * 64 dims * 4 bytes = 12.3 MiB.
+    assert "engine: 4 decode slots x 70 cache slots (float32), KV pool 12.3 MiB" in printed
 
 
 def test_greedy_unchanged_with_chunked_attention_prefill_and_scanned_layers(llama, monkeypatch):

@@ -71,6 +71,10 @@ def test_run_writes_metrics_checkpoints_meta_log_and_export(full_run):
         "mel/kept",
     ):
         assert key in records[-1], key
+    # the rollout engine's useful tokens / slot-steps (a step may run finished slots)
+    assert all(0 < r["slot_utilisation"] <= 1 for r in records)
+    tokens = records[-1]["rollout_tokens"]
+    assert records[-1]["slot_utilisation"] <= tokens / records[-1]["completion_len_max"] / 16 + 1e-9
     assert sorted(os.listdir(os.path.join(full_run, "checkpoints")))[-1] == "4"
     assert os.path.exists(os.path.join(full_run, "export", "config.json"))
     with open(os.path.join(full_run, "config.json")) as f:

@@ -73,8 +73,13 @@ _STOP_STRINGS = flags.DEFINE_multi_string(
 _MAX_PROMPT_TOKENS = flags.DEFINE_integer(
     "max_prompt_tokens", 0, "Cut longer prompts from the left (0 = no limit)."
 )
-_BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", 64, "Sequences per sampler call (the sampled pass sends batch_size/k prompts)."
+_MAX_SLOTS = flags.DEFINE_integer(
+    "max_slots",
+    64,
+    "Decode slots of the engine (one sample each); greedy and sampled requests share them.",
+)
+_KV_BUDGET = flags.DEFINE_float(
+    "kv_budget_gib", 0.0, "Most KV-cache GiB per device for the slots (0 = no limit)."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampled pass.")
 _DTYPE = flags.DEFINE_enum(
@@ -259,7 +264,8 @@ def run():
         prompt,
         mesh=mesh,
         cache_dtype=_CACHE_DTYPE.value or None,
-        max_rows=_BATCH_SIZE.value,
+        max_slots=_MAX_SLOTS.value,
+        kv_budget_gib=_KV_BUDGET.value,
     )
     policy.set_params(params)
     with Verifier(reward) as verifier:
@@ -288,8 +294,12 @@ def main(argv):
     with clean_errors("eval"):
         report, (report_path, records_path) = run()
     print(report.table())
-    for name, seconds in ((k, v.get("seconds", 0.0)) for k, v in report.timing.items()):
-        print(f"{name} pass: {seconds:.1f} s", file=sys.stderr)
+    engine = report.timing.get("engine", {})
+    print(
+        f"engine: {engine.get('seconds', 0.0):.1f} s, {engine.get('tokens_per_s', 0.0):.1f} "
+        f"tokens/s, slot utilisation {engine.get('slot_utilisation', 0.0):.2f}",
+        file=sys.stderr,
+    )
     print(f"wrote {report_path} and {records_path}")
 
 

@@ -33,7 +33,7 @@ _CHAT = flags.DEFINE_boolean("chat", True, "Wrap each prompt in the tokenizer's 
 def run() -> list[list[str]]:
     """Runs the command from the parsed flags; prints and returns the completions."""
     from meljax.sampling.generate import sample_model
-    from meljax.sampling.sampler import SamplingParams
+    from meljax.sampling.select import SamplingParams
 
     if not _PROMPT.value:  # checked before the heavy imports of sample_model's work
         raise ValueError("give at least one --prompt")

@@ -110,8 +110,9 @@ class EvalReport:
       average: macro average over the benchmarks.
       records: one :class:`ProblemRecord` per problem, benchmarks in order, problems in file
         order.
-      timing: per pass (``greedy``, ``sampled``): ``seconds`` (compilation included),
-        ``generated_tokens``, ``tokens_per_s``.
+      timing: ``engine``: the one engine run of both passes: ``seconds`` (compilation
+        included), ``generated_tokens``, ``tokens_per_s``, ``slot_utilisation``; per pass
+        (``greedy``, ``sampled``): ``generated_tokens``.
       meta: provenance (model, benchmark files, seed, prompt and verifier settings).
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,9 @@ def evaluate(
 ) -> EvalReport:
     """Pass@1 (greedy), Avg@k and Pass@k of ``policy`` (its current weights) on benchmarks.
 
+    Every request (each problem greedy with G = 1, and sampled with G = k) goes through ONE
+    engine run; each request's key comes from ``seed`` and its index.
+
     Args:
       policy: a :class:`meljax.policy.Policy`: prompts, stops and sampling as in training.
       verifier: a :class:`meljax.rewards.Verifier` (``score(completions, answers)``).
@@ -53,7 +57,8 @@ def evaluate(
     import jax
     from tqdm.auto import tqdm
 
-    from meljax.trainer.rollout import sample_and_score
+    from meljax.sampling.engine import Request
+    from meljax.trainer.rollout import score_groups
 
     _check_benchmarks(benchmarks)
     records: list[ProblemRecord] = []
@@ -75,23 +80,29 @@ def evaluate(
                 SamplingParams(c.max_new_tokens, c.temperature, c.top_p, c.top_k, c.num_samples),
             )
         )
-    key = jax.random.key(seed)
-    timing: dict[str, dict[str, float]] = {}
-    for name, sampling in passes:
-        pass_key = jax.random.fold_in(key, 0 if name == "greedy" else 1)
-        desc = name if name == "greedy" else f"sampled x{sampling.num_samples}"
-        with tqdm(total=len(prompts), desc=desc, unit="problem", disable=not progress) as bar:
-            groups = sample_and_score(
-                policy, verifier, prompts, answers, sampling, pass_key, bar.update
-            )
-        generated = sum(x.num_tokens for x in groups.flat())
-        seconds = groups.seconds["rollout"]
-        timing[name] = {
+    # ALL requests (greedy G=1 and sampled G=k) in one engine run: the slots of finished
+    # greedy answers are refilled with sampled ones and vice versa.
+    requests = [Request(tuple(ids), sampling) for _, sampling in passes for ids in prompts]
+    t0 = time.perf_counter()
+    with tqdm(total=len(requests), desc="evaluation", unit="request", disable=not progress) as bar:
+        out = policy.generate(requests, key=jax.random.key(seed), progress=bar.update)
+    seconds = time.perf_counter() - t0
+    stats = getattr(policy.engine, "last_stats", None)
+    generated_all = sum(x.num_tokens for group in out for x in group)
+    timing: dict[str, dict[str, float]] = {
+        "engine": {
             "seconds": seconds,
-            "generated_tokens": float(generated),
-            "tokens_per_s": generated / seconds if seconds > 0 else 0.0,
+            "generated_tokens": float(generated_all),
+            "tokens_per_s": generated_all / seconds if seconds > 0 else 0.0,
+            "slot_utilisation": float(stats.slot_utilisation) if stats is not None else 0.0,
         }
-        for rec, comps, results in zip(records, groups.completions, groups.results, strict=True):
+    }
+    for p, (name, _) in enumerate(passes):
+        groups = out[p * len(prompts) : (p + 1) * len(prompts)]
+        results_all, _ = score_groups(verifier, groups, answers)
+        generated = sum(x.num_tokens for group in groups for x in group)
+        timing[name] = {"generated_tokens": float(generated)}
+        for rec, comps, results in zip(records, groups, results_all, strict=True):
             if name == "greedy":
                 (comp,), (res,) = comps, results
                 rec.greedy_completion, rec.greedy_extracted = comp.text, res.extracted

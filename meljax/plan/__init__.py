@@ -91,10 +91,10 @@ class PlanReport:
             "",
         ]
         head = (
-            f"{'program':<13}{'args':>8}{'temp':>8}{'out':>7}{'resid':>7}{'total':>8}"
+            f"{'program':<17}{'args':>8}{'temp':>8}{'out':>7}{'resid':>7}{'total':>8}"
             f"{'free':>7}{'TFLOP':>9}{'HBM GB':>9}{'coll GB':>9}{'est s':>9}  bound"
         )
-        lines += [head + "   (memory in GiB per device; work per device and call)", "-" * 104]
+        lines += [head + "   (memory in GiB per device; work per device and call)", "-" * 108]
         for p in self.programs:
 
             def gib(x):
@@ -103,7 +103,7 @@ class PlanReport:
             est = f"{p.estimate_s:.3f}" if p.estimate_s is not None else "-"
             flag = {"over": "  <- DOES NOT FIT", "tight": "  <- under 10% free"}.get(p.status, "")
             lines.append(
-                f"{p.name:<13}{gib(p.arguments):>8}{gib(p.temporaries):>8}{gib(p.outputs):>7}"
+                f"{p.name:<17}{gib(p.arguments):>8}{gib(p.temporaries):>8}{gib(p.outputs):>7}"
                 f"{gib(p.resident):>7}{gib(p.total):>8}{100 * p.headroom:>6.0f}%"
                 f"{p.flops / 1e12:>9.2f}{p.hbm_bytes / 1e9:>9.1f}{p.collective_bytes / 1e9:>9.1f}"
                 f"{est:>9}  {p.bound}{flag}"
@@ -139,7 +139,8 @@ def plan(
       cfg: a run config (``configs/*.py`` with overrides).
       topology: ``v5p-64``, ``v6e-32``, ``v5e-16`` ..., a libtpu name (``v5p:2x4x4``) or
         ``cpu:N`` (see ``TARGET_HELP``).
-      programs: only these programs (names as in the report); default all.
+      programs: only these programs (names as in the report, or their prefix: ``rollout``
+        selects ``rollout_weights``, ``rollout_prefill``, ...); default all.
       model_config: a ``config.json`` (file or folder) overriding ``cfg.model.path``.
       capacity_gib: device memory to plan against instead of the chip's.
       progress: called with a line before and after each compile.
@@ -160,12 +161,16 @@ def plan(
     model_cfg, source = resolve_model_config(cfg, model_config)
     run = build_run_model(cfg, mesh, model_cfg, source)
     found = run_programs(cfg, mesh, run)
-    if programs:
+    if programs:  # a name also selects its parts: ``rollout`` -> ``rollout_prefill`` ...
+
+        def selects(query: str, name: str) -> bool:
+            return name == query or name.startswith(query + "_")
+
         names = [p.name for p in found]
-        unknown = sorted(set(programs) - set(names))
+        unknown = sorted(q for q in programs if not any(selects(q, n) for n in names))
         if unknown:
             raise ValueError(f"unknown program(s) {unknown}; this run launches {names}")
-        found = [p for p in found if p.name in programs]
+        found = [p for p in found if any(selects(q, p.name) for q in programs)]
     capacity = capacity_gib * GIB if capacity_gib else target.chip.hbm_bytes
     reports = []
     for p in found:

@@ -1,10 +1,15 @@
 """Which jitted programs a training run launches, at which shapes: the one place that knows.
 
-Each :class:`Program` is built from the trainer's own pieces (``setup.build_sampler``,
-``make_train_step``, ``make_compute_logprobs``, the batch builders) with the config's worst-case
-sizes, and lowered ahead of time on abstract weights, so nothing is allocated. When the run
-changes what it launches (a continuous-batching rollout engine, a new pass), this file is what
-to extend: add a ``Program`` to :func:`run_programs`.
+Each :class:`Program` is built from the trainer's own pieces (the rollout engine with
+``setup.engine_options``, ``make_train_step``, ``make_compute_logprobs``, the batch builders)
+with the config's worst-case sizes, and lowered ahead of time on abstract weights, so nothing
+is allocated. When the run changes what it launches (a new pass), this file is what to extend:
+add a ``Program`` to :func:`run_programs`.
+
+Sampling passes run on the continuous-batching engine (:mod:`meljax.sampling.aot`): one
+``rollout_weights`` program (the decode copy of the weights, once per update) and, per pass
+(``rollout``, ``analysis``, ``replay``, ``eval``), its largest ``_prefill``, its slot copy
+``_insert`` and one ``_decode`` segment at the largest attended length.
 
 Worst cases (the shapes the run may reach, not the typical ones):
 
@@ -36,9 +41,11 @@ from flax import nnx
 from meljax import sharding as shd
 from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.buckets import bucket
+from meljax.config import settings
 from meljax.meta import templates
 from meljax.models import ModelConfig, abstract_model
 from meljax.optim import make_optimizer
+from meljax.policy import resolve_instruction
 from meljax.train_step import make_compute_logprobs, make_train_step, state_shardings
 
 
@@ -106,11 +113,11 @@ def bytes_per_device(tree) -> int:
 def build_run_model(cfg: ml_collections.ConfigDict, mesh, model_config: ModelConfig, source: str):
     """Abstract graphdef, train state (``setup.init_state``, so the master dtype is the run's)
     and reference params on ``mesh``."""
-    from meljax.trainer import loop, setup
+    from meljax.trainer import setup
 
     graphdef, params = abstract_model(model_config)
     graphdef, params = nnx.split(nnx.merge(graphdef, params), nnx.Param)
-    optimizer, _ = make_optimizer(loop.optimizer_config(cfg))
+    optimizer, _ = make_optimizer(settings(cfg).optim)
     state = jax.eval_shape(lambda p: setup.init_state(cfg, p, optimizer, mesh), params)
     state = attach_shardings(state, state_shardings(state, mesh))
     ref = state.params if cfg.algorithm.kl_beta > 0 else None
@@ -130,81 +137,91 @@ def _abstract(tree):
 def replay_prompt_bound(cfg: ml_collections.ConfigDict) -> int:
     """Most tokens a replay prompt can have: a full analysis, a full question and the template
     text (its characters bound its tokens)."""
-    from meljax.trainer import setup
-
     template = templates.load_template(
         cfg.mel.replay_template or None,
         default=templates.DEFAULT_REPLAY_TEMPLATE,
         required=templates.REPLAY_FIELDS,
         what="replay_template",
     )
-    fixed = len(re.sub(r"\{\w+\}", "", template)) + len(setup.instruction_text(cfg))
+    fixed = len(re.sub(r"\{\w+\}", "", template)) + len(resolve_instruction(cfg.data.instruction))
     return cfg.mel.analysis_max_new_tokens + cfg.data.max_prompt_tokens + fixed
 
 
 def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Program]:
     """Every jitted program ``meljax train`` launches with ``cfg`` on ``mesh``, worst case."""
-    from meljax.sampling import SamplingParams
-    from meljax.trainer import loop, setup
+    from meljax.sampling import ContinuousEngine, SamplingParams
+    from meljax.sampling.aot import lower_engine_programs
+    from meljax.trainer import setup
 
     dp = shd.data_parallel_size(mesh)
+    s = settings(cfg, dp)
     graphdef, params = run.graphdef, run.state.params
     r = cfg.rollout
-    stop_ids, pad_id = [0], 0  # token ids do not change shapes
-    sampler = setup.build_sampler(cfg, graphdef, stop_ids, pad_id, mesh)
+    # token ids do not change shapes
+    engine = ContinuousEngine(
+        graphdef, stop_token_ids=[0], pad_id=0, mesh=mesh, **setup.engine_options(cfg)
+    )
     all_resident = tuple(run.resident)
     not_params = tuple(k for k in all_resident if k != "state.params")
     programs: list[Program] = []
 
-    def sampling_program(name, smp, prompts, prompt_len, sampling: SamplingParams, why, fix):
-        b, p, m = smp.shapes(prompts, prompt_len, sampling)
-        shapes = (
-            f"{b} prompts x {p} tokens, G={sampling.num_samples}, {m} new tokens "
-            f"({b * sampling.num_samples} rows, KV cache {b * sampling.num_samples} x {p + m}); "
-            f"{why}"
-        )
-        programs.append(
-            Program(
-                name=name,
-                shapes=shapes,
-                lower=lambda: smp.lower(params, prompts, prompt_len, sampling),
-                resident_extra=not_params,
-                dynamic_trip_count=m,
-                fix=fix,
+    def engine_programs(name, prompts, prompt_len, sampling: SamplingParams, why, fix):
+        progs = lower_engine_programs(engine, params, prompts, prompt_len, sampling)
+        for part in ("prefill", "insert", "decode"):
+            ep = progs[part]
+            programs.append(
+                Program(
+                    name=f"{name}_{part}",
+                    shapes=f"{ep.shapes}; {why}",
+                    lower=ep.lower,
+                    # the training weights and moments wait; the decode copy is an argument
+                    resident_extra=all_resident,
+                    dynamic_trip_count=ep.max_trip_count,
+                    fix=fix,
+                )
             )
-        )
+        return progs["weights"]
 
     kv = "rollout.cache_dtype=bfloat16"
-    sampling_program(
+    slots = "rollout.max_slots or rollout.kv_budget_gib"
+    weights = engine_programs(
         "rollout",
-        sampler,
         r.num_questions,
         cfg.data.max_prompt_tokens,
-        setup.rollout_sampling(cfg),
-        "prefill + decode",
-        f"fewer rollout.num_questions or rollout.max_new_tokens, {kv}, or more devices",
+        s.rollout.sampling(),
+        "rollout",
+        f"fewer slots ({slots}), lower rollout.max_new_tokens, {kv}, or more devices",
     )
-    meta = loop.meta_config(cfg, dp)
+    programs.insert(
+        0,
+        Program(
+            name="rollout_weights",
+            shapes=weights.shapes,
+            lower=weights.lower,
+            resident_extra=not_params,
+            dynamic_trip_count=1,
+            fix="rollout.tensor_parallel > 1 (weights split within a replica), or more devices",
+        ),
+    )
+    meta = s.meta
     pairs = meta.max_pairs_per_query * r.num_questions
     if cfg.mel.enabled:
-        sampling_program(
+        engine_programs(
             "analysis",
-            sampler,
             pairs,
             meta.analysis_max_prompt_tokens,
             meta.analysis_sampling(),
             "MEL analysis pass, every question mixed",
             "lower mel.max_pairs_per_query, mel.analysis_max_prompt_tokens (a bucket edge such "
-            f"as 4096 rather than just above one) or mel.analysis_max_new_tokens, or {kv}",
+            f"as 4096 rather than just above one), mel.analysis_max_new_tokens, {slots}, or {kv}",
         )
-        sampling_program(
+        engine_programs(
             "replay",
-            sampler,
             pairs,
             replay_prompt_bound(cfg),
             meta.replay_sampling(),
             "MEL replay pass, every analysis replayed",
-            f"lower mel.replay_max_new_tokens or mel.max_pairs_per_query, or {kv}",
+            f"lower mel.replay_max_new_tokens or mel.max_pairs_per_query, {slots}, or {kv}",
         )
 
     # the update's batches, built by the trainer's own builders (worst case: longest prompts)
@@ -250,11 +267,11 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
             )
         )
 
-    optimizer, schedule = make_optimizer(loop.optimizer_config(cfg))
+    optimizer, schedule = make_optimizer(s.optim)
     train_step = make_train_step(
         graphdef,
         optimizer,
-        loop.loss_config(cfg),
+        s.loss,
         mesh=mesh,
         num_microbatches=micro,
         schedule=schedule,
@@ -279,39 +296,19 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
     )
 
     if cfg.eval.every_steps:
-        _eval_programs(cfg, graphdef, mesh, sampling_program, stop_ids, pad_id)
-    return programs
-
-
-def _eval_programs(cfg, graphdef, mesh, sampling_program, stop_ids, pad_id) -> None:
-    """The periodic evaluation's two sampler programs, shaped like ``meljax.evaluation``: a
-    sampler with one batch bucket per pass and the model's dtype for its cache."""
-    from meljax import evaluation
-    from meljax.sampling import Sampler, SamplingParams
-
-    e = cfg.eval
-    ecfg = evaluation.EvalConfig(num_samples=e.num_samples, max_new_tokens=e.max_new_tokens)
-    passes = [("eval_greedy", ecfg.batch_size, 1, 0.0)]
-    if e.num_samples:
-        passes.append(
-            ("eval_sampled", ecfg.prompts_per_sampled_batch, e.num_samples, e.temperature)
-        )
-    for name, prompts, g, temperature in passes:
-        smp = Sampler(
-            graphdef, stop_token_ids=stop_ids, pad_id=pad_id, mesh=mesh, batch_buckets=(prompts,)
-        )
-        sampling = SamplingParams(
-            max_new_tokens=e.max_new_tokens, temperature=temperature, num_samples=g
-        )
-        sampling_program(
-            name,
-            smp,
-            prompts,
+        e = cfg.eval
+        # greedy (G = 1) and sampled requests share one engine run; its largest refill is
+        # every slot taking a greedy request
+        greedy = SamplingParams(e.max_new_tokens, temperature=0.0, num_samples=1)
+        engine_programs(
+            "eval",
+            engine.pool_shape(engine.max_slots or 1, cfg.data.max_prompt_tokens, 1)[0],
             cfg.data.max_prompt_tokens,
-            sampling,
+            greedy,
             "periodic evaluation (prompts assumed <= data.max_prompt_tokens)",
-            "lower eval.max_new_tokens or eval.num_samples",
+            f"lower eval.max_new_tokens, {slots}",
         )
+    return programs
 
 
 __all__ = [

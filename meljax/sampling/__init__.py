@@ -1,31 +1,50 @@
-"""Jitted grouped-rollout sampling (KV cache, ``lax.while_loop`` decode) and a text helper."""
+"""Sampling: the continuous-batching engine, token selection, and a text helper.
 
-from meljax.sampling.engine import Engine, Generation, Request, SamplerEngine
+``Sampler`` / ``SamplerEngine`` (the static-batch sampler) remain as the reference the engine
+is tested and benchmarked against; the product samples through ``ContinuousEngine``.
+"""
+
+from meljax.sampling.engine import (
+    ContinuousEngine,
+    Engine,
+    EngineStats,
+    Generation,
+    InferenceWeights,
+    Request,
+)
 from meljax.sampling.generate import generate, sample_model
 from meljax.sampling.sampler import (
     SampleOutput,
     Sampler,
+    SamplerEngine,
     SampleResult,
+    sample_core,
+)
+from meljax.sampling.select import (
     SamplingParams,
     filter_logits,
-    sample_core,
     select_tokens,
+    select_tokens_rows,
     token_logprobs,
 )
 
 __all__ = [
+    "ContinuousEngine",
     "Engine",
+    "EngineStats",
     "Generation",
+    "InferenceWeights",
     "Request",
-    "SamplerEngine",
     "SampleOutput",
     "SampleResult",
     "Sampler",
+    "SamplerEngine",
     "SamplingParams",
     "filter_logits",
     "generate",
     "sample_core",
     "sample_model",
     "select_tokens",
+    "select_tokens_rows",
     "token_logprobs",
 ]

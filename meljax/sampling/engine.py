@@ -1,113 +1,251 @@
-"""The sampling engine seam: requests in, per-request generations out.
+"""The sampling engine: requests in, per-request generations out, on a pool of decode slots.
 
 A :class:`Request` is a prompt (token ids), its sampling controls and its group size ``G``
 (``sampling.num_samples``); an engine returns, for every request, ``G`` :class:`Generation`
 records (tokens, log-probabilities, truncation flag). :class:`meljax.policy.Policy` is the only
 caller: it encodes prompts, applies stop strings and decodes text on top of an engine.
 
-:class:`SamplerEngine` is today's engine: the static-batch :class:`~meljax.sampling.Sampler`.
-It groups requests with equal sampling controls, and sends each group in calls of at most
-``max_rows`` rows (prompts x G), longest prompts first so that the largest shapes compile (or
-run out of memory) at once and prompts of similar length share a call. A continuous-batching
-engine (a pool of decode slots refilled between segments) plugs in behind the same
-:class:`Engine` protocol.
+:class:`ContinuousEngine` (continuous batching; programs in :mod:`meljax.sampling.slots`):
+
+- a fixed pool of ``S`` decode slots, one sample per slot; requests wait in a host queue;
+- free slots are filled by a batched prefill: each waiting prompt (bucketed length, batch
+  bucketed) is prefilled ONCE and its cache copied into its ``G`` slots inside ``jit``;
+- decoding runs inside ``jit`` in segments of ``K`` steps (``lax.while_loop``, ends early when
+  every slot is done); between segments the host reads three ``[S]`` arrays (done, step,
+  stopped), fetches the rows of the finished slots only, and refills them;
+- a run ends when the queue is empty and every slot is done;
+- per-slot controls (temperature, top-p, top-k, ``max_new_tokens``) are traced ``[S]`` arrays,
+  so greedy and sampled requests share one pool; stop ids end a sample (the stop token
+  kept); log-probs are ``log_softmax`` of the raw logits (:mod:`meljax.sampling.select`);
+- determinism per request: token ``j`` of sample ``g`` of request ``r`` is drawn with
+  ``fold_in(fold_in(fold_in(key, r), g), j)``: never the slot or the segment, so a request's
+  output does not depend on the pool size, the segment length or its neighbours.
+
+Attention over the filled part only: length-bucketed segments. A segment attends to the
+first ``kv_len`` cache slots, ``kv_len`` = the smallest bucket (``DEFAULT_LENGTH_BUCKETS``,
+capped at the cache length) holding the longest live slot plus ``K``: one compiled decode
+program per bucket (a handful), each with dense XLA attention over ``[S, kv_len]``. A paged
+cache with the Pallas ``ragged_paged_attention`` kernel would read each slot's own length
+instead of the bucket of the longest, but that kernel runs only on TPU and cannot be measured
+on this CPU-only machine; buckets are measurable here and need no page table. KV_MEASUREMENT
+
+Weights: :meth:`ContinuousEngine.prepare` casts the policy's parameters to the compute dtype
+and lays them out once per update on the :func:`~meljax.sampling.weights.inference_mesh`
+(``tensor_parallel``-way tensor parallelism inside a replica, data-parallel replicas across
+the other devices; replicated weights when ``tensor_parallel == 1``), so no decode step
+gathers FSDP shards.
+
+Pool size: ``max_slots`` (0: as many slots as the call has samples) and/or ``kv_budget_gib``
+(KV cache bytes per device); a call never allocates more slots than it has samples (rounded
+up to a batch bucket and the data-parallel size). The cache of a slot holds the call's longest
+(bucketed) prompt plus its largest ``max_new_tokens``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from meljax.sampling.sampler import SamplingParams
+from meljax import sharding as shd
+from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
+from meljax.models.config import resolve_dtype
+from meljax.models.kv_cache import cache_bytes
+from meljax.sampling import slots
+from meljax.sampling.protocol import Engine, Generation, Request
+from meljax.sampling.select import config_from_graphdef, format_bytes
+from meljax.sampling.weights import InferenceWeights, inference_mesh, prepare_weights
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One prompt to complete ``sampling.num_samples`` (G) times.
+@dataclasses.dataclass
+class EngineStats:
+    """Counters of one :meth:`ContinuousEngine.generate` run.
 
-    Attributes:
-      prompt_ids: the prompt's token ids, as the model sees them (BOS and template included).
-      sampling: the controls of this request; ``num_samples`` is its group size G.
+    ``slot_utilisation`` = useful tokens / slot-steps: generated tokens (stop tokens included)
+    over ``slots x`` decode steps run (a step advances every slot, finished or not).
     """
 
-    prompt_ids: tuple[int, ...]
-    sampling: SamplingParams
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """One sample of a request, as the engine produced it.
-
-    Attributes:
-      tokens: int32 ``[L]`` generated ids, the stop token included when one came.
-      logprobs: float32 ``[L]`` ``log_softmax`` of the raw logits at each token (before
-        temperature / top-p / top-k), what a training forward pass recomputes.
-      truncated: no stop token within ``max_new_tokens``.
-    """
-
-    tokens: np.ndarray
-    logprobs: np.ndarray
-    truncated: bool
-
-
-class Engine(Protocol):
-    """What :class:`meljax.policy.Policy` needs from a sampling engine."""
-
-    max_prompt_len: int | None  # longer prompts are cut from the left; None: no limit
-
-    def generate(
-        self,
-        params: Any,
-        requests: Sequence[Request],
-        key: jax.Array,
-        progress: Callable[[int], None] | None = None,
-    ) -> list[list[Generation]]:
-        """``G`` generations per request, in request order; deterministic in ``key``.
-
-        ``progress(n)`` is called as ``n`` more requests are finished.
-        """
-        ...
-
-
-class SamplerEngine:
-    """:class:`Engine` over a static-batch sampler (anything with ``Sampler.sample``'s API).
-
-    Args:
-      sampler: a :class:`~meljax.sampling.Sampler` (tests may pass a scripted one).
-      max_rows: most rows (prompts x G) in one sampler call; 0: no limit (one call per group
-        of equal sampling controls).
-    """
-
-    def __init__(self, sampler: Any, *, max_rows: int = 0):
-        if max_rows < 0:
-            raise ValueError(f"SamplerEngine: max_rows must be >= 0, got {max_rows}")
-        self.sampler = sampler
-        self.max_rows = max_rows
+    slots: int = 0
+    cache_len: int = 0
+    useful_tokens: int = 0
+    slot_steps: int = 0
+    segments: int = 0
+    prefills: int = 0
+    kv_lens: dict[int, int] = dataclasses.field(default_factory=dict)  # bucket -> segments
 
     @property
-    def max_prompt_len(self) -> int | None:
-        return getattr(self.sampler, "max_prompt_len", None)
+    def slot_utilisation(self) -> float:
+        return self.useful_tokens / self.slot_steps if self.slot_steps else 0.0
 
-    def _calls(self, requests: Sequence[Request]) -> list[tuple[SamplingParams, list[int]]]:
-        """``(sampling, request indices)`` of each sampler call, in a fixed order."""
-        groups: dict[SamplingParams, list[int]] = {}
+
+@dataclasses.dataclass
+class _Part:
+    """Samples ``first .. first + count - 1`` of request ``request`` (one prefill, one insert)."""
+
+    request: int
+    first: int
+    count: int
+
+
+class ContinuousEngine:
+    """:class:`Engine` with continuous batching (see the module docstring).
+
+    Args:
+      graphdef: ``nnx.split(model)[0]`` of a meljax ``Transformer``.
+      stop_token_ids: a sample ends after any of these (kept in its tokens).
+      pad_id: the token of unused output columns and prompt padding.
+      mesh: the training mesh (or ``None``); decoding runs on its :func:`inference_mesh`.
+      cache_dtype: KV-cache dtype (default: the model's compute dtype).
+      max_prompt_len: longer prompts are cut from the left (logged, counted); ``None``: none.
+      max_slots: most decode slots (0: one per sample of the call).
+      kv_budget_gib: most KV-cache GiB per device (0: no limit); fewer slots when it binds.
+      segment_steps: decode steps per segment ``K`` (between harvests / refills).
+      tensor_parallel: tensor-parallel size of the inference layout (divides the devices).
+      prompt_buckets, batch_buckets, kv_buckets: shape buckets (prompt length, prompts per
+        prefill / slots, attended cache length).
+    """
+
+    def __init__(
+        self,
+        graphdef,
+        *,
+        stop_token_ids: Sequence[int],
+        pad_id: int,
+        mesh=None,
+        cache_dtype=None,
+        max_prompt_len: int | None = None,
+        max_slots: int = 0,
+        kv_budget_gib: float = 0.0,
+        segment_steps: int = 16,
+        tensor_parallel: int = 1,
+        prompt_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+        batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
+        kv_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+    ):
+        if max_slots < 0 or kv_budget_gib < 0 or segment_steps < 1 or tensor_parallel < 1:
+            raise ValueError(
+                f"ContinuousEngine: max_slots={max_slots}, kv_budget_gib={kv_budget_gib} must "
+                f"be >= 0, segment_steps={segment_steps}, tensor_parallel={tensor_parallel} >= 1"
+            )
+        self.graphdef = graphdef
+        self.config = config_from_graphdef(graphdef)
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        self.pad_id = int(pad_id)
+        self.train_mesh = mesh
+        self.mesh = inference_mesh(mesh, tensor_parallel)
+        self.cache_dtype = None if cache_dtype is None else resolve_dtype(cache_dtype)
+        self.max_prompt_len = max_prompt_len
+        self.max_slots = max_slots
+        self.kv_budget_gib = kv_budget_gib
+        self.segment_steps = segment_steps
+        self.tensor_parallel = tensor_parallel
+        self.prompt_buckets = tuple(prompt_buckets)
+        self.batch_buckets = tuple(batch_buckets)
+        self.kv_buckets = tuple(kv_buckets)
+        # CPU decodes faster over per-layer weight copies (``prefer_split_layers``); the
+        # decode mesh's devices decide (an AOT plan for TPU on this host is not CPU)
+        platform = (
+            jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
+        )
+        self.split = platform == "cpu"
+        self.num_truncated_prompts = 0
+        self.last_stats = EngineStats()
+        vocab = self.config.vocab_size
+        for t in (*self.stop_token_ids, self.pad_id):
+            if not 0 <= t < vocab:
+                raise ValueError(
+                    f"engine: stop/pad token id {t} outside the vocabulary [0, {vocab})"
+                )
+
+    # -- weights
+
+    def prepare(self, params) -> InferenceWeights:
+        """The decode weights of ``params`` (compute dtype, inference layout): call once per
+        update; :meth:`generate` takes the result (or prepares raw params itself)."""
+        if isinstance(params, InferenceWeights):
+            return params
+        return prepare_weights(self.graphdef, params, self.mesh, self.split)
+
+    # -- shapes
+
+    def _dp(self) -> int:
+        return 1 if self.mesh is None else shd.data_parallel_size(self.mesh)
+
+    def prompt_bucket(self, n: int) -> int:
+        p = bucket(n, self.prompt_buckets)
+        return min(p, self.max_prompt_len) if self.max_prompt_len else p
+
+    def slot_bytes(self, cache_len: int) -> int:
+        """KV-cache bytes of one slot on one device (kv heads split over ``tensor``)."""
+        cfg = self.config
+        shards = self.tensor_parallel if cfg.num_kv_heads % self.tensor_parallel == 0 else 1
+        return cache_bytes(cfg, 1, cache_len, self.cache_dtype) // shards
+
+    def pool_shape(self, num_samples: int, prompt_len: int, max_new: int) -> tuple[int, int]:
+        """``(slots, cache_len)`` of a call with ``num_samples`` samples in all, prompts of up
+        to ``prompt_len`` tokens and up to ``max_new`` new tokens."""
+        dp = self._dp()
+        cache_len = self.prompt_bucket(prompt_len) + max_new
+        want = bucket(num_samples, self.batch_buckets, multiple=dp)
+        cap = self.max_slots or want
+        if self.kv_budget_gib:
+            per_device = int(self.kv_budget_gib * 2**30) // self.slot_bytes(cache_len)
+            if per_device < 1:
+                raise ValueError(
+                    f"rollout.kv_budget_gib={self.kv_budget_gib} holds no slot of {cache_len} "
+                    f"cache slots ({format_bytes(self.slot_bytes(cache_len))} per device)"
+                )
+            cap = min(cap, per_device * dp)
+        return min(want, max(dp, cap // dp * dp)), cache_len
+
+    def describe(self, num_samples: int, prompt_len: int, max_new: int) -> str:
+        """One line on the pool a call of these sizes gets (printed at the start of a run)."""
+        s, c = self.pool_shape(num_samples, prompt_len, max_new)
+        per_dev = s // self._dp() * self.slot_bytes(c)
+        kv = self.cache_dtype.__name__ if self.cache_dtype else jnp.dtype(self.config.dtype).name
+        budget = f"budget {self.kv_budget_gib:g} GiB" if self.kv_budget_gib else "no KV budget"
+        return (
+            f"{s} decode slots x {c} cache slots ({kv}), KV pool {format_bytes(per_dev)} per "
+            f"device ({budget}, max_slots={self.max_slots or 'auto'}), segments of "
+            f"{self.segment_steps} steps, decode mesh {_mesh_text(self.mesh)}"
+        )
+
+    def _kv_len(self, longest: int, cache_len: int) -> int:
+        """Attended cache slots for a segment whose longest live slot sits at ``longest``."""
+        return min(bucket(longest + self.segment_steps, self.kv_buckets), cache_len)
+
+    # -- host loop
+
+    def _prepare_prompts(self, requests: Sequence[Request]) -> list[list[int]]:
+        vocab = self.config.vocab_size
+        out = []
         for i, r in enumerate(requests):
-            groups.setdefault(r.sampling, []).append(i)
-        calls = []
-        for sampling, members in groups.items():
-            per_call = len(members)
-            if self.max_rows:
-                per_call = max(1, self.max_rows // sampling.num_samples)
-            if per_call < len(members):  # several calls: longest first, similar lengths together
-                members = sorted(members, key=lambda i: -len(requests[i].prompt_ids))
-            calls += [
-                (sampling, members[lo : lo + per_call]) for lo in range(0, len(members), per_call)
-            ]
-        return calls
+            r.sampling.validate()
+            prompt = [int(t) for t in r.prompt_ids]
+            if not prompt:
+                raise ValueError(f"engine: prompt {i} is empty")
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"engine: prompt {i} has token ids {bad[:5]} outside [0, {vocab})")
+            if self.max_prompt_len is not None and len(prompt) > self.max_prompt_len:
+                logging.warning(
+                    "engine: prompt %d has %d tokens, keeping its last %d",
+                    i,
+                    len(prompt),
+                    self.max_prompt_len,
+                )
+                self.num_truncated_prompts += 1
+                prompt = prompt[-self.max_prompt_len :]
+            out.append(prompt)
+        return out
+
+    def _put(self, x: np.ndarray):
+        return x if self.mesh is None else shd.put_global(x, shd.replicated(self.mesh))
 
     def generate(
         self,
@@ -116,30 +254,163 @@ class SamplerEngine:
         key: jax.Array,
         progress: Callable[[int], None] | None = None,
     ) -> list[list[Generation]]:
-        out: list[list[Generation] | None] = [None] * len(requests)
-        calls = self._calls(requests)
-        for c, (sampling, members) in enumerate(calls):
-            call_key = key if len(calls) == 1 else jax.random.fold_in(key, c)
-            result = self.sampler.sample(
-                params, [requests[i].prompt_ids for i in members], sampling, call_key
+        if not requests:
+            return []
+        weights = self.prepare(params)
+        prompts = self._prepare_prompts(requests)
+        total = sum(r.sampling.num_samples for r in requests)
+        max_new = max(r.sampling.max_new_tokens for r in requests)
+        n_slots, cache_len = self.pool_shape(total, max(len(p) for p in prompts), max_new)
+        stats = EngineStats(slots=n_slots, cache_len=cache_len)
+        self.last_stats = stats
+        static = dict(graphdef=self.graphdef, cache_dtype=self.cache_dtype, mesh=self.mesh)
+        state = slots.init_slots(
+            slots=n_slots, cache_len=cache_len, max_new=max_new, split=self.split, **static
+        )
+        stop_ids = self._put(np.asarray(self.stop_token_ids, np.int32).reshape(-1))
+        pad_id = self._put(np.asarray(self.pad_id, np.int32))
+        queue = [
+            _Part(i, lo, min(n_slots, r.sampling.num_samples - lo))
+            for i, r in enumerate(requests)
+            for lo in range(0, r.sampling.num_samples, n_slots)
+        ]
+        out: list[list[Generation | None]] = [[None] * r.sampling.num_samples for r in requests]
+        pending = [r.sampling.num_samples for r in requests]
+        occupant: list[tuple[int, int] | None] = [None] * n_slots
+        start = np.zeros(n_slots, np.int64)  # pos of each slot's first unfed token
+        steps_done = np.zeros(n_slots, np.int64)  # tokens each slot has produced
+
+        while True:
+            free = [s for s in range(n_slots) if occupant[s] is None]
+            admitted, rest = [], []
+            for part in queue:
+                if part.count <= len(free) - sum(p.count for p in admitted):
+                    admitted.append(part)
+                else:
+                    rest.append(part)
+            queue = rest
+            if admitted:
+                state = self._refill(weights, state, admitted, free, requests, prompts, key)
+                stats.prefills += 1
+                it = iter(free)
+                for part in admitted:
+                    for g in range(part.first, part.first + part.count):
+                        s = next(it)
+                        occupant[s] = (part.request, g)
+                        start[s] = len(prompts[part.request]) - 1
+                        steps_done[s] = 0
+            live = [s for s in range(n_slots) if occupant[s] is not None]
+            if not live:
+                break
+            longest = max(int(start[s] + steps_done[s]) for s in live)
+            kv_len = self._kv_len(longest, cache_len)
+            state, ran = slots.decode_segment(
+                weights,
+                state,
+                stop_ids,
+                pad_id,
+                kv_len=kv_len,
+                num_steps=self.segment_steps,
+                split=self.split,
+                **static,
             )
-            g = sampling.num_samples
-            if len(result) != len(members) * g:
-                raise RuntimeError(
-                    f"sampler returned {len(result)} rows for {len(members)} prompts x {g}"
+            done, steps, stopped, ran = shd.to_host((*slots.peek(state), ran))
+            steps_done = np.array(steps, np.int64)
+            stats.segments += 1
+            stats.slot_steps += int(ran) * n_slots
+            stats.kv_lens[kv_len] = stats.kv_lens.get(kv_len, 0) + 1
+            finished = [s for s in live if done[s]]
+            if not finished:
+                continue
+            idx = np.zeros(bucket(len(finished), self.batch_buckets), np.int32)
+            idx[: len(finished)] = finished
+            tokens, logprobs = shd.to_host(slots.take_rows(state, self._put(idx)))
+            completed = 0
+            for row, s in enumerate(finished):
+                r, g = occupant[s]
+                n = int(steps_done[s])
+                out[r][g] = Generation(
+                    tokens=np.asarray(tokens[row, :n], np.int32),
+                    logprobs=np.asarray(logprobs[row, :n], np.float32),
+                    truncated=not bool(stopped[s]),
                 )
-            for j, i in enumerate(members):
-                rows = range(j * g, (j + 1) * g)
-                out[i] = [
-                    Generation(
-                        tokens=np.asarray(result.completion(r), np.int32),
-                        logprobs=np.asarray(
-                            result.logprobs[r, : int(result.lengths[r])], np.float32
-                        ),
-                        truncated=bool(result.truncated[r]),
-                    )
-                    for r in rows
-                ]
-            if progress is not None:
-                progress(len(members))
+                stats.useful_tokens += n
+                occupant[s] = None
+                pending[r] -= 1
+                completed += pending[r] == 0
+            if progress is not None and completed:
+                progress(completed)
         return out  # type: ignore[return-value]
+
+    def _refill(self, weights, state, admitted, free, requests, prompts, key):
+        """One batched prefill of the admitted parts' prompts and their slot copies."""
+        dp = self._dp()
+        body = [prompts[p.request][:-1] for p in admitted]
+        b = bucket(len(body), self.batch_buckets, multiple=dp)
+        p_len = self.prompt_bucket(max(max(len(x) for x in body), 1))
+        tokens = np.full((b, p_len), self.pad_id, np.int32)
+        for i, x in enumerate(body):
+            tokens[i, : len(x)] = x
+        prompt_cache = slots.prefill(
+            weights,
+            self._put(tokens),
+            graphdef=self.graphdef,
+            cache_dtype=self.cache_dtype,
+            mesh=self.mesh,
+            split=self.split,
+        )
+        n = sum(p.count for p in admitted)
+        width = bucket(n, self.batch_buckets)
+        n_slots = len(state.done)
+        cols = {
+            name: np.zeros(width, dt)
+            for name, dt in (
+                ("src", np.int32),
+                ("last_token", np.int32),
+                ("pos", np.int32),
+                ("max_new", np.int32),
+                ("temperature", np.float32),
+                ("top_p", np.float32),
+                ("top_k", np.int32),
+                ("request", np.int32),
+                ("sample", np.int32),
+            )
+        }
+        cols["dst"] = np.full(width, n_slots, np.int32)  # out of range: padding, dropped
+        i = 0
+        for j, part in enumerate(admitted):
+            prompt, sp = prompts[part.request], requests[part.request].sampling
+            for g in range(part.first, part.first + part.count):
+                values = dict(
+                    src=j,
+                    dst=free[i],
+                    last_token=prompt[-1],
+                    pos=len(prompt) - 1,
+                    max_new=sp.max_new_tokens,
+                    temperature=sp.temperature,
+                    top_p=sp.top_p,
+                    top_k=sp.top_k,
+                    request=part.request,
+                    sample=g,
+                )
+                for name, v in values.items():
+                    cols[name][i] = v
+                i += 1
+        args = {name: self._put(v) for name, v in cols.items()}
+        return slots.insert(state, prompt_cache, key=key, mesh=self.mesh, **args)
+
+
+def _mesh_text(mesh) -> str:
+    if mesh is None:
+        return "none (one device)"
+    return " x ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
+
+
+__all__ = [
+    "ContinuousEngine",
+    "Engine",
+    "EngineStats",
+    "Generation",
+    "InferenceWeights",
+    "Request",
+]

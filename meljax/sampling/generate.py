@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from meljax.sampling.sampler import SamplingParams, format_bytes
+from meljax.sampling.select import SamplingParams
 
 
 def generate(
@@ -79,8 +79,9 @@ def sample_model(
       prompt: a :class:`meljax.policy.PromptConfig` (rendering, BOS, stop strings).
       echo: where the lines go (``print`` by default).
 
-    Prints each completion (with its token count and a ``[truncated]`` mark) and the KV-cache
-    memory estimate of the call; returns one list of completions per prompt.
+    Prints each completion (with its token count and a ``[truncated]`` mark) and the engine's
+    slot pool of the call (slots, cache length, KV memory); returns one list of completions
+    per prompt.
 
     Raises:
       ValueError: no prompt or bad sampling controls; FileNotFoundError: no such model.
@@ -108,8 +109,11 @@ def sample_model(
     )
     policy.set_params(params)
     prompt_ids = [policy.encode(p) for p in prompts]
-    sampler = policy.engine.sampler
-    mem = sampler.memory_estimate(len(prompt_ids), max(len(p) for p in prompt_ids), sampling)
+    pool = policy.engine.describe(
+        len(prompt_ids) * sampling.num_samples,
+        max(len(p) for p in prompt_ids),
+        sampling.max_new_tokens,
+    )
     result = policy.generate(prompt_ids, sampling, jax.random.key(seed))
 
     out: list[list[str]] = []
@@ -120,10 +124,5 @@ def sample_model(
             echo(f"--- sample {s} ({c.num_tokens} tokens{cut})")
             echo(c.text)
         out.append([c.text for c in group])
-    kv_dtype = sampler.cache_dtype.__name__ if sampler.cache_dtype else dtype
-    echo(
-        f"KV cache: {format_bytes(mem['kv_cache_bytes'])} for {mem['rows']} rows x "
-        f"{mem['cache_len']} slots (prompt bucket {mem['prompt_len']} + {mem['new_tokens']} new, "
-        f"{kv_dtype}); sampling buffers in total {format_bytes(mem['total_bytes'])}"
-    )
+    echo(f"engine: {pool}")
     return out

@@ -1,4 +1,8 @@
-"""Jitted grouped-rollout sampler with a preallocated KV cache.
+"""The static-batch sampler: the REFERENCE the continuous-batching engine is tested against.
+
+Not a product path: every caller samples through :class:`meljax.policy.Policy` and its
+:class:`~meljax.sampling.engine.ContinuousEngine`. This module stays for the tests (token-for-token
+parity of the engine with it) and the benchmarks (old vs new in the same run).
 
 One compiled program per (model graph, group size ``G``, bucketed shapes, cache dtype, mesh):
 
@@ -11,12 +15,7 @@ One compiled program per (model graph, group size ``G``, bucketed shapes, cache 
 
 Sampling controls (temperature, top-p, top-k, the new-token limit, the stop ids) are traced
 values, so changing them never recompiles. ``G`` and the bucketed shapes are static.
-
-Log-probabilities. ``logprobs[r, j]`` is ``log_softmax(logits)`` at the chosen token, computed
-from the model's raw logits, i.e. BEFORE temperature, top-k and top-p are applied. This is the
-quantity a training forward pass recomputes (``model(tokens)`` then ``log_softmax``), so the RL
-importance ratio compares like with like. It is not the log-probability under the filtered,
-tempered distribution the token was actually drawn from.
+Log-probabilities are those of :mod:`meljax.sampling.select` (raw logits).
 
 Stop tokens. A row stops at its own first stop token, which is included in the completion (and
 in the mask); later slots hold ``pad_id`` with mask ``False`` and log-prob 0. ``truncated`` marks
@@ -28,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -40,48 +39,22 @@ from jax.sharding import Mesh
 
 from meljax import sharding as shd
 from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
-from meljax.models import kv_cache
 from meljax.models.config import ModelConfig, resolve_dtype
 from meljax.models.kv_cache import cache_bytes, init_cache
 from meljax.models.transformer import default_positions, prefer_split_layers
-
-_NEG_INF = -jnp.inf
-
+from meljax.sampling.protocol import Generation, Request
+from meljax.sampling.select import (
+    SamplingParams,
+    config_from_graphdef,
+    select_tokens,
+    token_logprobs,
+)
+from meljax.sampling.slots import cache_map as _cache_map
+from meljax.sampling.slots import constrain_cache as _constrain_cache
+from meljax.sampling.slots import constrain_rows as _constrain
+from meljax.sampling.slots import in_mesh_context as _in_mesh_context
 
 # ----------------------------------------------------------------------------- host-level types
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """Sampling controls of one ``Sampler.sample`` call.
-
-    Attributes:
-      max_new_tokens: completion length limit per row (>= 1).
-      temperature: softmax temperature; ``0`` means greedy (argmax of the raw logits).
-      top_p: nucleus mass in ``(0, 1]``; ``1`` disables it.
-      top_k: keep the ``k`` most likely tokens; ``0`` disables it.
-      num_samples: completions per prompt (the GRPO group size ``G``).
-    """
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_samples: int = 1
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(
-                f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}"
-            )
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
-        if self.num_samples < 1:
-            raise ValueError(f"SamplingParams.num_samples must be >= 1, got {self.num_samples}")
 
 
 @dataclasses.dataclass
@@ -129,183 +102,9 @@ class SampleOutput:
     truncated: jax.Array
 
 
-# ----------------------------------------------------------------------------- token selection
-
-
-def _order_keys(x: jax.Array) -> jax.Array:
-    """uint32 keys with the same order as the float32 values ``x`` (``-inf`` lowest)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    negative = (bits >> 31) == 1
-    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
-
-
-def _largest_threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
-    """Per row, the largest key ``tau`` with ``sum(weights[keys >= tau]) >= target`` ``[R]``.
-
-    An exact bisection over the 32-bit key space (32 masked reductions over ``[R, V]``): much
-    cheaper on CPU than sorting the vocabulary, and ties are treated alike (all kept or not).
-    ``weights`` must be non-negative; when even the full sum misses ``target`` the result is 0
-    (every key qualifies).
-    """
-
-    def body(_, bounds):
-        lo, hi = bounds  # invariant: lo qualifies, the answer lies in [lo, hi]
-        gap = hi - lo
-        mid = lo + gap // 2 + gap % 2  # upper middle, no uint32 overflow
-        mass = jnp.sum(jnp.where(keys >= mid[:, None], weights, 0), axis=-1)
-        ok = mass >= target
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-    rows = keys.shape[0]
-    lo = jnp.zeros((rows,), jnp.uint32)
-    hi = jnp.full((rows,), 0xFFFFFFFF, jnp.uint32)
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    return lo
-
-
-def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
-    """Sets every token outside the top-k set and the nucleus (top-p) to ``-inf``.
-
-    Args:
-      logits: float32 ``[R, V]`` (already divided by the temperature).
-      top_p: scalar in ``(0, 1]``; a token is kept iff the probability mass of the tokens more
-        likely than it is ``< top_p`` (so the most likely token is always kept); ``>= 1`` keeps
-        all.
-      top_k: scalar int; keeps the tokens whose logit is ``>=`` the k-th largest; ``0`` keeps all.
-
-    The nucleus is computed on the distribution left after top-k (Hugging Face order). Tokens
-    tied with the last kept one are kept too. Each active filter costs one bisection
-    (``_largest_threshold``), run only when that filter is on.
-    """
-    keys = _order_keys(logits)
-    v = logits.shape[-1]
-
-    def kth_largest(keys):
-        ones = jnp.ones(keys.shape, jnp.float32)
-        return _largest_threshold(keys, ones, jnp.minimum(top_k, v).astype(jnp.float32))
-
-    no_cut = jnp.zeros((keys.shape[0],), jnp.uint32)
-    k_cut = jax.lax.cond(top_k > 0, kth_largest, lambda _: no_cut, keys)
-    logits = jnp.where(keys >= k_cut[:, None], logits, _NEG_INF)
-
-    def nucleus(logits):
-        probs = jax.nn.softmax(logits, axis=-1)
-        return _largest_threshold(keys, probs, top_p)
-
-    p_cut = jax.lax.cond(top_p < 1.0, nucleus, lambda _: no_cut, logits)
-    return jnp.where(keys >= p_cut[:, None], logits, _NEG_INF)
-
-
-def argmax_last(x: jax.Array) -> jax.Array:
-    """``argmax`` over the last axis (first index among ties) as int32 ``[...]``.
-
-    A max followed by a masked min over the indices: two vectorised reductions, several times
-    faster on CPU than XLA's variadic (value, index) reduction behind ``jnp.argmax``.
-    """
-    v = x.shape[-1]
-    top = jnp.max(x, axis=-1, keepdims=True)
-    idx = jnp.where(x == top, jnp.arange(v, dtype=jnp.int32), v)
-    return jnp.minimum(jnp.min(idx, axis=-1), v - 1)
-
-
-def _last_positive(x: jax.Array) -> jax.Array:
-    """Index of the last strictly positive entry along the last axis ``[...]`` (0 if none)."""
-    v = x.shape[-1]
-    return jnp.max(jnp.where(x > 0, jnp.arange(v, dtype=jnp.int32), 0), axis=-1)
-
-
-def categorical(key: jax.Array, logits: jax.Array, block: int = 128) -> jax.Array:
-    """One draw per row from ``softmax(logits)`` ``[R, V]`` (``-inf`` = excluded), int32 ``[R]``.
-
-    Inverse-CDF sampling with one uniform per row and a two-level cumulative sum (over blocks of
-    ``block`` tokens, then inside the chosen block). ``jax.random.categorical`` draws ``V``
-    Gumbel variates per row instead, which dominates a CPU decode step for a 50k vocabulary.
-    A token of zero probability is never returned (indices are clamped to positive mass, which
-    only matters when float rounding puts the draw on the very edge of the total).
-    """
-    rows, v = logits.shape
-    nb = -(-v // block)
-    logits = jnp.pad(logits, ((0, 0), (0, nb * block - v)), constant_values=_NEG_INF)
-    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)).reshape(rows, nb, block)
-    block_mass = probs.sum(axis=-1)  # [R, nb]
-    block_cum = jnp.cumsum(block_mass, axis=-1)
-    target = jax.random.uniform(key, (rows,), jnp.float32) * block_cum[:, -1]
-    bi = jnp.sum(block_cum <= target[:, None], axis=-1).astype(jnp.int32)
-    bi = jnp.minimum(bi, _last_positive(block_mass))
-    before = jnp.where(bi > 0, jnp.take_along_axis(block_cum, (bi - 1)[:, None], axis=-1)[:, 0], 0)
-    chosen = jnp.take_along_axis(probs, bi[:, None, None], axis=1)[:, 0]  # [R, block]
-    inner = jnp.sum(jnp.cumsum(chosen, axis=-1) <= (target - before)[:, None], axis=-1)
-    inner = jnp.minimum(inner.astype(jnp.int32), _last_positive(chosen))
-    return bi * block + inner
-
-
-def select_tokens(
-    logits: jax.Array,
-    key: jax.Array,
-    temperature: jax.Array,
-    top_p: jax.Array,
-    top_k: jax.Array,
-) -> jax.Array:
-    """Next tokens ``[R]`` (int32) from raw logits ``[R, V]``.
-
-    ``temperature == 0`` takes the argmax; otherwise draws from ``softmax(filter(logits / T))``.
-    Both branches sit behind ``lax.cond`` so greedy decoding never pays for the random draw,
-    and the filters of ``filter_logits`` only run when top-p or top-k is active.
-    """
-
-    def greedy(_):
-        return argmax_last(logits)
-
-    def sample(_):
-        scaled = logits / jnp.maximum(temperature, 1e-6)
-        active = (top_p < 1.0) | (top_k > 0)
-        scaled = jax.lax.cond(active, lambda x: filter_logits(x, top_p, top_k), lambda x: x, scaled)
-        return categorical(key, scaled)
-
-    return jax.lax.cond(temperature > 0, sample, greedy, None)
-
-
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """``log_softmax(logits)[r, tokens[r]]`` ``[R]`` (float32) from raw logits ``[R, V]``."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
-
-
 # ----------------------------------------------------------------------------- jitted core
 
 _TRACE_COUNT = 0  # bumped each time the core is traced (= compiled); see Sampler.compile_count
-
-
-def _constrain(x: jax.Array, mesh: Mesh | None) -> jax.Array:
-    """Shards a batch-major array over the data axes of ``mesh`` (no-op without a mesh)."""
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
-
-
-def _cache_map(fn, cache):
-    """Applies ``fn(array, batch_axis)`` to every buffer of a stacked or split cache."""
-    axis = 1 if kv_cache.is_stacked(cache) else 0
-    return jax.tree.map(lambda c: fn(c, axis), cache)
-
-
-def _constrain_cache(c: jax.Array, batch_axis: int) -> jax.Array:
-    """Rows over the data axes, kv heads over ``tensor`` (no-op without a mesh in context)."""
-    axes = (None,) * batch_axis + ("batch", "kv_heads", None, None)
-    return shd.constrain(c, axes)
-
-
-def _in_mesh_context(fn):
-    """Runs ``fn`` with its ``mesh`` keyword in context (``sharding.use_mesh``), so the model's
-    activation constraints apply while it is traced."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, mesh=None, **kw):
-        with shd.use_mesh(mesh):
-            return fn(*args, mesh=mesh, **kw)
-
-    return wrapped
 
 
 @functools.partial(
@@ -439,15 +238,6 @@ def sample_core(
 
 
 # ----------------------------------------------------------------------------- host-level sampler
-
-
-def config_from_graphdef(graphdef: nnx.GraphDef) -> ModelConfig:
-    """The ``ModelConfig`` stored as a static attribute in a ``Transformer`` graph definition."""
-    for _, attr in getattr(graphdef, "attributes", ()):
-        value = getattr(attr, "value", None)
-        if isinstance(value, ModelConfig):
-            return value
-    raise ValueError("Sampler: no ModelConfig found in the graphdef; is it a meljax Transformer?")
 
 
 def pad_prompts(
@@ -704,8 +494,76 @@ class Sampler:
         )
 
 
-def format_bytes(n: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    i = 0 if n < 1024 else min(int(math.log(n, 1024)), len(units) - 1)
-    return f"{n / 1024**i:.1f} {units[i]}" if i else f"{int(n)} B"
+# ----------------------------------------------------------------------------- engine adapter
+
+
+class SamplerEngine:
+    """:class:`Engine` over a static-batch sampler (anything with ``Sampler.sample``'s API).
+
+    Args:
+      sampler: a :class:`~meljax.sampling.Sampler` (tests may pass a scripted one).
+      max_rows: most rows (prompts x G) in one sampler call; 0: no limit (one call per group
+        of equal sampling controls).
+    """
+
+    def __init__(self, sampler: Any, *, max_rows: int = 0):
+        if max_rows < 0:
+            raise ValueError(f"SamplerEngine: max_rows must be >= 0, got {max_rows}")
+        self.sampler = sampler
+        self.max_rows = max_rows
+
+    @property
+    def max_prompt_len(self) -> int | None:
+        return getattr(self.sampler, "max_prompt_len", None)
+
+    def _calls(self, requests: Sequence[Request]) -> list[tuple[SamplingParams, list[int]]]:
+        """``(sampling, request indices)`` of each sampler call, in a fixed order."""
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.sampling, []).append(i)
+        calls = []
+        for sampling, members in groups.items():
+            per_call = len(members)
+            if self.max_rows:
+                per_call = max(1, self.max_rows // sampling.num_samples)
+            if per_call < len(members):  # several calls: longest first, similar lengths together
+                members = sorted(members, key=lambda i: -len(requests[i].prompt_ids))
+            calls += [
+                (sampling, members[lo : lo + per_call]) for lo in range(0, len(members), per_call)
+            ]
+        return calls
+
+    def generate(
+        self,
+        params: Any,
+        requests: Sequence[Request],
+        key: jax.Array,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[list[Generation]]:
+        out: list[list[Generation] | None] = [None] * len(requests)
+        calls = self._calls(requests)
+        for c, (sampling, members) in enumerate(calls):
+            call_key = key if len(calls) == 1 else jax.random.fold_in(key, c)
+            result = self.sampler.sample(
+                params, [requests[i].prompt_ids for i in members], sampling, call_key
+            )
+            g = sampling.num_samples
+            if len(result) != len(members) * g:
+                raise RuntimeError(
+                    f"sampler returned {len(result)} rows for {len(members)} prompts x {g}"
+                )
+            for j, i in enumerate(members):
+                rows = range(j * g, (j + 1) * g)
+                out[i] = [
+                    Generation(
+                        tokens=np.asarray(result.completion(r), np.int32),
+                        logprobs=np.asarray(
+                            result.logprobs[r, : int(result.lengths[r])], np.float32
+                        ),
+                        truncated=bool(result.truncated[r]),
+                    )
+                    for r in rows
+                ]
+            if progress is not None:
+                progress(len(members))
+        return out  # type: ignore[return-value]

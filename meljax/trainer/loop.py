@@ -104,6 +104,7 @@ class PeriodicEval:
             progress=False,
             meta={"step": step},
         )
+        self.policy.clear_params()
         if jax.process_index() == 0:
             report.write(str(files.path(self.workdir, "eval", f"step_{step}.json")))
         out = {}
@@ -249,6 +250,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
     evaluator = None
     if s.eval.every_steps or s.eval.at_start:
         evaluator = PeriodicEval(cfg, workdir, policy, verifier, s.eval)
+    if is_chief:  # the rollout's slot pool, sized from rollout.max_slots / kv_budget_gib
+        r = s.rollout
+        pool = policy.engine.describe(
+            r.num_questions * r.group_size, s.prompt.max_prompt_tokens or 512, r.max_new_tokens
+        )
+        logging.info("rollout engine: %s", pool)
+        print(f"rollout engine: {pool}", flush=True)
     base_key = jax.random.key(cfg.seed)
     progress = Progress(start, cfg.total_steps, s.logging.progress_bar, s.logging.log_every)
     stop = StopSignal()
@@ -312,6 +320,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
                 policy_batch = policy_batch.replace(
                     ref_logprobs=compute_logprobs(ref_params, policy_batch.seq)
                 )
+            policy.clear_params()  # the decode copy of the weights is not needed by the update
             t_update = time.perf_counter()
             state, updates = train_on_batch(
                 state,

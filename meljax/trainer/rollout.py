@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,15 +33,32 @@ class Groups:
       results: ``[N][G]`` verifier results.
       rewards: float32 ``[N, G]``.
       seconds: ``{"rollout": sampling time, "reward": scoring time}``.
+      engine: the engine's counters of the sampling run (``EngineStats``), when it has them.
     """
 
     completions: list[list[Completion]]
     results: list[list[RewardResult]]
     rewards: np.ndarray
     seconds: dict[str, float]
+    engine: Any = None
 
     def flat(self) -> list[Completion]:
         return [c for group in self.completions for c in group]
+
+
+def score_groups(
+    verifier: Scorer, out: Sequence[Sequence[Completion]], answers: Sequence[str]
+) -> tuple[list[list[RewardResult]], np.ndarray]:
+    """Verdicts ``[N][G]`` and rewards float32 ``[N, G]`` of ``N`` groups of ``G`` completions
+    (``answers[i]`` is the reference of group ``i``)."""
+    g = len(out[0]) if len(out) else 0
+    texts = [c.text for group in out for c in group]
+    flat = verifier.score(texts, [a for a, group in zip(answers, out, strict=True) for _ in group])
+    if len(flat) != len(texts):
+        raise RuntimeError(f"verifier returned {len(flat)} results for {len(texts)} answers")
+    results = [list(flat[i * g : (i + 1) * g]) for i in range(len(out))]
+    rewards = np.asarray([x.score for x in flat], np.float32).reshape(len(out), g)
+    return results, rewards
 
 
 def sample_and_score(
@@ -58,14 +76,9 @@ def sample_and_score(
         [Request(tuple(p), sampling) for p in prompt_ids], key=key, progress=progress
     )
     t1 = time.perf_counter()
-    g = sampling.num_samples
-    texts = [c.text for group in out for c in group]
-    flat = verifier.score(texts, [a for a in answers for _ in range(g)])
-    if len(flat) != len(texts):
-        raise RuntimeError(f"verifier returned {len(flat)} results for {len(texts)} answers")
-    results = [list(flat[i * g : (i + 1) * g]) for i in range(len(out))]
-    rewards = np.asarray([r.score for r in flat], np.float32).reshape(len(out), g)
-    return Groups(out, results, rewards, {"rollout": t1 - t0, "reward": time.perf_counter() - t1})
+    results, rewards = score_groups(verifier, out, answers)
+    seconds = {"rollout": t1 - t0, "reward": time.perf_counter() - t1}
+    return Groups(out, results, rewards, seconds, getattr(policy.engine, "last_stats", None))
 
 
 @dataclasses.dataclass
@@ -105,7 +118,11 @@ class Rollouts:
         reasons = [x.reason for group in self.groups.results for x in group]
         correct = is_correct(r)
         mixed = np.any(correct, axis=1) & ~np.all(correct, axis=1)
-        return {
+        stats = self.groups.engine
+        engine = {}
+        if stats is not None:  # useful tokens / slot-steps of the rollout's engine run
+            engine = {"slot_utilisation": float(stats.slot_utilisation)}
+        return engine | {
             "reward_mean": float(r.mean()),
             "accuracy": float(correct.mean()),
             "pass_at_group": float(np.any(correct, axis=1).mean()),

@@ -73,24 +73,31 @@ def _dt(name: str):
     return resolve_dtype(name)
 
 
-def build_policy(cfg: ml_collections.ConfigDict, graphdef, tokenizer, mesh=None):
-    """The run's :class:`~meljax.policy.Policy`: rollouts, MEL analyses and replays and the
-    periodic evaluation all sample through it, so its sampler's prompt limit covers the longest
-    of them (the filled analysis prompt)."""
+def engine_options(cfg: ml_collections.ConfigDict) -> dict:
+    """The rollout engine's settings (``ContinuousEngine`` keywords) of a run: its prompt
+    limit covers the longest prompt it is sent (the filled analysis prompt); ``max_slots``
+    0 means one slot per rollout sample (``num_questions x group_size``)."""
     from meljax.config import settings
-    from meljax.policy import Policy
 
     s = settings(cfg)
     r = s.rollout
-    return Policy.build(
-        graphdef,
-        tokenizer,
-        s.prompt,
-        mesh=mesh,
-        cache_dtype=r.cache_dtype or None,
-        max_prompt_len=max(s.prompt.max_prompt_tokens, s.meta.analysis_max_prompt_tokens),
-        max_rows=r.max_rows or r.num_questions * r.group_size,
-    )
+    return {
+        "cache_dtype": r.cache_dtype or None,
+        "max_prompt_len": max(s.prompt.max_prompt_tokens, s.meta.analysis_max_prompt_tokens),
+        "max_slots": r.max_slots or r.num_questions * r.group_size,
+        "kv_budget_gib": r.kv_budget_gib,
+        "segment_steps": r.segment_steps,
+        "tensor_parallel": r.tensor_parallel,
+    }
+
+
+def build_policy(cfg: ml_collections.ConfigDict, graphdef, tokenizer, mesh=None):
+    """The run's :class:`~meljax.policy.Policy`: rollouts, MEL analyses and replays and the
+    periodic evaluation all sample through it (one continuous-batching engine)."""
+    from meljax.config import settings
+    from meljax.policy import Policy
+
+    return Policy.build(graphdef, tokenizer, settings(cfg).prompt, mesh=mesh, **engine_options(cfg))
 
 
 def build_problem_source(cfg: ml_collections.ConfigDict):

@@ -1,0 +1,272 @@
+"""Rollout throughput on a realistic workload: the continuous engine vs the static sampler vs HF.
+
+SmolLM2-135M-Instruct (the demo model), float32, CPU, real stop tokens (the policy's: EOS and
+the chat template's end of turn): ``--questions`` GSM8K test questions (``--data``, default
+``../shared/data`` next to the repository) in the chat template with the default instruction,
+``--group`` samples each at temperature 1.0, at most ``--max_new`` new tokens.
+
+Engines (each in its own child process, so each one's peak RSS is its own; rounds alternate):
+
+- ``engine``: :class:`meljax.sampling.ContinuousEngine` with ``--slots`` decode slots;
+- ``static``: the static-batch reference sampler, calls of ``--slots`` rows (``--slots /
+  --group`` questions each, longest prompts first, as its engine adapter batched them): the
+  same KV-cache rows as the engine;
+- ``hf``: transformers ``generate`` (torch, ``--torch_threads`` threads), one question x G per
+  call, on the first ``--hf_questions`` questions (it is slow).
+
+Figure: useful new tokens/s = generated tokens up to and including each sample's stop token,
+over the wall time of the run minus the time JAX spent compiling in it (traced, lowered and
+compiled, summed from ``jax.monitoring`` events; ``--warmup`` runs the workload once before
+instead, which doubles a long benchmark on a shared machine). Also slot utilisation (useful
+tokens / slot-steps; for the static sampler rows x decode steps of each call) and peak RSS.
+
+  python benchmarks/rollout.py                       # all engines
+  python benchmarks/rollout.py --engines=engine,static --runs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data"
+GSM8K_FILE = Path("gsm8k") / "test.jsonl"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+COMPILE_S = [0.0]  # seconds JAX spent tracing, lowering and compiling in this process
+
+
+def count_compile_time() -> None:
+    import jax
+
+    def listen(event: str, seconds: float, **_) -> None:
+        if event.startswith("/jax/core/compile/") or event.endswith("backend_compile_duration"):
+            COMPILE_S[0] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+
+
+def timed(fn, *args):
+    """``(seconds excluding compilation, compile seconds, result)`` of ``fn(*args)``."""
+    before = COMPILE_S[0]
+    t = time.perf_counter()
+    out = fn(*args)
+    wall = time.perf_counter() - t
+    compiled = COMPILE_S[0] - before
+    return wall - compiled, compiled, out
+
+
+def load_policy(args):
+    """The demo model's policy and the GSM8K prompts (token ids) it renders."""
+    from flax import nnx
+
+    from meljax.data import load_problems
+    from meljax.models import demo_model_dir, from_pretrained, load_tokenizer
+    from meljax.policy import Policy, PromptConfig
+
+    path = Path(args.data)
+    if path.is_dir():
+        path = path / GSM8K_FILE
+    questions = [p.question for p in load_problems(str(path), "gsm8k", limit=args.questions)]
+    model_dir = demo_model_dir()
+    model = from_pretrained(model_dir, dtype="float32")
+    tok = load_tokenizer(model_dir)
+    graphdef, params = nnx.split(model)
+    policy = Policy.build(graphdef, tok, PromptConfig(), max_slots=args.slots)
+    policy.engine.segment_steps = args.segment_steps
+    return policy, graphdef, params, [policy.encode(q) for q in questions], tok
+
+
+def run_engine(args) -> dict:
+    import jax
+
+    from meljax.sampling import Request, SamplingParams
+
+    policy, _, params, prompts, _ = load_policy(args)
+    sp = SamplingParams(args.max_new, temperature=1.0, num_samples=args.group)
+    reqs = [Request(tuple(p), sp) for p in prompts]
+    weights = policy.engine.prepare(params)
+
+    def call(seed):
+        out = policy.engine.generate(weights, reqs, jax.random.key(seed))
+        return sum(len(x.tokens) for g in out for x in g)
+
+    if args.warmup:
+        call(100)
+    runs = [timed(call, i) for i in range(args.runs)]
+    stats = policy.engine.last_stats
+    return {
+        "runs": [{"seconds": dt, "compile_s": c, "tokens": n} for dt, c, n in runs],
+        "slot_utilisation": stats.slot_utilisation,
+        "slots": stats.slots,
+        "cache_len": stats.cache_len,
+        "segments": stats.segments,
+        "kv_lens": stats.kv_lens,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def run_static(args) -> dict:
+    import jax
+    import numpy as np
+
+    from meljax.sampling import Sampler, SamplingParams
+
+    policy, graphdef, params, prompts, _ = load_policy(args)
+    sampler = Sampler(graphdef, stop_token_ids=policy.stop_ids, pad_id=policy.pad_id)
+    sp = SamplingParams(args.max_new, temperature=1.0, num_samples=args.group)
+    per_call = max(1, args.slots // args.group)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    calls = [order[i : i + per_call] for i in range(0, len(order), per_call)]
+
+    def call(seed):
+        made = row_steps = 0
+        for c, members in enumerate(calls):
+            res = sampler.sample(
+                params, [prompts[i] for i in members], sp, jax.random.key(seed * 1000 + c)
+            )
+            made += int(res.lengths.sum())
+            # the decode loop ran until the call's longest row ended, for every row
+            row_steps += len(res) * int(np.max(res.lengths))
+        return made, row_steps
+
+    if args.warmup:
+        call(100)
+    runs = [timed(call, i) for i in range(args.runs)]
+    return {
+        "runs": [{"seconds": dt, "compile_s": c, "tokens": n[0]} for dt, c, n in runs],
+        "slot_utilisation": runs[-1][2][0] / runs[-1][2][1],
+        "calls": len(calls),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def run_hf(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from meljax.models import demo_model_dir
+
+    torch.set_num_threads(args.torch_threads)
+    policy, _, _, prompts, tok = load_policy(args)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir(), dtype=torch.float32).eval()
+    stops = list(policy.stop_ids)
+    warm = torch.tensor([prompts[0]])
+    with torch.no_grad():  # warm-up call (first-call set-up is not throughput)
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=8)
+    runs = []
+    for r in range(args.runs):
+        torch.manual_seed(r)
+        t = time.perf_counter()
+        made = 0
+        for prompt in prompts[: args.hf_questions]:
+            x = torch.tensor([prompt])
+            with torch.no_grad():
+                out = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_p=1.0,
+                    top_k=0,
+                    max_new_tokens=args.max_new,
+                    num_return_sequences=args.group,
+                    eos_token_id=stops,
+                    pad_token_id=policy.pad_id,
+                )
+            for row in out[:, len(prompt) :].tolist():
+                n = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+                made += n
+        runs.append({"seconds": time.perf_counter() - t, "tokens": made})
+    return {"runs": runs, "questions": args.hf_questions, "peak_rss_mib": peak_rss_mib()}
+
+
+RUNNERS = {"engine": run_engine, "static": run_static, "hf": run_hf}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines", default="engine,static,hf")
+    ap.add_argument("--questions", type=int, default=32)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max_new", type=int, default=384)
+    ap.add_argument("--slots", type=int, default=64, help="engine slots = static rows per call")
+    ap.add_argument("--segment_steps", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=1, help="timed runs per child")
+    ap.add_argument("--warmup", type=int, default=0, help="1: one untimed run first (JAX)")
+    ap.add_argument("--rounds", type=int, default=1, help="child processes per engine")
+    ap.add_argument("--hf_questions", type=int, default=4)
+    ap.add_argument("--torch_threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    data = Path(args.data)
+    if not (data / GSM8K_FILE).is_file() and not data.is_file():
+        print(f"rollout benchmark skipped: no {data / GSM8K_FILE}", file=sys.stderr)
+        return
+    if args.child:
+        if args.child != "hf":
+            count_compile_time()
+        print("RESULT " + json.dumps(RUNNERS[args.child](args)), flush=True)
+        return
+    passed = [a for a in sys.argv[1:] if not a.startswith("--engines")]
+    raw: dict[str, list[dict]] = {e: [] for e in args.engines.split(",")}
+    loads = []
+    for rnd in range(args.rounds):
+        for engine in raw:
+            t = time.time()
+            proc = subprocess.run(
+                [sys.executable, __file__, f"--child={engine}", *passed],
+                capture_output=True,
+                text=True,
+            )
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"{engine} child failed (exit {proc.returncode})")
+            raw[engine].append(json.loads(line[-1][len("RESULT ") :]))
+            loads.append(os.getloadavg()[0])
+            print(f"[round {rnd}: {engine} done in {time.time() - t:.0f} s]", flush=True)
+
+    print(
+        f"\nSmolLM2-135M f32 CPU: {args.questions} GSM8K questions x G={args.group}, T=1.0, "
+        f"<= {args.max_new} new tokens, real stop tokens; {args.slots} slots / rows per call; "
+        f"1-min load avg after each child: {', '.join(f'{x:.1f}' for x in loads)}"
+    )
+    print(
+        f"{'engine':<7} {'useful tok/s (median)':>22} {'tokens':>8} {'run s':>7} "
+        f"{'compile s':>9} {'util':>6} {'RSS MiB':>8}"
+    )
+    rates = {}
+    for engine, rounds in raw.items():
+        runs = [r for rd in rounds for r in rd["runs"]]
+        rate = statistics.median(r["tokens"] / r["seconds"] for r in runs)
+        rates[engine] = rate
+        util = rounds[-1].get("slot_utilisation")
+        print(
+            f"{engine:<7} {rate:22.1f} {runs[-1]['tokens']:8d} {runs[-1]['seconds']:7.1f} "
+            f"{runs[-1].get('compile_s', 0.0):9.1f} {util if util is None else round(util, 3)!s:>6} "
+            f"{max(rd['peak_rss_mib'] for rd in rounds):8.0f}"
+        )
+    for a, b in (("engine", "static"), ("engine", "hf"), ("static", "hf")):
+        if a in rates and b in rates:
+            print(f"{a}/{b}: {rates[a] / rates[b]:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=2))
+
+
+if __name__ == "__main__":
+    main()

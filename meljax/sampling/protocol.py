@@ -1,0 +1,65 @@
+"""The sampling seam: what :class:`meljax.policy.Policy` sends an engine and gets back.
+
+A :class:`Request` is a prompt (token ids), its sampling controls and its group size ``G``
+(``sampling.num_samples``); an :class:`Engine` returns, for every request, ``G``
+:class:`Generation` records (tokens, log-probabilities, truncation flag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from meljax.sampling.select import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt to complete ``sampling.num_samples`` (G) times.
+
+    Attributes:
+      prompt_ids: the prompt's token ids, as the model sees them (BOS and template included).
+      sampling: the controls of this request; ``num_samples`` is its group size G.
+    """
+
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One sample of a request, as the engine produced it.
+
+    Attributes:
+      tokens: int32 ``[L]`` generated ids, the stop token included when one came.
+      logprobs: float32 ``[L]`` ``log_softmax`` of the raw logits at each token (before
+        temperature / top-p / top-k), what a training forward pass recomputes.
+      truncated: no stop token within ``max_new_tokens``.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    truncated: bool
+
+
+class Engine(Protocol):
+    """What :class:`meljax.policy.Policy` needs from a sampling engine."""
+
+    max_prompt_len: int | None  # longer prompts are cut from the left; None: no limit
+
+    def generate(
+        self,
+        params: Any,
+        requests: Sequence[Request],
+        key: jax.Array,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[list[Generation]]:
+        """``G`` generations per request, in request order; deterministic in ``key``.
+
+        ``progress(n)`` is called as ``n`` more requests are finished.
+        """
+        ...

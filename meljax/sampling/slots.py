@@ -1,0 +1,328 @@
+"""The continuous-batching engine's jitted programs over a pool of ``S`` decode slots.
+
+A slot holds one sample (request ``r``, sample ``g``). Its cache row is LEFT-aligned: prompt
+token ``i`` at cache slot ``i``, completion token ``j`` at slot ``len(prompt) + j``, so a slot's
+RoPE position equals its cache slot and causality alone masks the unwritten (or stale) tail:
+no padding mask. The last token of the sequence so far (``last_token``, at slot ``pos``) has not
+been fed yet: a decode step feeds it, writes its keys and values at ``pos``, and samples the
+next token from the logits it produces.
+
+Programs (each jitted once per static shape; the engine host in ``engine.py`` drives them):
+
+- :func:`prefill`: ``B`` prompts (without their last token), RIGHT-padded to a bucket ``P``,
+  into a fresh ``[B, P]`` cache;
+- :func:`insert` (the slot copy): copies prompt ``src[i]``'s cache into slot ``dst[i]`` (a
+  prompt with ``G`` samples goes to ``G`` slots: prefilled once, copied ``G`` times) and sets
+  the slot's controls and its sampling key ``fold_in(fold_in(key, r), g)``;
+- :func:`decode_segment`: up to ``num_steps`` decode steps in a ``lax.while_loop`` over every
+  slot, attending to the first ``kv_len`` cache slots only; it stops early once every slot is
+  done. Token ``j`` of a slot is drawn with ``fold_in(slot key, j)``, so a sample's tokens do
+  not depend on its slot, its segment or its neighbours;
+- :func:`peek` / :func:`take_rows`: the host's small per-slot arrays, then the finished rows.
+
+Weights: an :class:`~meljax.sampling.weights.InferenceWeights` (made once per policy update by
+:func:`~meljax.sampling.weights.prepare_weights`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from meljax import sharding as shd
+from meljax.models import kv_cache
+from meljax.models.kv_cache import init_cache
+from meljax.sampling.select import (
+    config_from_graphdef,
+    select_tokens_rows,
+    token_logprobs,
+)
+
+# ----------------------------------------------------------------------------- shardings
+
+
+def constrain_rows(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Shards a batch-major array over the data axes of ``mesh`` (no-op without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
+
+
+def cache_map(fn, cache):
+    """Applies ``fn(array, batch_axis)`` to every buffer of a stacked or split cache."""
+    axis = 1 if kv_cache.is_stacked(cache) else 0
+    return jax.tree.map(lambda c: fn(c, axis), cache)
+
+
+def constrain_cache(c: jax.Array, batch_axis: int) -> jax.Array:
+    """Rows over the data axes, kv heads over ``tensor`` (no-op without a mesh in context)."""
+    axes = (None,) * batch_axis + ("batch", "kv_heads", None, None)
+    return shd.constrain(c, axes)
+
+
+def in_mesh_context(fn):
+    """Runs ``fn`` with its ``mesh`` keyword in context (``sharding.use_mesh``), so the model's
+    activation constraints apply while it is traced."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, mesh=None, **kw):
+        with shd.use_mesh(mesh):
+            return fn(*args, mesh=mesh, **kw)
+
+    return wrapped
+
+
+def state_shardings(state, mesh: Mesh):
+    """``NamedSharding`` tree of a (abstract) :class:`SlotState` or prompt cache: rows over
+    the data axes, cache kv heads over ``tensor``."""
+
+    def one(x):
+        if x.ndim >= 4:  # a cache buffer: [(L,) S, K, ., .]
+            lead = x.ndim - 4
+            axes = (None,) * lead + ("batch", "kv_heads", None, None)
+        else:
+            axes = ("batch",) + (None,) * (x.ndim - 1)
+        return NamedSharding(mesh, shd.logical_to_spec(axes, None, mesh, x.shape))
+
+    return jax.tree.map(one, state)
+
+
+def _merge(graphdef, weights):
+    model = nnx.merge(graphdef, weights.state)
+    return model, model.cfg, weights.layers
+
+
+# ----------------------------------------------------------------------------- slot state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotState:
+    """Every slot's decode state (``S`` slots, ``C`` cache slots each, ``M`` output columns).
+
+    cache: stacked or split KV cache of ``[S, ..., C]``; last_token, pos, step, max_new: int32
+    ``[S]`` (the unfed token, its cache slot, tokens produced, the limit); temperature, top_p:
+    float32 ``[S]``; top_k: int32 ``[S]``; keys: uint32 ``[S, ...]`` raw key data of each
+    sample; done, stopped: bool ``[S]`` (free slots are done; stopped: a stop token came);
+    tokens int32 / logprobs float32 ``[S, M]`` (column ``j`` = completion token ``j``).
+    """
+
+    cache: Any
+    last_token: jax.Array
+    pos: jax.Array
+    step: jax.Array
+    max_new: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    keys: jax.Array
+    done: jax.Array
+    stopped: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+
+
+_STATIC = ("graphdef", "cache_dtype", "mesh", "split")
+
+
+@functools.partial(jax.jit, static_argnames=("slots", "cache_len", "max_new", *_STATIC))
+@in_mesh_context
+def init_slots(
+    *, graphdef, slots: int, cache_len: int, max_new: int, cache_dtype, mesh, split: bool
+) -> SlotState:
+    """An empty pool: every slot free (done), a zeroed cache."""
+    cfg = config_from_graphdef(graphdef)
+    cache = init_cache(cfg, slots, cache_len, cache_dtype, stacked=not split)
+    zeros_i = jnp.zeros((slots,), jnp.int32)
+    key_data = jax.random.key_data(jax.random.key(0))
+
+    def rows(x):
+        return constrain_rows(x, mesh)
+
+    return SlotState(
+        cache=cache_map(constrain_cache, cache),
+        last_token=rows(zeros_i),
+        pos=rows(zeros_i),
+        step=rows(zeros_i),
+        max_new=rows(zeros_i),
+        temperature=rows(jnp.zeros((slots,), jnp.float32)),
+        top_p=rows(jnp.ones((slots,), jnp.float32)),
+        top_k=rows(zeros_i),
+        keys=rows(jnp.zeros((slots, *key_data.shape), key_data.dtype)),
+        done=rows(jnp.ones((slots,), bool)),
+        stopped=rows(jnp.zeros((slots,), bool)),
+        tokens=rows(jnp.zeros((slots, max_new), jnp.int32)),
+        logprobs=rows(jnp.zeros((slots, max_new), jnp.float32)),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+@in_mesh_context
+def prefill(weights, tokens: jax.Array, *, graphdef, cache_dtype, mesh, split: bool):
+    """The cache ``[B, ..., P]`` of prompts ``tokens`` int32 ``[B, P]`` (RIGHT-padded; each
+    prompt WITHOUT its last token, which the first decode step feeds). Padding slots hold
+    garbage that causality hides and decoding overwrites."""
+    model, cfg, layers = _merge(graphdef, weights)
+    b, p = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    cache = cache_map(constrain_cache, init_cache(cfg, b, p, cache_dtype, stacked=not split))
+    _, cache = model.prefill(
+        tokens, positions, jnp.ones((b, p), bool), cache, cfg.prefill_chunk_size, layers=layers
+    )
+    return cache
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("state",))
+@in_mesh_context
+def insert(
+    state: SlotState,
+    prompt_cache,
+    src: jax.Array,
+    dst: jax.Array,
+    last_token: jax.Array,
+    pos: jax.Array,
+    max_new: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    top_k: jax.Array,
+    request: jax.Array,
+    sample: jax.Array,
+    key: jax.Array,
+    *,
+    mesh,
+) -> SlotState:
+    """The slot copy: entry ``i`` (all args ``[n]``) puts prompt ``src[i]`` of ``prompt_cache``
+    into slot ``dst[i]`` (``dst == S`` marks padding entries, dropped) with its controls and
+    the key of sample ``sample[i]`` of request ``request[i]``."""
+    p = kv_cache.cache_len(prompt_cache)
+
+    def copy(pool, new, name):
+        ax = 1 if kv_cache.is_stacked(state.cache) else 0
+        lead = (slice(None),) * ax
+        where = (dst, slice(None), slice(None), slice(0, p))
+        if name == "v":
+            where = (dst, slice(None), slice(0, p), slice(None))
+        upd = jnp.take(new, src, axis=ax).astype(pool.dtype)
+        return constrain_cache(pool.at[lead + where].set(upd, mode="drop"), ax)
+
+    if kv_cache.is_stacked(state.cache):
+        cache = {n: copy(state.cache[n], prompt_cache[n], n) for n in ("k", "v")}
+    else:
+        cache = tuple(
+            {n: copy(pool[n], new[n], n) for n in ("k", "v")}
+            for pool, new in zip(state.cache, prompt_cache, strict=True)
+        )
+    keys = jax.vmap(lambda r, g: jax.random.fold_in(jax.random.fold_in(key, r), g))(request, sample)
+
+    def put(buf, values):
+        return constrain_rows(buf.at[dst].set(values.astype(buf.dtype), mode="drop"), mesh)
+
+    n = dst.shape[0]
+    return dataclasses.replace(
+        state,
+        cache=cache,
+        last_token=put(state.last_token, last_token),
+        pos=put(state.pos, pos),
+        step=put(state.step, jnp.zeros((n,), jnp.int32)),
+        max_new=put(state.max_new, max_new),
+        temperature=put(state.temperature, temperature),
+        top_p=put(state.top_p, top_p),
+        top_k=put(state.top_k, top_k),
+        keys=put(state.keys, jax.random.key_data(keys)),
+        done=put(state.done, jnp.zeros((n,), bool)),
+        stopped=put(state.stopped, jnp.zeros((n,), bool)),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("kv_len", "num_steps", *_STATIC), donate_argnames=("state",)
+)
+@in_mesh_context
+def decode_segment(
+    weights,
+    state: SlotState,
+    stop_ids: jax.Array,
+    pad_id: jax.Array,
+    *,
+    graphdef,
+    kv_len: int,
+    num_steps: int,
+    cache_dtype=None,
+    mesh=None,
+    split: bool = False,
+) -> tuple[SlotState, jax.Array]:
+    """Up to ``num_steps`` decode steps of every slot; returns the state and the steps run.
+
+    Each step feeds every slot's ``last_token`` at its ``pos`` (reading cache slots
+    ``< kv_len`` only: the caller guarantees ``pos + num_steps <= kv_len`` for live slots),
+    samples the next token with the slot's controls and key, and records it. A slot is done
+    after a stop token (kept, ``stopped``) or ``max_new`` tokens. Done slots still run (fixed
+    shapes) but change nothing. The loop ends early once every slot is done.
+    """
+    del cache_dtype  # the cache arrives allocated
+    model, cfg, layers = _merge(graphdef, weights)
+    s, m = state.tokens.shape
+    rows = jnp.arange(s, dtype=jnp.int32)
+    kv_mask = jnp.ones((s, kv_len), bool)  # causality masks everything past each slot's pos
+
+    def body(carry):
+        i, st = carry
+        live = ~st.done
+        hidden, cache = model.forward_hidden(
+            st.last_token[:, None],
+            st.pos[:, None],
+            kv_mask,
+            st.cache,
+            st.pos,
+            kv_len=kv_len,
+            layers=layers,
+        )
+        logits = model.project_rows(hidden[:, 0])  # [S, V]
+        keys = jax.random.wrap_key_data(st.keys)
+        token_keys = jax.vmap(jax.random.fold_in)(keys, st.step)
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(token_keys)
+        tok = select_tokens_rows(logits, u, st.temperature, st.top_p, st.top_k)
+        lp = token_logprobs(logits, tok)
+        tok = jnp.where(live, tok, pad_id)
+        col = jnp.where(live, st.step, m)  # finished slots write nowhere
+        tokens = st.tokens.at[rows, col].set(tok, mode="drop")
+        logprobs = st.logprobs.at[rows, col].set(lp, mode="drop")
+        stop = live & (tok[:, None] == stop_ids[None, :]).any(axis=-1)
+        step = st.step + live.astype(jnp.int32)
+        new = dataclasses.replace(
+            st,
+            cache=cache_map(constrain_cache, cache),
+            last_token=constrain_rows(jnp.where(live, tok, st.last_token), mesh),
+            pos=constrain_rows(st.pos + live.astype(jnp.int32), mesh),
+            step=constrain_rows(step, mesh),
+            done=constrain_rows(st.done | stop | (step >= st.max_new), mesh),
+            stopped=constrain_rows(st.stopped | stop, mesh),
+            tokens=constrain_rows(tokens, mesh),
+            logprobs=constrain_rows(logprobs, mesh),
+        )
+        return i + 1, new
+
+    def cond(carry):
+        i, st = carry
+        return (i < num_steps) & ~jnp.all(st.done)
+
+    steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    return state, steps
+
+
+@jax.jit
+def peek(state: SlotState) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``done``, ``step`` and ``stopped`` ``[S]``: what the host reads after every segment."""
+    return state.done, state.step, state.stopped
+
+
+@jax.jit
+def take_rows(state: SlotState, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Tokens and log-probs ``[n, M]`` of slots ``idx`` (the finished ones)."""
+    return state.tokens[idx], state.logprobs[idx]

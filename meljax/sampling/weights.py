@@ -1,0 +1,113 @@
+"""The decode copy of the weights: cast to the compute dtype, laid out for inference, once.
+
+:func:`prepare_weights` turns the policy's (training-layout, master-dtype) parameters into the
+:class:`InferenceWeights` every engine program reads: the model state in the compute dtype on
+the :func:`inference_mesh` (tensor parallelism inside a replica, data-parallel replicas across
+the rest of the devices; replicated when ``tensor == 1``), plus per-layer copies on CPU
+(``prefer_split_layers``) so no program re-slices the stacked weights. One copy per policy
+update: a decode step never gathers FSDP shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from meljax import sharding as shd
+from meljax.models.layers import layer_weights
+from meljax.sampling.select import config_from_graphdef
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class InferenceWeights:
+    """What :meth:`ContinuousEngine.prepare` returns and every engine program reads.
+
+    state: the model's ``nnx.State`` in the compute dtype on the inference layout; layers:
+    per-layer weight dicts (CPU, see ``prefer_split_layers``) or ``None``.
+    """
+
+    state: Any
+    layers: Any
+
+
+def inference_mesh(mesh: Mesh | None, tensor: int = 1) -> Mesh | None:
+    """The decode mesh over the same devices: ``tensor``-way tensor parallelism inside each
+    replica, data-parallel replicas (``data``) across the rest; no ``fsdp`` axis, so the
+    weights are never gathered per decode step (replicated when ``tensor == 1``)."""
+    if mesh is None:
+        return None
+    devices = list(mesh.devices.flat)
+    if len(devices) % tensor:
+        raise ValueError(f"rollout.tensor_parallel={tensor} does not divide {len(devices)} devices")
+    return shd.make_mesh(
+        {"data": len(devices) // tensor, "fsdp": 1, "tensor": tensor}, devices=devices
+    )
+
+
+def weight_shardings(graphdef, params, mesh: Mesh, split: bool):
+    """The ``NamedSharding`` tree of :func:`prepare_weights`'s output on ``mesh``."""
+    cfg = config_from_graphdef(graphdef)
+    state = shd.param_shardings(params, mesh)
+    layers = None
+    if split:
+        one = {
+            name: NamedSharding(mesh, shd.logical_to_spec(info.axes, None, mesh, info.shape))
+            for name, info in layer_weights(cfg).items()
+        }
+        layers = tuple(dict(one) for _ in range(cfg.num_layers))
+    return InferenceWeights(state, layers)
+
+
+def weights_program(graphdef, params, mesh: Mesh | None = None, split: bool = False):
+    """The jitted function ``params -> InferenceWeights`` of :func:`prepare_weights` (its
+    ``out_shardings`` are the inference layout on ``mesh``), for running or lowering."""
+    cfg = config_from_graphdef(graphdef)
+
+    def cast(x):
+        dt = jnp.dtype(cfg.dtype)
+        return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
+
+    def build(params):
+        model = nnx.merge(graphdef, params)
+        layers = model.split_layers(cfg.dtype) if split else None
+        if split:
+            state = jax.tree_util.tree_map_with_path(
+                lambda path, x: x if "layers" in jax.tree_util.keystr(path) else cast(x), params
+            )
+        else:
+            state = jax.tree.map(cast, params)
+        return InferenceWeights(state, layers)
+
+    out_shardings = None
+    if mesh is not None:
+        out_shardings = weight_shardings(graphdef, params, mesh, split)
+    return jax.jit(build, out_shardings=out_shardings)
+
+
+def prepare_weights(
+    graphdef, params, mesh: Mesh | None = None, split: bool = False
+) -> InferenceWeights:
+    """The weights every engine program reads.
+
+    The state is cast to the model's compute dtype (floating leaves) and laid out on ``mesh``
+    (the :func:`inference_mesh`); with ``split`` (CPU) ``layers`` holds per-layer weight dicts
+    in the compute dtype and the state's stacked layer weights are left as they are (unused).
+    One copy per policy update, never per decode step.
+    """
+    cfg = config_from_graphdef(graphdef)
+    if (
+        not split
+        and mesh is None
+        and all(
+            x.dtype == jnp.dtype(cfg.dtype) or not jnp.issubdtype(x.dtype, jnp.floating)
+            for x in jax.tree.leaves(params)
+        )
+    ):
+        return InferenceWeights(params, None)  # already what decoding reads: no copy
+    return weights_program(graphdef, params, mesh, split)(params)

@@ -1,0 +1,238 @@
+"""The continuous-batching engine (``meljax.sampling.ContinuousEngine``) against the static
+reference sampler, Hugging Face ``generate``, a recomputed forward pass and hand-computed
+counters; per-request determinism whatever the pool; the sharded mesh."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_sampling import (
+    PAD,
+    STOP,
+    _forward,
+    assert_matches_distribution,
+    log_softmax,
+    make_sampler,
+    reference_allowed,
+    tiny_model,
+)
+
+from meljax import sharding as shd
+from meljax.sampling import ContinuousEngine, Request, SamplingParams, filter_logits
+
+# very different lengths: prompt buckets 32 and 64 in one call, a one-token prompt
+PROMPTS = [[5, 6, 10, 11], list(range(20, 60)), [20], list(range(8, 19)), [3, 1, 4, 1, 5, 9]]
+
+
+def engine(graphdef, **kw) -> ContinuousEngine:
+    kw.setdefault("stop_token_ids", [STOP])
+    kw.setdefault("pad_id", PAD)
+    return ContinuousEngine(graphdef, **kw)
+
+
+def requests(prompts, sampling):
+    return [Request(tuple(p), sampling) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return nnx.split(tiny_model("llama"))
+
+
+def test_greedy_matches_static_sampler_and_transformers(tmp_path):
+    """Greedy: token-for-token the reference sampler and HF ``generate`` (llama, qwen2, qwen3),
+    prompts of 1 to 40 tokens in one call, 5 requests x G=2 through 4 slots."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from meljax.models import save_pretrained
+
+    sampling = SamplingParams(max_new_tokens=20, temperature=0.0, num_samples=2)
+    for model_type in ("llama", "qwen2", "qwen3"):
+        model = tiny_model(model_type)
+        graphdef, params = nnx.split(model)
+        out = engine(graphdef, max_slots=4, segment_steps=6).generate(
+            params, requests(PROMPTS, sampling), jax.random.key(0)
+        )
+        ref = make_sampler(graphdef, batch_buckets=(8,)).sample(
+            params, PROMPTS, sampling, jax.random.key(0)
+        )
+        path = tmp_path / model_type
+        save_pretrained(model, str(path))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        for i, prompt in enumerate(PROMPTS):
+            with torch.no_grad():
+                seq = (
+                    hf.eval()
+                    .generate(
+                        torch.tensor([prompt]),
+                        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                        max_new_tokens=20,
+                        do_sample=False,
+                        eos_token_id=STOP,
+                        pad_token_id=PAD,
+                    )[0, len(prompt) :]
+                    .tolist()
+                )
+            if STOP in seq:
+                seq = seq[: seq.index(STOP) + 1]
+            for g in range(2):
+                got = out[i][g]
+                assert got.tokens.tolist() == ref.completion(2 * i + g) == seq, (model_type, i)
+                assert got.truncated == bool(ref.truncated[2 * i + g]) == (STOP not in seq)
+                n = len(seq)
+                np.testing.assert_allclose(got.logprobs, ref.logprobs[2 * i + g, :n], atol=1e-4)
+
+
+def test_output_independent_of_pool_and_segments_and_logprobs_match_forward(llama):
+    """Same key: the same tokens whatever the slot count, the segment length and the mix of
+    requests (greedy and sampled, different controls, share the pool); log-probs equal a
+    recomputed forward pass (log_softmax of the raw logits)."""
+    graphdef, params = llama
+    mixed = [
+        Request(tuple(PROMPTS[0]), SamplingParams(16, temperature=1.0, num_samples=3)),
+        Request(tuple(PROMPTS[1]), SamplingParams(12, temperature=0.0, num_samples=1)),
+        Request(tuple(PROMPTS[2]), SamplingParams(16, 1.3, top_p=0.8, num_samples=2)),
+        Request(tuple(PROMPTS[3]), SamplingParams(9, 0.9, top_k=5, num_samples=2)),
+    ]
+    key = jax.random.key(7)
+    runs = [
+        engine(graphdef, max_slots=s, segment_steps=k).generate(params, mixed, key)
+        for s, k in ((2, 3), (8, 16), (16, 1))
+    ]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            for x, y in zip(a, b, strict=True):
+                np.testing.assert_array_equal(x.tokens, y.tokens)
+                np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+                assert x.truncated == y.truncated
+    # alone in the pool (as request 2 of its own list), a request draws what it drew among
+    # the others; the key depends on the request index, not on the neighbours
+    alone = engine(graphdef, max_slots=4).generate(params, [mixed[0], mixed[0], mixed[2]], key)
+    for x, y in zip(alone[2], runs[0][2], strict=True):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+    assert not np.array_equal(runs[0][0][0].tokens, runs[0][0][1].tokens)  # samples differ
+    assert (
+        runs[0][1][0].tokens.tolist()
+        == engine(graphdef).generate(params, [mixed[1]], jax.random.key(99))[0][0].tokens.tolist()
+    )  # greedy: the key does not matter
+    # log-probs: one cache-free forward over prompt + completion
+    for req, group in zip(mixed, runs[0], strict=True):
+        for gen in group:
+            seq = np.asarray([*req.prompt_ids, *gen.tokens.tolist()], np.int32)[None]
+            mask = jnp.ones(seq.shape, bool)
+            logits = np.asarray(_forward(graphdef, params, jnp.asarray(seq), mask))[0]
+            n, p = len(gen.tokens), len(req.prompt_ids)
+            lp = log_softmax(logits[p - 1 : p - 1 + n])
+            want = lp[np.arange(n), gen.tokens]
+            np.testing.assert_allclose(gen.logprobs, want, atol=1e-4)
+            assert gen.truncated == (STOP not in gen.tokens.tolist())
+            assert len(gen.tokens) <= req.sampling.max_new_tokens
+            if not gen.truncated:
+                assert gen.tokens.tolist().index(STOP) == n - 1
+
+
+def test_slot_utilisation_hand_computed(llama):
+    """3 requests of 4, 8 and 2 tokens (no stop id), 2 slots, segments of 2 steps:
+    A, B start; after 2 segments A (4) is done and C takes its slot; C ends after segment 3,
+    B after segment 4: 4 segments x 2 steps x 2 slots = 16 slot-steps, 14 useful tokens."""
+    graphdef, params = llama
+    eng = engine(graphdef, stop_token_ids=[], max_slots=2, segment_steps=2)
+    reqs = [Request((5, 6, 7), SamplingParams(n, temperature=1.0)) for n in (4, 8, 2)]
+    out = eng.generate(params, reqs, jax.random.key(0))
+    assert [len(g[0].tokens) for g in out] == [4, 8, 2]
+    assert all(g[0].truncated for g in out)
+    s = eng.last_stats
+    assert (s.slots, s.segments, s.prefills) == (2, 4, 2)
+    assert (s.useful_tokens, s.slot_steps) == (14, 16)
+    assert s.slot_utilisation == pytest.approx(14 / 16)
+
+
+def test_per_row_controls_follow_their_distributions():
+    """First-token draws of two requests with different temperature / top-p / top-k sharing
+    one pool follow softmax(filter(logits / T)) each (chi-square at the 0.999 level)."""
+    graphdef, params = nnx.split(tiny_model("llama", seed=5))
+    prompt = [3, 1, 4, 1, 5]
+    ones = jnp.ones((1, len(prompt)), bool)
+    logits = np.asarray(_forward(graphdef, params, jnp.asarray([prompt]), ones)[0, -1], np.float64)
+    cases = [(1.7, 1.0, 0), (1.5, 0.8, 0), (1.0, 1.0, 6)]
+    reqs = [
+        Request(tuple(prompt), SamplingParams(1, t, top_p=p, top_k=k, num_samples=2000))
+        for t, p, k in cases
+    ]
+    out = engine(graphdef, max_slots=1024).generate(params, reqs, jax.random.key(1))
+    for (temp, top_p, top_k), group in zip(cases, out, strict=True):
+        draws = np.asarray([g.tokens[0] for g in group])
+        scaled = logits / temp
+        keep = reference_allowed(scaled.astype(np.float32), top_p, top_k)
+        probs = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
+        assert_matches_distribution(draws, probs / probs.sum())
+
+
+def test_filter_logits_per_row_equals_scalar_calls():
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.normal(size=(4, 300)).astype(np.float32) * 2)
+    top_p = jnp.asarray([1.0, 0.5, 0.9, 1.0], jnp.float32)
+    top_k = jnp.asarray([0, 0, 7, 3], jnp.int32)
+    rows = np.asarray(jax.jit(filter_logits)(logits, top_p, top_k))
+    for r in range(4):
+        one = np.asarray(filter_logits(logits[r : r + 1], top_p[r], top_k[r]))[0]
+        np.testing.assert_array_equal(rows[r], one)
+
+
+def test_mesh_equals_single_device_and_weights_replicated(llama):
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 simulated CPU devices of conftest.py")
+    graphdef, params = llama
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    sharded = jax.device_put(params, shd.param_shardings(params, mesh))
+    reqs = [
+        Request(tuple(PROMPTS[0]), SamplingParams(10, temperature=1.0, num_samples=3)),
+        Request(tuple(PROMPTS[1]), SamplingParams(10, temperature=0.0, num_samples=1)),
+        Request(tuple(PROMPTS[4]), SamplingParams(10, temperature=0.8, num_samples=4)),
+    ]
+    key = jax.random.key(3)
+    plain = engine(graphdef, max_slots=8).generate(params, reqs, key)
+    for tp in (1, 2):
+        eng = engine(graphdef, mesh=mesh, max_slots=8, tensor_parallel=tp)
+        weights = eng.prepare(sharded)
+        # the inference layout: nothing over fsdp, so no decode step gathers weight shards
+        for x in jax.tree.leaves((weights.state, weights.layers)):
+            assert "fsdp" not in str(x.sharding.spec)
+        out = eng.generate(weights, reqs, key)
+        assert eng.last_stats.slots == 8
+        for a, b in zip(plain, out, strict=True):
+            for x, y in zip(a, b, strict=True):
+                np.testing.assert_array_equal(x.tokens, y.tokens)
+                np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
+
+
+def test_pool_sizing_budget_and_validation(llama):
+    graphdef, params = llama
+    from meljax.models import cache_bytes
+
+    cfg = engine(graphdef).config
+    eng = engine(graphdef, max_slots=64)
+    # 10 samples: a pool of bucket(10) = 16 slots (never more than the call needs), cache =
+    # prompt bucket 32 + 24 new
+    assert eng.pool_shape(10, 20, 24) == (16, 56)
+    assert eng.pool_shape(500, 20, 24) == (64, 56)
+    per_slot = cache_bytes(cfg, 1, 56)
+    budget = engine(graphdef, max_slots=64, kv_budget_gib=5.5 * per_slot / 2**30)
+    assert budget.pool_shape(500, 20, 24) == (5, 56)
+    assert "5 decode slots x 56 cache slots" in budget.describe(500, 20, 24)
+    with pytest.raises(ValueError, match="holds no slot"):
+        engine(graphdef, kv_budget_gib=0.5 * per_slot / 2**30).pool_shape(4, 20, 24)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        eng.generate(params, requests([[1], []], SamplingParams(4)), key)
+    with pytest.raises(ValueError, match="outside"):
+        eng.generate(params, requests([[1, 10**6]], SamplingParams(4)), key)
+    cut = engine(graphdef, max_prompt_len=4)
+    greedy = SamplingParams(6, temperature=0.0)
+    a = cut.generate(params, requests([list(range(20, 30))], greedy), key)
+    b = eng.generate(params, requests([list(range(26, 30))], greedy), key)
+    assert cut.num_truncated_prompts == 1
+    np.testing.assert_array_equal(a[0][0].tokens, b[0][0].tokens)
