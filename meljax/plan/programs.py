@@ -1,6 +1,7 @@
 """Which jitted programs a training run launches, at which shapes: the one place that knows.
 
-Each :class:`Program` is built from the trainer's own pieces (``setup.build_sampler``,
+Each :class:`Program` is built from the trainer's own pieces (the sampler as ``Policy.build``
+makes it, rows per call as its ``SamplerEngine`` splits them,
 ``make_train_step``, ``make_compute_logprobs``, the batch builders) with the config's worst-case
 sizes, and lowered ahead of time on abstract weights, so nothing is allocated. When the run
 changes what it launches (a continuous-batching rollout engine, a new pass), this file is what
@@ -36,9 +37,11 @@ from flax import nnx
 from meljax import sharding as shd
 from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.buckets import bucket
+from meljax.config import settings
 from meljax.meta import templates
 from meljax.models import ModelConfig, abstract_model
 from meljax.optim import make_optimizer
+from meljax.policy import resolve_instruction
 from meljax.train_step import make_compute_logprobs, make_train_step, state_shardings
 
 
@@ -106,11 +109,11 @@ def bytes_per_device(tree) -> int:
 def build_run_model(cfg: ml_collections.ConfigDict, mesh, model_config: ModelConfig, source: str):
     """Abstract graphdef, train state (``setup.init_state``, so the master dtype is the run's)
     and reference params on ``mesh``."""
-    from meljax.trainer import loop, setup
+    from meljax.trainer import setup
 
     graphdef, params = abstract_model(model_config)
     graphdef, params = nnx.split(nnx.merge(graphdef, params), nnx.Param)
-    optimizer, _ = make_optimizer(loop.optimizer_config(cfg))
+    optimizer, _ = make_optimizer(settings(cfg).optim)
     state = jax.eval_shape(lambda p: setup.init_state(cfg, p, optimizer, mesh), params)
     state = attach_shardings(state, state_shardings(state, mesh))
     ref = state.params if cfg.algorithm.kl_beta > 0 else None
@@ -130,34 +133,42 @@ def _abstract(tree):
 def replay_prompt_bound(cfg: ml_collections.ConfigDict) -> int:
     """Most tokens a replay prompt can have: a full analysis, a full question and the template
     text (its characters bound its tokens)."""
-    from meljax.trainer import setup
-
     template = templates.load_template(
         cfg.mel.replay_template or None,
         default=templates.DEFAULT_REPLAY_TEMPLATE,
         required=templates.REPLAY_FIELDS,
         what="replay_template",
     )
-    fixed = len(re.sub(r"\{\w+\}", "", template)) + len(setup.instruction_text(cfg))
+    fixed = len(re.sub(r"\{\w+\}", "", template)) + len(resolve_instruction(cfg.data.instruction))
     return cfg.mel.analysis_max_new_tokens + cfg.data.max_prompt_tokens + fixed
 
 
 def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Program]:
     """Every jitted program ``meljax train`` launches with ``cfg`` on ``mesh``, worst case."""
-    from meljax.sampling import SamplingParams
-    from meljax.trainer import loop, setup
+    from meljax.sampling import Sampler, SamplingParams
 
     dp = shd.data_parallel_size(mesh)
+    s = settings(cfg, data_parallel=dp)
     graphdef, params = run.graphdef, run.state.params
-    r = cfg.rollout
+    r = s.rollout
     stop_ids, pad_id = [0], 0  # token ids do not change shapes
-    sampler = setup.build_sampler(cfg, graphdef, stop_ids, pad_id, mesh)
+    # the sampler as Policy.build (setup.build_policy) constructs it
+    sampler = Sampler(
+        graphdef,
+        stop_token_ids=stop_ids,
+        pad_id=pad_id,
+        mesh=mesh,
+        cache_dtype=r.cache_dtype or None,
+        max_prompt_len=max(s.prompt.max_prompt_tokens, s.meta.analysis_max_prompt_tokens),
+    )
+    max_rows = r.max_rows or r.num_questions * r.group_size  # SamplerEngine's rows per call
     all_resident = tuple(run.resident)
     not_params = tuple(k for k in all_resident if k != "state.params")
     programs: list[Program] = []
 
-    def sampling_program(name, smp, prompts, prompt_len, sampling: SamplingParams, why, fix):
-        b, p, m = smp.shapes(prompts, prompt_len, sampling)
+    def sampling_program(name, prompts, prompt_len, sampling: SamplingParams, why, fix):
+        prompts = min(prompts, max(1, max_rows // sampling.num_samples))  # one engine call
+        b, p, m = sampler.shapes(prompts, prompt_len, sampling)
         shapes = (
             f"{b} prompts x {p} tokens, G={sampling.num_samples}, {m} new tokens "
             f"({b * sampling.num_samples} rows, KV cache {b * sampling.num_samples} x {p + m}); "
@@ -167,7 +178,7 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
             Program(
                 name=name,
                 shapes=shapes,
-                lower=lambda: smp.lower(params, prompts, prompt_len, sampling),
+                lower=lambda: sampler.lower(params, prompts, prompt_len, sampling),
                 resident_extra=not_params,
                 dynamic_trip_count=m,
                 fix=fix,
@@ -175,36 +186,35 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
         )
 
     kv = "rollout.cache_dtype=bfloat16"
+    rows = "rollout.max_rows (rows per sampler call)"
     sampling_program(
         "rollout",
-        sampler,
         r.num_questions,
-        cfg.data.max_prompt_tokens,
-        setup.rollout_sampling(cfg),
+        s.prompt.max_prompt_tokens,
+        r.sampling(),
         "prefill + decode",
-        f"fewer rollout.num_questions or rollout.max_new_tokens, {kv}, or more devices",
+        f"lower {rows} or rollout.max_new_tokens, {kv}, or more devices",
     )
-    meta = loop.meta_config(cfg, dp)
+    meta = s.meta
     pairs = meta.max_pairs_per_query * r.num_questions
     if cfg.mel.enabled:
         sampling_program(
             "analysis",
-            sampler,
             pairs,
             meta.analysis_max_prompt_tokens,
             meta.analysis_sampling(),
             "MEL analysis pass, every question mixed",
-            "lower mel.max_pairs_per_query, mel.analysis_max_prompt_tokens (a bucket edge such "
-            f"as 4096 rather than just above one) or mel.analysis_max_new_tokens, or {kv}",
+            f"lower {rows}, mel.max_pairs_per_query, mel.analysis_max_prompt_tokens (a bucket "
+            f"edge such as 4096 rather than just above one) or mel.analysis_max_new_tokens, "
+            f"or {kv}",
         )
         sampling_program(
             "replay",
-            sampler,
             pairs,
             replay_prompt_bound(cfg),
             meta.replay_sampling(),
             "MEL replay pass, every analysis replayed",
-            f"lower mel.replay_max_new_tokens or mel.max_pairs_per_query, or {kv}",
+            f"lower {rows}, mel.replay_max_new_tokens or mel.max_pairs_per_query, or {kv}",
         )
 
     # the update's batches, built by the trainer's own builders (worst case: longest prompts)
@@ -229,12 +239,10 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
         nll = build_sequence_batch([], [], min_rows=dp, batch_multiple=dp, max_len=bucket(1))
     batch = _abstract(TrainBatch(policy=policy, mel=nll))
     policy_rows, t = batch.policy.seq.tokens.shape
-    micro = cfg.algorithm.num_microbatches
+    micro = s.update.num_microbatches
 
-    if cfg.algorithm.kl_beta > 0 or cfg.algorithm.old_logprobs == "recompute":
-        logprobs = make_compute_logprobs(
-            graphdef, mesh=mesh, chunk_size=cfg.algorithm.logprob_chunk
-        )
+    if s.loss.kl_beta > 0 or s.update.old_logprobs == "recompute":
+        logprobs = make_compute_logprobs(graphdef, mesh=mesh, chunk_size=s.loss.logprob_chunk_size)
         first = run.ref_params if run.ref_params is not None else params
         uses = "reference (algorithm.kl_beta > 0)" if run.ref_params is not None else "old"
         programs.append(
@@ -250,11 +258,11 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
             )
         )
 
-    optimizer, schedule = make_optimizer(loop.optimizer_config(cfg))
+    optimizer, schedule = make_optimizer(s.optim)
     train_step = make_train_step(
         graphdef,
         optimizer,
-        loop.loss_config(cfg),
+        s.loss,
         mesh=mesh,
         num_microbatches=micro,
         schedule=schedule,
@@ -278,40 +286,24 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
         )
     )
 
-    if cfg.eval.every_steps:
-        _eval_programs(cfg, graphdef, mesh, sampling_program, stop_ids, pad_id)
+    if s.eval.every_steps:  # evaluation samples through the same policy (engine)
+        e = s.eval
+        prompts = max_rows  # a benchmark's prompts, as many per call as the engine allows
+        why = "periodic evaluation (prompts assumed <= data.max_prompt_tokens)"
+        fix = f"lower {rows}, eval.max_new_tokens or eval.num_samples"
+        if e.greedy:
+            greedy = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=0.0)
+            sampling_program("eval_greedy", prompts, s.prompt.max_prompt_tokens, greedy, why, fix)
+        if e.num_samples:
+            sampled = SamplingParams(
+                max_new_tokens=e.max_new_tokens,
+                temperature=e.temperature,
+                top_p=e.top_p,
+                top_k=e.top_k,
+                num_samples=e.num_samples,
+            )
+            sampling_program("eval_sampled", prompts, s.prompt.max_prompt_tokens, sampled, why, fix)
     return programs
-
-
-def _eval_programs(cfg, graphdef, mesh, sampling_program, stop_ids, pad_id) -> None:
-    """The periodic evaluation's two sampler programs, shaped like ``meljax.evaluation``: a
-    sampler with one batch bucket per pass and the model's dtype for its cache."""
-    from meljax import evaluation
-    from meljax.sampling import Sampler, SamplingParams
-
-    e = cfg.eval
-    ecfg = evaluation.EvalConfig(num_samples=e.num_samples, max_new_tokens=e.max_new_tokens)
-    passes = [("eval_greedy", ecfg.batch_size, 1, 0.0)]
-    if e.num_samples:
-        passes.append(
-            ("eval_sampled", ecfg.prompts_per_sampled_batch, e.num_samples, e.temperature)
-        )
-    for name, prompts, g, temperature in passes:
-        smp = Sampler(
-            graphdef, stop_token_ids=stop_ids, pad_id=pad_id, mesh=mesh, batch_buckets=(prompts,)
-        )
-        sampling = SamplingParams(
-            max_new_tokens=e.max_new_tokens, temperature=temperature, num_samples=g
-        )
-        sampling_program(
-            name,
-            smp,
-            prompts,
-            cfg.data.max_prompt_tokens,
-            sampling,
-            "periodic evaluation (prompts assumed <= data.max_prompt_tokens)",
-            "lower eval.max_new_tokens or eval.num_samples",
-        )
 
 
 __all__ = [
