@@ -18,7 +18,9 @@ chunks) and *matmul efficiency* (executed FLOP/s / matmul rate).
 (one step of each per round, a matmul timing between rounds), so that a busy machine slows all
 of them alike: a variant is a remat policy (``none``, ``full``, ``dots``, ``dots_no_batch``;
 ``auto``; ``default`` = the model config's; the log-prob chunks always recompute their logits in
-the backward pass: a custom VJP in ``meljax.losses``). ``--with_ref`` also times the
+the backward pass: a custom VJP in ``meljax.losses``), optionally with ``+einsum``: the layers'
+weight matmuls as plain einsums, without the CPU matmul path of ``meljax.models.layers.dense``
+(how the update ran before it). ``--with_ref`` also times the
 forward-only log-prob pass (``make_compute_logprobs``: the KL reference or recomputed old
 log-probs). ``--profile DIR`` writes a ``jax.profiler`` trace of the timed steps.
 
@@ -43,7 +45,7 @@ from flax import nnx
 from meljax import losses, optim
 from meljax import train_step as ts
 from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
-from meljax.models import ModelConfig, Transformer
+from meljax.models import ModelConfig, Transformer, layers
 from meljax.models.config import REMAT_POLICIES
 from meljax.plan import hlo_cost
 
@@ -89,8 +91,18 @@ def make_batch(batch: int, seq: int, prompt: int, vocab: int, mel_rows: int) -> 
 
 @contextlib.contextmanager
 def remat_policy(cfg: ModelConfig, policy: str):
-    """Yields the model config with ``policy`` (``default``: the config's own)."""
-    yield cfg if policy == "default" else cfg.replace(remat_policy=policy)
+    """Yields the model config with ``policy`` (``default``: the config's own); a ``+einsum``
+    suffix traces the layers' plain einsums instead of the CPU matmul path
+    (``meljax.models.layers.dense``), i.e. the update as it was before that path."""
+    policy, _, plain = policy.partition("+")
+    if plain not in ("", "einsum"):
+        raise SystemExit(f"unknown variant suffix +{plain}: only +einsum")
+    before = layers.CPU_MATMUL_VJP
+    layers.CPU_MATMUL_VJP = not plain
+    try:
+        yield cfg if policy == "default" else cfg.replace(remat_policy=policy)
+    finally:
+        layers.CPU_MATMUL_VJP = before
 
 
 @dataclasses.dataclass
@@ -105,7 +117,7 @@ class Variant:
 
 
 def build_variant(name, base_cfg, params, opt, sched, loss_cfg, batch, micro) -> Variant:
-    if name not in ("default",) + REMAT_POLICIES:
+    if name.partition("+")[0] not in ("default",) + REMAT_POLICIES:
         raise SystemExit(f"unknown variant {name!r}: one of default, {', '.join(REMAT_POLICIES)}")
     with remat_policy(base_cfg, name) as cfg:
         graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]

@@ -267,10 +267,15 @@ def test_scan_unrolled_remat_and_attention_variants_agree():
         loss, grads = _loss_and_grads(with_config(model, **kw), tokens, mask)
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, err_msg=str(kw))
         for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
-            # float32 sums in another order: error relative to the leaf's scale (|grad| <= ~20)
-            scale = max(1.0, float(jnp.max(jnp.abs(a))))
+            # float32 rounding of sums in another order: relative to the array's scale (the
+            # embedding gradient mixes entries of ~20 and ~0.1)
+            scale = float(np.max(np.abs(np.asarray(a))))
             np.testing.assert_allclose(
-                np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6 * scale, err_msg=str(kw)
+                np.asarray(b),
+                np.asarray(a),
+                rtol=2e-5,
+                atol=2e-6 * max(scale, 1.0),
+                err_msg=str(kw),
             )
 
 

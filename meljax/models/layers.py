@@ -118,6 +118,58 @@ class LayerInputs(NamedTuple):
     block_size: int
 
 
+# The CPU path of ``dense`` (read when a program is traced; benchmarks/train_step.py turns it
+# off for its ``+einsum`` variants to measure what it buys).
+CPU_MATMUL_VJP = True
+
+
+def _cpu_matmuls() -> bool:
+    """Whether the layer's weight matmuls take the CPU path of :func:`dense`: an unsharded
+    program compiled for the CPU (meshes keep the plain einsums the partitioner knows)."""
+    return CPU_MATMUL_VJP and shd.context_mesh() is None and shd.current_platform() == "cpu"
+
+
+@jax.custom_vjp
+def _matmul_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
+    return x @ w
+
+
+def _matmul_cpu_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_cpu_bwd(res, g):
+    # XLA:CPU hands its matmul library row-major operands only, so for the weight gradient
+    # ``x^T @ g`` it transposes one operand, and it picks ``g``, fusing the elementwise ops
+    # that produce it (SiLU', the gating product) into a transposing loop that runs
+    # ~10x slower than the same ops in order (profiled on SmolLM2-135M: 5 s of a 41 s step).
+    # Materialising ``x^T`` (a plain copy of a saved activation) keeps ``g``'s producers
+    # vectorised; products and sums are the same, only their accumulation order may differ.
+    x, w = res
+    xt = jax.lax.optimization_barrier(x.T)
+    return (g @ w.T).astype(x.dtype), (xt @ g).astype(w.dtype)
+
+
+_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
+
+
+def dense(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+    """``jnp.einsum(spec, x, w)`` for a weight ``w`` whose leading axes contract with ``x``'s
+    trailing ones (``btd,dhk->bthk``, ``bthk,hkd->btd``, ``btd,df->btf``).
+
+    On an unsharded CPU program the same product runs as one 2-D matmul with a custom VJP
+    (see ``_matmul_cpu_bwd``); elsewhere (TPU, GPU, meshes) it is the einsum itself.
+    """
+    if not _cpu_matmuls():
+        return jnp.einsum(spec, x, w)
+    ins, out = spec.split("->")
+    x_axes, w_axes = ins.split(",")
+    n_in = (len(x_axes) + len(w_axes) - len(out)) // 2  # contracted axes
+    k = math.prod(w.shape[:n_in])
+    y = _matmul_cpu(x.reshape(-1, k), w.reshape(k, -1))
+    return y.reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
+
+
 def cast_weights(cfg: ModelConfig, w: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """One layer's weights in the compute dtype, still laid out like the parameters: the cast
     happens on each shard, so the all-gather before each matmul moves compute-dtype bytes."""
@@ -141,9 +193,9 @@ def decoder_layer(
     w = cast_weights(cfg, w)
     eps = cfg.rms_norm_eps
     h = rms_norm(x, w["input_norm"], eps)
-    q = shd.constrain(jnp.einsum("btd,dhk->bthk", h, w["q_proj"]), HEADS)
-    k = shd.constrain(jnp.einsum("btd,dhk->bthk", h, w["k_proj"]), KV_HEADS)
-    v = shd.constrain(jnp.einsum("btd,dhk->bthk", h, w["v_proj"]), KV_HEADS)
+    q = shd.constrain(dense(h, w["q_proj"], "btd,dhk->bthk"), HEADS)
+    k = shd.constrain(dense(h, w["k_proj"], "btd,dhk->bthk"), KV_HEADS)
+    v = shd.constrain(dense(h, w["v_proj"], "btd,dhk->bthk"), KV_HEADS)
     if cfg.attention_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if cfg.qk_norm:
@@ -170,9 +222,9 @@ def decoder_layer(
         block_size=inputs.block_size,
     )
     out = shd.constrain(out, HEADS)
-    x = shd.constrain(x + jnp.einsum("bthk,hkd->btd", out, w["o_proj"]), RESIDUAL)
+    x = shd.constrain(x + dense(out, w["o_proj"], "bthk,hkd->btd"), RESIDUAL)
     h = rms_norm(x, w["post_attn_norm"], eps)
-    gate = jax.nn.silu(shd.constrain(h @ w["gate_proj"], MLP))
-    up = shd.constrain(h @ w["up_proj"], MLP)
-    x = shd.constrain(x + (gate * up) @ w["down_proj"], RESIDUAL)
+    gate = jax.nn.silu(shd.constrain(dense(h, w["gate_proj"], "btd,df->btf"), MLP))
+    up = shd.constrain(dense(h, w["up_proj"], "btd,df->btf"), MLP)
+    x = shd.constrain(x + dense(gate * up, w["down_proj"], "btf,fd->btd"), RESIDUAL)
     return x, cache

@@ -458,8 +458,15 @@ class Sampler:
         sampling.validate()
         b, p, m = self.shapes(num_prompts, prompt_len, sampling)
 
+        split = b % self._dp() == 0  # as in sample_device: fewer prompts than shards replicate
+
         def spec(shape, dtype):
-            sharding = None if self.mesh is None else shd.batch_sharding(self.mesh, len(shape))
+            sharding = None
+            if self.mesh is not None:
+                rank = len(shape)
+                sharding = (
+                    shd.batch_sharding(self.mesh, rank) if split else shd.replicated(self.mesh)
+                )
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
         inputs = spec((b, p), jnp.int32), spec((b, p), jnp.bool_), spec((b,), jnp.bool_)
