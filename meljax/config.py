@@ -99,6 +99,11 @@ class DataConfig:
     arithmetic_min: int = option(0, "smallest operand of procedural problems")
     arithmetic_max: int = option(9, "largest operand")
     arithmetic_ops: str = option("+", 'operators to draw from, e.g. "+-*"')
+    arithmetic_exclude: str = option(
+        "",
+        "a file of problems (question field) that procedural problems never produce: keeps a "
+        'held-out evaluation set out of training ("" = none)',
+    )
 
     def __post_init__(self):
         validate_fields(self)

@@ -105,3 +105,25 @@ def test_shipped_configs_validate():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         validate(module.get_config())
+
+
+def test_demo_heldout_set_is_fixed_large_and_never_trained_on():
+    from meljax.evaluation import load_benchmarks, parse_benchmark_specs
+    from meljax.trainer import setup
+
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    assert cfg.eval.at_start and cfg.eval.every_steps == cfg.total_steps  # before and after
+    assert cfg.eval.temperature == cfg.rollout.temperature and cfg.eval.num_samples > 0
+    (problems,) = load_benchmarks(parse_benchmark_specs(cfg.eval.benchmarks))[0].values()
+    questions = {p.question for p in problems}
+    assert len(questions) == len(problems) >= 200
+    for p in problems:  # the demo task's own problems, with right answers
+        a, b = (int(x) for x in p.question.removeprefix("What is ").rstrip("?").split(" plus "))
+        assert cfg.data.arithmetic_min <= min(a, b) <= max(a, b) <= cfg.data.arithmetic_max
+        assert p.answer == str(a + b)
+    source, _ = setup.build_problem_source(cfg)
+    drawn = {source[i].question for i in range(4 * cfg.total_steps * cfg.rollout.num_questions)}
+    assert drawn and not drawn & questions

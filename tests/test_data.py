@@ -479,6 +479,24 @@ def test_arithmetic_phrasing_and_validation():
         ArithmeticProblems(phrasing="What is {x}?")
 
 
+def test_arithmetic_exclude_keeps_a_held_out_set_out_and_leaves_other_items_alone():
+    plain = ArithmeticProblems(seed=0, min_value=0, max_value=3)
+    held_out = {f"What is {a} plus {b}?" for a in range(4) for b in range(4) if (a + b) % 2}
+    src = ArithmeticProblems(seed=0, min_value=0, max_value=3, exclude=held_out)
+    drawn = [src[i] for i in range(300)]
+    assert not {p.question for p in drawn} & held_out
+    assert {p.question for p in drawn} == {
+        f"What is {a} plus {b}?" for a in range(4) for b in range(4) if (a + b) % 2 == 0
+    }
+    assert all(p.answer == str(p.extra["a"] + p.extra["b"]) for p in drawn)
+    # Items that were not excluded are the same draws as without the exclusion.
+    same = [i for i in range(300) if plain[i].question not in held_out]
+    assert same and all(src[i] == plain[i] for i in same)
+    everything = {f"What is {a} plus {b}?" for a in range(4) for b in range(4)}
+    with pytest.raises(ValueError, match="nothing left"):
+        ArithmeticProblems(min_value=0, max_value=3, exclude=everything)
+
+
 # ---------------------------------------------------------------------------------------
 # Grain pipelines.
 # ---------------------------------------------------------------------------------------
@@ -700,3 +718,20 @@ def test_raw_prompt_templates():
 def test_presets_all_have_default_files():
     # load_problems(folder) relies on this for every preset.
     assert all(fm.default_file for fm in PRESETS.values())
+
+
+def test_data_arithmetic_exclude_file_reaches_the_training_source(tmp_path):
+    from meljax.config import base_config
+    from meljax.trainer import setup
+
+    held = [f"What is {a} plus {b}?" for a in range(10) for b in range(10) if a < b]
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": "0"}) + "\n" for q in held))
+    cfg = base_config()
+    cfg.data.arithmetic_exclude = str(path)
+    source, _ = setup.build_problem_source(cfg)
+    drawn = {source[i].question for i in range(500)}
+    assert drawn and not drawn & set(held)
+    path.write_text("")
+    with pytest.raises(ValueError, match="arithmetic_exclude"):
+        setup.build_problem_source(cfg)

@@ -8,7 +8,7 @@ resumable from a checkpointed index.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -36,6 +36,8 @@ class ArithmeticProblems(Sequence[Problem]):
         indices; large by default so that it behaves like an endless stream).
       allow_negative: if ``False``, subtraction operands are ordered so that ``a >= b``
         and answers are never negative (easier for tiny demo models).
+      exclude: question texts never to produce (a held-out set): an item that would be one of
+        them is drawn again from the same generator, so training never sees them.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ArithmeticProblems(Sequence[Problem]):
         *,
         length: int = 10**6,
         allow_negative: bool = False,
+        exclude: Collection[str] = (),
     ) -> None:
         if min_value > max_value:
             raise ValueError(f"min_value ({min_value}) must be <= max_value ({max_value})")
@@ -75,6 +78,14 @@ class ArithmeticProblems(Sequence[Problem]):
         self.phrasing = phrasing
         self.length = int(length)
         self.allow_negative = allow_negative
+        self.exclude = frozenset(exclude)
+        if self.exclude and all(
+            self._draw(0, a, b, op).question in self.exclude
+            for op in ops
+            for a in range(min_value, max_value + 1)
+            for b in range(min_value, max_value + 1)
+        ):
+            raise ValueError("exclude holds every question of this task: nothing left to draw")
 
     def __len__(self) -> int:
         return self.length
@@ -89,8 +100,14 @@ class ArithmeticProblems(Sequence[Problem]):
             raise IndexError(f"index {index} out of range for {self.length} problems")
         # Seeding with the pair (seed, index) gives independent, order-free draws.
         rng = np.random.default_rng((self.seed, index))
-        a, b = (int(x) for x in rng.integers(self.min_value, self.max_value + 1, size=2))
-        op = self.ops[int(rng.integers(len(self.ops)))]
+        while True:  # ends: the constructor checked that some question is not excluded
+            a, b = (int(x) for x in rng.integers(self.min_value, self.max_value + 1, size=2))
+            op = self.ops[int(rng.integers(len(self.ops)))]
+            problem = self._draw(index, a, b, op)
+            if problem.question not in self.exclude:
+                return problem
+
+    def _draw(self, index: int, a: int, b: int, op: str) -> Problem:
         if op == "-" and not self.allow_negative and a < b:
             a, b = b, a
         answer = {"+": a + b, "-": a - b, "*": a * b}[op]

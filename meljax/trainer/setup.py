@@ -110,6 +110,7 @@ def build_problem_source(cfg: ml_collections.ConfigDict):
                 min_value=d.arithmetic_min,
                 max_value=d.arithmetic_max,
                 ops=tuple(d.arithmetic_ops),
+                exclude=_excluded_questions(d.arithmetic_exclude, d.on_bad_row),
             ),
             0,
         )
@@ -119,6 +120,16 @@ def build_problem_source(cfg: ml_collections.ConfigDict):
     if len(result) == 0:
         raise ValueError(f"data.path={d.path!r}: no usable problems")
     return list(result), result.num_skipped
+
+
+def _excluded_questions(path: str, on_bad_row: str) -> frozenset[str]:
+    """The question texts of ``data.arithmetic_exclude`` (empty without one)."""
+    if not path:
+        return frozenset()
+    result = load_problems(path, None, on_bad_row=on_bad_row)
+    if len(result) == 0:
+        raise ValueError(f"data.arithmetic_exclude={path!r}: no problems in the file")
+    return frozenset(p.question for p in result)
 
 
 def _tfds_source(cfg: ml_collections.ConfigDict):
