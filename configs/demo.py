@@ -8,7 +8,7 @@ and rambling past the answer ("19 + 14 = 22\\n\\nThis is a classic example of ..
 
 Held-out evaluation: 200 fixed problems (``configs/demo_heldout.jsonl``, written by
 ``experiments/make_demo_heldout.py``), evaluated before training (step 0) and after the last
-step, greedily and with 4 samples each at the training temperature, with the same 32-token
+step, greedily and with 2 samples each at the training temperature, with the same 32-token
 limit as the rollouts; ``meljax report`` prints both with 95% intervals and the paired gain.
 Training never draws those questions (``data.arithmetic_exclude``).
 
@@ -40,7 +40,7 @@ def get_config():
     c.rollout.group_size = 4
     c.rollout.max_new_tokens = 32  # a sum takes about 10 tokens; rambling is cut (and wrong)
     c.rollout.temperature = 0.6
-    c.rollout.max_rows = 200  # evaluation: the 200 held-out problems in one greedy call
+    c.rollout.max_rows = 100  # evaluation: 100 rows per sampler call (2 greedy, 4 sampled)
     c.mel.analysis_max_prompt_tokens = 640
     c.mel.analysis_max_new_tokens = 96
     c.mel.analysis_temperature = 0.6
@@ -53,7 +53,7 @@ def get_config():
     c.eval.benchmarks = HELDOUT
     c.eval.at_start = True  # step 0: the model before training
     c.eval.every_steps = 10  # and after the last step
-    c.eval.num_samples = 4  # sampled accuracy (Avg@4) at the training temperature
+    c.eval.num_samples = 2  # sampled accuracy (Avg@2) at the training temperature
     c.eval.temperature = 0.6
     c.eval.max_new_tokens = 32  # the rollouts' limit
     c.checkpoint.every_steps = 5
