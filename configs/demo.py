@@ -40,7 +40,7 @@ def get_config():
     c.rollout.group_size = 4
     c.rollout.max_new_tokens = 32  # a sum takes about 10 tokens; rambling is cut (and wrong)
     c.rollout.temperature = 0.6
-    c.rollout.max_rows = 100  # evaluation: 100 rows per sampler call (2 greedy, 4 sampled)
+    c.rollout.max_slots = 100  # decode slots: bounds the KV cache when evaluation queues 600 rows
     c.mel.analysis_max_prompt_tokens = 640
     c.mel.analysis_max_new_tokens = 96
     c.mel.analysis_temperature = 0.6
