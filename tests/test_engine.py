@@ -53,7 +53,7 @@ def test_greedy_matches_static_sampler_and_transformers(tmp_path):
     for model_type in ("llama", "qwen2", "qwen3"):
         model = tiny_model(model_type)
         graphdef, params = nnx.split(model)
-        out = engine(graphdef, max_slots=4, segment_steps=6).generate(
+        out = engine(graphdef, max_slots=4, segment_steps=6, kv_buckets=(32, 64)).generate(
             params, requests(PROMPTS, sampling), jax.random.key(0)
         )
         ref = make_sampler(graphdef, batch_buckets=(8,)).sample(
@@ -98,9 +98,9 @@ def test_output_independent_of_pool_and_segments_and_logprobs_match_forward(llam
         Request(tuple(PROMPTS[3]), SamplingParams(9, 0.9, top_k=5, num_samples=2)),
     ]
     key = jax.random.key(7)
-    runs = [
-        engine(graphdef, max_slots=s, segment_steps=k).generate(params, mixed, key)
-        for s, k in ((2, 3), (8, 16), (16, 1))
+    runs = [  # with attended-length buckets and without (the CPU default)
+        engine(graphdef, max_slots=s, segment_steps=k, kv_buckets=b).generate(params, mixed, key)
+        for s, k, b in ((2, 3, (32, 64)), (8, 16, None), (16, 1, (16, 32, 64)))
     ]
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
@@ -139,7 +139,7 @@ def test_slot_utilisation_hand_computed(llama):
     A, B start; after 2 segments A (4) is done and C takes its slot; C ends after segment 3,
     B after segment 4: 4 segments x 2 steps x 2 slots = 16 slot-steps, 14 useful tokens."""
     graphdef, params = llama
-    eng = engine(graphdef, stop_token_ids=[], max_slots=2, segment_steps=2)
+    eng = engine(graphdef, stop_token_ids=[], max_slots=2, segment_steps=2, kv_buckets=(8, 16))
     reqs = [Request((5, 6, 7), SamplingParams(n, temperature=1.0)) for n in (4, 8, 2)]
     out = eng.generate(params, reqs, jax.random.key(0))
     assert [len(g[0].tokens) for g in out] == [4, 8, 2]
@@ -148,6 +148,9 @@ def test_slot_utilisation_hand_computed(llama):
     assert (s.slots, s.segments, s.prefills) == (2, 4, 2)
     assert (s.useful_tokens, s.slot_steps) == (14, 16)
     assert s.slot_utilisation == pytest.approx(14 / 16)
+    # attended length: the longest live slot's position (prompt 3 - 1 + tokens so far) + 2
+    # steps: 4, 6, 8 -> bucket 8; 10 -> bucket 16 (the cache holds 32 + 8 slots)
+    assert s.kv_lens == {8: 3, 16: 1} and s.cache_len == 40
 
 
 def test_per_row_controls_follow_their_distributions():

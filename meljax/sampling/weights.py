@@ -73,13 +73,28 @@ def weights_program(graphdef, params, mesh: Mesh | None = None, split: bool = Fa
         dt = jnp.dtype(cfg.dtype)
         return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
 
+    # cast where each weight lies now (its training shard), THEN lay it out: the reshard
+    # moves compute-dtype bytes and no device ever holds a gathered master-dtype copy
+    sharded = all(
+        isinstance(getattr(x, "sharding", None), NamedSharding) for x in jax.tree.leaves(params)
+    )
+    src = jax.tree.map(lambda x: x.sharding, params) if sharded else None
+
     def build(params):
+        def cast_here(x, sharding):
+            y = cast(x)
+            if y is not x:
+                y = jax.lax.with_sharding_constraint(y, sharding)
+            return y
+
         model = nnx.merge(graphdef, params)
         layers = model.split_layers(cfg.dtype) if split else None
         if split:
             state = jax.tree_util.tree_map_with_path(
                 lambda path, x: x if "layers" in jax.tree_util.keystr(path) else cast(x), params
             )
+        elif src is not None:
+            state = jax.tree.map(cast_here, params, src)
         else:
             state = jax.tree.map(cast, params)
         return InferenceWeights(state, layers)
