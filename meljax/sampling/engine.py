@@ -168,6 +168,7 @@ class ContinuousEngine:
         self.kv_buckets = tuple(kv_buckets)
         self.num_truncated_prompts = 0
         self.last_stats = EngineStats()
+        self._programs: dict = {}  # the jitted weights program, reused across updates
         vocab = self.config.vocab_size
         for t in (*self.stop_token_ids, self.pad_id):
             if not 0 <= t < vocab:
@@ -182,7 +183,7 @@ class ContinuousEngine:
         update; :meth:`generate` takes the result (or prepares raw params itself)."""
         if isinstance(params, InferenceWeights):
             return params
-        return prepare_weights(self.graphdef, params, self.mesh, self.split)
+        return prepare_weights(self.graphdef, params, self.mesh, self.split, self._programs)
 
     # -- shapes
 

@@ -106,14 +106,16 @@ def weights_program(graphdef, params, mesh: Mesh | None = None, split: bool = Fa
 
 
 def prepare_weights(
-    graphdef, params, mesh: Mesh | None = None, split: bool = False
+    graphdef, params, mesh: Mesh | None = None, split: bool = False, cache: dict | None = None
 ) -> InferenceWeights:
     """The weights every engine program reads.
 
     The state is cast to the model's compute dtype (floating leaves) and laid out on ``mesh``
     (the :func:`inference_mesh`); with ``split`` (CPU) ``layers`` holds per-layer weight dicts
     in the compute dtype and the state's stacked layer weights are left as they are (unused).
-    One copy per policy update, never per decode step.
+    One copy per policy update, never per decode step. ``cache`` (a dict the caller keeps)
+    holds the jitted program between updates, keyed by the weights' layout: a fresh
+    ``jax.jit`` per update would trace and compile it again every step.
     """
     cfg = config_from_graphdef(graphdef)
     if (
@@ -125,4 +127,10 @@ def prepare_weights(
         )
     ):
         return InferenceWeights(params, None)  # already what decoding reads: no copy
-    return weights_program(graphdef, params, mesh, split)(params)
+    layout = jax.tree.map(lambda x: (x.shape, x.dtype, getattr(x, "sharding", None)), params)
+    key = (graphdef, mesh, split, str(jax.tree.structure(params)), str(jax.tree.leaves(layout)))
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache.clear()  # one layout per run: keep only the latest program
+        cache[key] = weights_program(graphdef, params, mesh, split)
+    return cache[key](params)
