@@ -59,14 +59,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from meljax import sharding as shd
 from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
 from meljax.models.config import resolve_dtype
 from meljax.models.kv_cache import cache_bytes
 from meljax.sampling import slots
-from meljax.sampling.protocol import Engine, Generation, Request
+from meljax.sampling.protocol import Engine, Generation, Request, checked_prompts
 from meljax.sampling.select import config_from_graphdef, format_bytes
 from meljax.sampling.weights import InferenceWeights, inference_mesh, prepare_weights
 
@@ -238,27 +237,13 @@ class ContinuousEngine:
     # -- host loop
 
     def _prepare_prompts(self, requests: Sequence[Request]) -> list[list[int]]:
-        vocab = self.config.vocab_size
-        out = []
-        for i, r in enumerate(requests):
+        for r in requests:
             r.sampling.validate()
-            prompt = [int(t) for t in r.prompt_ids]
-            if not prompt:
-                raise ValueError(f"engine: prompt {i} is empty")
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"engine: prompt {i} has token ids {bad[:5]} outside [0, {vocab})")
-            if self.max_prompt_len is not None and len(prompt) > self.max_prompt_len:
-                logging.warning(
-                    "engine: prompt %d has %d tokens, keeping its last %d",
-                    i,
-                    len(prompt),
-                    self.max_prompt_len,
-                )
-                self.num_truncated_prompts += 1
-                prompt = prompt[-self.max_prompt_len :]
-            out.append(prompt)
-        return out
+        prompts, cut = checked_prompts(
+            [r.prompt_ids for r in requests], self.config.vocab_size, self.max_prompt_len, "engine"
+        )
+        self.num_truncated_prompts += cut
+        return prompts
 
     def _put(self, x: np.ndarray):
         return x if self.mesh is None else shd.put_global(x, shd.replicated(self.mesh))

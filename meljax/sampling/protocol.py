@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+from absl import logging
 
 from meljax.sampling.select import SamplingParams
 
@@ -63,3 +64,34 @@ class Engine(Protocol):
         ``progress(n)`` is called as ``n`` more requests are finished.
         """
         ...
+
+
+def checked_prompts(
+    prompts: Sequence[Sequence[int]], vocab_size: int, max_prompt_len: int | None, who: str
+) -> tuple[list[list[int]], int]:
+    """Prompts as int lists, each non-empty with ids in ``[0, vocab_size)``, longer ones cut
+    from the left to ``max_prompt_len`` (with a warning); errors name ``who`` and the prompt.
+
+    Returns:
+      ``(prompts, number_cut)``.
+    """
+    out, cut = [], 0
+    for i, prompt in enumerate(prompts):
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError(f"{who}: prompt {i} is empty")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{who}: prompt {i} has token ids {bad[:5]} outside [0, {vocab_size})")
+        if max_prompt_len is not None and len(prompt) > max_prompt_len:
+            logging.warning(
+                "%s: prompt %d has %d tokens, keeping its last %d",
+                who,
+                i,
+                len(prompt),
+                max_prompt_len,
+            )
+            cut += 1
+            prompt = prompt[-max_prompt_len:]
+        out.append(prompt)
+    return out, cut

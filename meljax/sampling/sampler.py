@@ -33,7 +33,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -42,7 +41,7 @@ from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
 from meljax.models.config import ModelConfig, resolve_dtype
 from meljax.models.kv_cache import cache_bytes, init_cache
 from meljax.models.transformer import default_positions, prefer_split_layers
-from meljax.sampling.protocol import Generation, Request
+from meljax.sampling.protocol import Generation, Request, checked_prompts
 from meljax.sampling.select import (
     SamplingParams,
     config_from_graphdef,
@@ -377,28 +376,11 @@ class Sampler:
     # -- sampling
 
     def _prepare(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        vocab = self.config.vocab_size
-        out = []
-        for i, prompt in enumerate(prompts):
-            prompt = [int(t) for t in prompt]
-            if not prompt:
-                raise ValueError(f"Sampler.sample: prompt {i} is empty")
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(
-                    f"Sampler.sample: prompt {i} has token ids {bad[:5]} outside [0, {vocab})"
-                )
-            if self.max_prompt_len is not None and len(prompt) > self.max_prompt_len:
-                logging.warning(
-                    "Sampler: prompt %d has %d tokens, keeping its last %d",
-                    i,
-                    len(prompt),
-                    self.max_prompt_len,
-                )
-                self.num_truncated_prompts += 1
-                prompt = prompt[-self.max_prompt_len :]
-            out.append(prompt)
-        return out
+        prompts, cut = checked_prompts(
+            prompts, self.config.vocab_size, self.max_prompt_len, "Sampler.sample"
+        )
+        self.num_truncated_prompts += cut
+        return prompts
 
     def sample_device(
         self,
