@@ -27,23 +27,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import matmul_flops_per_s
 
 # dense bf16 peak FLOP/s per device (vendor data sheets; SXM parts)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12}
-
-
-def matmul_rate(dtype, n: int = 2048, reps: int = 5) -> float:
-    """Median FLOP/s of an ``n x n`` matmul in ``dtype`` on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
 
 
 def peak_flops(args, dtype) -> tuple[float, str]:
@@ -54,7 +41,7 @@ def peak_flops(args, dtype) -> tuple[float, str]:
         for name, peak in PEAK_BF16.items():
             if name in dev.device_kind:
                 return peak, f"{dev.device_kind} data sheet"
-    rate = matmul_rate(dtype)
+    rate = matmul_flops_per_s(dtype)
     return rate, f"measured {jnp.dtype(dtype).name} matmul"
 
 

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import run_children_alternating
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data"
@@ -223,23 +223,7 @@ def main() -> None:
         print("RESULT " + json.dumps(RUNNERS[args.child](args)), flush=True)
         return
     passed = [a for a in sys.argv[1:] if not a.startswith("--engines")]
-    raw: dict[str, list[dict]] = {e: [] for e in args.engines.split(",")}
-    loads = []
-    for rnd in range(args.rounds):
-        for engine in raw:
-            t = time.time()
-            proc = subprocess.run(
-                [sys.executable, __file__, f"--child={engine}", *passed],
-                capture_output=True,
-                text=True,
-            )
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not line:
-                sys.stderr.write(proc.stderr[-4000:])
-                raise SystemExit(f"{engine} child failed (exit {proc.returncode})")
-            raw[engine].append(json.loads(line[-1][len("RESULT ") :]))
-            loads.append(os.getloadavg()[0])
-            print(f"[round {rnd}: {engine} done in {time.time() - t:.0f} s]", flush=True)
+    raw, loads = run_children_alternating(__file__, args.engines.split(","), passed, args.rounds)
 
     print(
         f"\nSmolLM2-135M f32 CPU: {args.questions} GSM8K questions x G={args.group}, T=1.0, "

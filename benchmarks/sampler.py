@@ -36,10 +36,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import run_children_alternating
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The project's data folder sits next to the repository (see shared/data/README.md).
@@ -237,26 +238,7 @@ def parent(args) -> None:
         f"--data={args.data}",
         f"--segment_steps={args.segment_steps}",
     ]
-    engines = args.engines.split(",")
-    raw: dict[str, list[dict]] = {e: [] for e in engines}
-    loads = []
-    # Engines alternate round by round, so a burst of load from other processes on this
-    # machine is less likely to hit only one of them.
-    for rnd in range(args.rounds):
-        for engine in engines:
-            t = time.time()
-            proc = subprocess.run(
-                [sys.executable, __file__, f"--child={engine}", *common],
-                capture_output=True,
-                text=True,
-            )
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not line:
-                sys.stderr.write(proc.stderr[-4000:])
-                raise SystemExit(f"{engine} child failed (exit {proc.returncode})")
-            raw[engine].append(json.loads(line[-1][len("RESULT ") :]))
-            loads.append(os.getloadavg()[0])
-            print(f"[round {rnd}: {engine} done in {time.time() - t:.0f}s]", flush=True)
+    raw, loads = run_children_alternating(__file__, args.engines.split(","), common, args.rounds)
     results = {e: _merge(r) for e, r in raw.items()}
 
     print(

@@ -40,6 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import matmul_flops_per_s
 from flax import nnx
 
 from meljax import losses, optim
@@ -48,20 +49,6 @@ from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.models import ModelConfig, Transformer, layers
 from meljax.models.config import REMAT_POLICIES
 from meljax.plan import hlo_cost
-
-
-def matmul_flops_per_s(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
-    """Median FLOP/s of an ``n x n`` by ``n x n`` matmul (2 n^3 FLOPs)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
 
 
 def make_batch(batch: int, seq: int, prompt: int, vocab: int, mel_rows: int) -> TrainBatch:
