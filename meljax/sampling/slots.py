@@ -178,6 +178,24 @@ def prefill(weights, tokens: jax.Array, *, graphdef, cache_dtype, mesh, split: b
     return cache
 
 
+def copy_rows(
+    pool: jax.Array, new: jax.Array, src_of: jax.Array, has: jax.Array, name: str
+) -> jax.Array:
+    """One layer's slot copy: slot ``s`` of ``pool`` (keys ``[S, K, hd, C]`` or values ``[S,
+    K, C, hd]``) gets prompt ``src_of[s]`` of ``new`` (``[B, K, hd, P]`` / ``[B, K, P, hd]``)
+    in its first ``P`` cache slots where ``has[s]``; other slots are unchanged.
+
+    Every device gathers one layer of all ``B`` prompts (an all-gather of ``B`` rows, not of
+    the pool) and selects its own slots' rows locally."""
+    col = 3 if name == "k" else 2
+    p = new.shape[col]
+    new = shd.constrain(new, (None, "kv_heads", None, None))
+    rows = constrain_cache(jnp.take(new, src_of, axis=0).astype(pool.dtype), 0)
+    head = jax.lax.slice_in_dim(pool, 0, p, axis=col)
+    head = jnp.where(has[:, None, None, None], rows, head)
+    return constrain_cache(jax.lax.dynamic_update_slice_in_dim(pool, head, 0, axis=col), 0)
+
+
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("state",))
 @in_mesh_context
 def insert(
@@ -200,22 +218,33 @@ def insert(
     """The slot copy: entry ``i`` (all args ``[n]``) puts prompt ``src[i]`` of ``prompt_cache``
     into slot ``dst[i]`` (``dst == S`` marks padding entries, dropped) with its controls and
     the key of sample ``sample[i]`` of request ``request[i]``."""
-    p = kv_cache.cache_len(prompt_cache)
-
-    def copy(pool, new, name):
-        ax = 1 if kv_cache.is_stacked(state.cache) else 0
-        lead = (slice(None),) * ax
-        where = (dst, slice(None), slice(None), slice(0, p))
-        if name == "v":
-            where = (dst, slice(None), slice(0, p), slice(None))
-        upd = jnp.take(new, src, axis=ax).astype(pool.dtype)
-        return constrain_cache(pool.at[lead + where].set(upd, mode="drop"), ax)
+    num_slots = state.done.shape[0]
+    # slot s <- prompt src_of[s] where `has[s]`: the copy as a per-slot select, so each device
+    # gathers its own slots' rows (a scatter into a row-sharded pool is partitioned by
+    # replicating every update: 167 GiB at 8B x 1024 slots on v5p-64)
+    entry = (
+        jnp.full((num_slots,), -1, jnp.int32)
+        .at[dst]
+        .set(jnp.arange(dst.shape[0], dtype=jnp.int32), mode="drop")
+    )
+    has = constrain_rows(entry >= 0, mesh)
+    src_of = constrain_rows(jnp.take(src, jnp.maximum(entry, 0)), mesh)
 
     if kv_cache.is_stacked(state.cache):
-        cache = {n: copy(state.cache[n], prompt_cache[n], n) for n in ("k", "v")}
+
+        def layer(i, cache):
+            return {
+                n: jax.lax.dynamic_update_index_in_dim(
+                    cache[n], copy_rows(cache[n][i], prompt_cache[n][i], src_of, has, n), i, 0
+                )
+                for n in ("k", "v")
+            }
+
+        cache = jax.lax.fori_loop(0, state.cache["k"].shape[0], layer, state.cache)
+        cache = cache_map(constrain_cache, cache)
     else:
         cache = tuple(
-            {n: copy(pool[n], new[n], n) for n in ("k", "v")}
+            {n: copy_rows(pool[n], new[n], src_of, has, n) for n in ("k", "v")}
             for pool, new in zip(state.cache, prompt_cache, strict=True)
         )
     keys = jax.vmap(lambda r, g: jax.random.fold_in(jax.random.fold_in(key, r), g))(request, sample)
