@@ -254,3 +254,29 @@ def test_slot_copy_at_paper_scale_stays_per_device():
     # the only traffic: every layer's 128 prompt caches (bf16 keys and values) to every chip
     prompt_caches = 36 * 128 * 8 * 128 * 1024 * 2 * 2
     assert insert.collective_bytes <= 1.05 * prompt_caches
+
+
+@tpu
+def test_rollout_with_a_tensor_parallel_training_mesh_on_v5p():
+    """Training mesh fsdp=2 x tensor=2 on v5p-8 (4 chips): the topology-aware device order of
+    that mesh differs from a data=4 mesh's, and the weights' re-layout program takes one and
+    returns the other; jit refuses two device orders (14B on v5p-64 failed so), so the decode
+    mesh reuses the training mesh's order."""
+    from meljax import sharding as shd
+    from meljax.plan.targets import resolve_target
+    from meljax.sampling.weights import inference_mesh
+
+    cfg = _tiny()
+    cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2
+    report = plan(cfg, "v5p-8", programs=["rollout"])
+    assert [p.status for p in report.programs] == ["ok"] * 4
+    cfg.rollout.tensor_parallel = 2
+    report = plan(cfg, "v5p-8", programs=["rollout_weights", "rollout_decode"])
+    assert all(p.fits for p in report.programs)
+
+    devices = resolve_target("v5p-8").devices
+    train = shd.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices=devices)
+    for tensor in (1, 2, 4):
+        decode = inference_mesh(train, tensor)
+        assert list(decode.devices.flat) == list(train.devices.flat)
+        assert dict(decode.shape) == {"data": 4 // tensor, "fsdp": 1, "tensor": tensor}

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -42,12 +43,17 @@ def inference_mesh(mesh: Mesh | None, tensor: int = 1) -> Mesh | None:
     weights are never gathered per decode step (replicated when ``tensor == 1``)."""
     if mesh is None:
         return None
-    devices = list(mesh.devices.flat)
-    if len(devices) % tensor:
-        raise ValueError(f"rollout.tensor_parallel={tensor} does not divide {len(devices)} devices")
-    return shd.make_mesh(
-        {"data": len(devices) // tensor, "fsdp": 1, "tensor": tensor}, devices=devices
-    )
+    devices = mesh.devices.flat
+    n = mesh.devices.size
+    if n % tensor:
+        raise ValueError(f"rollout.tensor_parallel={tensor} does not divide {n} devices")
+    # the training mesh's device order, reshaped: one jitted program (the weights' re-layout)
+    # takes arguments on one mesh and returns them on the other, and jit requires both to list
+    # the devices in the same order (a topology-aware re-layout of 14B's fsdp=8 x tensor=4 mesh
+    # did not). Its minor axis is `tensor`, so with the training tensor size the tensor groups
+    # are the training mesh's (ICI neighbours).
+    grid = np.asarray(list(devices), dtype=object).reshape(n // tensor, 1, tensor)
+    return Mesh(grid, shd.MESH_AXES)
 
 
 def weight_shardings(graphdef, params, mesh: Mesh, split: bool):
