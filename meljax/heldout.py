@@ -121,6 +121,13 @@ class HeldOut:
         """``kind``: ``"greedy"`` or ``"sampled"``."""
         return {"greedy": self.greedy, "sampled": self.sampled}[kind]
 
+    def text(self) -> str:
+        """``greedy 44.5% [37.7, 51.3], avg@2 30.5% [25.4, 35.6]``."""
+        parts = [f"greedy {self.greedy.text()}"] if self.greedy is not None else []
+        if self.sampled is not None:
+            parts.append(f"avg@{self.num_samples} {self.sampled.text()}")
+        return ", ".join(parts) or "no result"
+
 
 # -- reading
 
@@ -269,6 +276,11 @@ def _from_metrics(records: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, H
                 num_samples=int(avg_key[4:]) if avg_key else 0,
             )
     return out
+
+
+def from_metrics(step: int, metrics: Mapping[str, Any]) -> dict[str, HeldOut]:
+    """``{benchmark or "average": HeldOut}`` of one evaluation's metrics (``eval/<name>/...``)."""
+    return _from_metrics([{"step": step, **metrics}]).get(step, {})
 
 
 def read_heldout(

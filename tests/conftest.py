@@ -36,6 +36,8 @@ def _train_tiny(workdir, *flags) -> str:
         capture_output=True, text=True, timeout=900, env=env, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
+    with open(f"{workdir}.stdout", "w") as f:  # next to the run folder, not in it
+        f.write(proc.stdout)
     return str(workdir)
 
 

@@ -198,6 +198,19 @@ def test_report_shows_heldout_before_and_after(tiny_eval_runs, tmp_path):
     assert f"greedy   {first.greedy.text()} -> {last.greedy.text()}" in out
 
 
+def test_training_prints_each_held_out_evaluation(tiny_eval_runs):
+    """The minutes of a held-out evaluation are announced, and its result printed with the
+    intervals that `meljax report` shows."""
+    with open(f"{tiny_eval_runs[1]}.stdout") as f:
+        out = f.read()
+    results = heldout.read_heldout(tiny_eval_runs[1])
+    for step in (1, 2):
+        assert f"held-out evaluation, step {step} ..." in out
+        average = results[step]["average"]
+        line = f"held-out evaluation, step {step}: greedy {average.greedy.text()}, "
+        assert line + f"avg@4 {average.sampled.text()} (" in out
+
+
 def test_compare_errors_are_clear(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "meljax", "compare", str(tmp_path / "nowhere")],

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from meljax import files, multihost
+from meljax import files, heldout, multihost
 from meljax import sharding as shd
 from meljax.batch import TrainBatch, build_sequence_batch
 from meljax.buckets import bucket
@@ -94,6 +94,10 @@ class PeriodicEval:
     def __call__(self, step: int, params) -> dict[str, float]:
         from meljax import evaluation
 
+        lead = jax.process_index() == 0
+        if lead:  # minutes on a CPU: say what the silence is
+            print(f"held-out evaluation, step {step} ...", flush=True)
+        start = time.perf_counter()
         self.policy.set_params(params)
         report = evaluation.evaluate(
             self.policy,
@@ -105,7 +109,7 @@ class PeriodicEval:
             meta={"step": step},
         )
         self.policy.clear_params()
-        if jax.process_index() == 0:
+        if lead:
             report.write(str(files.path(self.workdir, "eval", f"step_{step}.json")))
         out = {}
         for name, m in list(report.benchmarks.items()) + [("average", report.average)]:
@@ -115,6 +119,14 @@ class PeriodicEval:
                 elif k.endswith("_ci95") and v:
                     out[f"eval/{name}/{k[: -len('_ci95')]}_ci_low"] = float(v[0])
                     out[f"eval/{name}/{k[: -len('_ci95')]}_ci_high"] = float(v[1])
+        if lead:
+            average = heldout.from_metrics(step, out).get("average")
+            summary = average.text() if average is not None else "no problems"
+            print(
+                f"held-out evaluation, step {step}: {summary} "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
         return out
 
 
