@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -43,7 +42,6 @@ def inference_mesh(mesh: Mesh | None, tensor: int = 1) -> Mesh | None:
     weights are never gathered per decode step (replicated when ``tensor == 1``)."""
     if mesh is None:
         return None
-    devices = mesh.devices.flat
     n = mesh.devices.size
     if n % tensor:
         raise ValueError(f"rollout.tensor_parallel={tensor} does not divide {n} devices")
@@ -52,8 +50,7 @@ def inference_mesh(mesh: Mesh | None, tensor: int = 1) -> Mesh | None:
     # the devices in the same order (a topology-aware re-layout of 14B's fsdp=8 x tensor=4 mesh
     # did not). Its minor axis is `tensor`, so with the training tensor size the tensor groups
     # are the training mesh's (ICI neighbours).
-    grid = np.asarray(list(devices), dtype=object).reshape(n // tensor, 1, tensor)
-    return Mesh(grid, shd.MESH_AXES)
+    return Mesh(mesh.devices.reshape(n // tensor, 1, tensor), shd.MESH_AXES)
 
 
 def weight_shardings(graphdef, params, mesh: Mesh, split: bool):
