@@ -20,7 +20,8 @@ of them alike: a variant is a remat policy (``none``, ``full``, ``dots``, ``dots
 ``auto``; ``default`` = the model config's; the log-prob chunks always recompute their logits in
 the backward pass: a custom VJP in ``meljax.losses``), optionally with ``+einsum``: the layers'
 weight matmuls as plain einsums, without the CPU matmul path of ``meljax.models.layers.dense``
-(how the update ran before it). ``--with_ref`` also times the
+(how the update ran before it), and/or ``+unrolled``: the layers unrolled instead of scanned
+(``scan_layers=False``). ``--with_ref`` also times the
 forward-only log-prob pass (``make_compute_logprobs``: the KL reference or recomputed old
 log-probs). ``--profile DIR`` writes a ``jax.profiler`` trace of the timed steps.
 
@@ -81,13 +82,18 @@ def remat_policy(cfg: ModelConfig, policy: str):
     """Yields the model config with ``policy`` (``default``: the config's own); a ``+einsum``
     suffix traces the layers' plain einsums instead of the CPU matmul path
     (``meljax.models.layers.dense``), i.e. the update as it was before that path."""
-    policy, _, plain = policy.partition("+")
-    if plain not in ("", "einsum"):
-        raise SystemExit(f"unknown variant suffix +{plain}: only +einsum")
+    policy, *suffixes = policy.split("+")
+    unknown = set(suffixes) - {"einsum", "unrolled"}
+    if unknown:
+        raise SystemExit(f"unknown variant suffix {sorted(unknown)}: +einsum or +unrolled")
     before = layers.CPU_MATMUL_VJP
-    layers.CPU_MATMUL_VJP = not plain
+    layers.CPU_MATMUL_VJP = "einsum" not in suffixes
+    if policy != "default":
+        cfg = cfg.replace(remat_policy=policy)
+    if "unrolled" in suffixes:
+        cfg = cfg.replace(scan_layers=False)
     try:
-        yield cfg if policy == "default" else cfg.replace(remat_policy=policy)
+        yield cfg
     finally:
         layers.CPU_MATMUL_VJP = before
 
@@ -171,7 +177,7 @@ def main() -> None:
         jax.block_until_ready(ref_fn(params, batch.policy.seq))
         ref_times, ref_rates = [], []
     if args.profile:
-        jax.profiler.start_trace(args.profile)
+        jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
     # A matmul timing before and after every timed call: on a shared machine the load drifts,
     # so each call is scored against the mean of the two rates around it.
     rates = [matmul_flops_per_s(dtype)]
@@ -214,11 +220,15 @@ def main() -> None:
         busy = statistics.median(
             v.executed_flops / t / r for t, r in zip(v.times, v.rates, strict=True)
         )
+        # the rate drifts with other tenants' load: also score the median step against the
+        # median of every rate measured in the run
+        mfu_run = flops / med / rate
         print(
             f"[{v.name}] compile {v.compile_s:.0f} s; steps (s): "
             + ", ".join(f"{x:.2f}" for x in v.times)
             + f"; median {med:.2f} s = {tokens / med:.0f} tokens/s; "
-            f"MFU vs the matmul rate around each step: {100 * mfu:.1f}% (median); executed "
+            f"MFU vs the matmul rate around each step: {100 * mfu:.1f}% (median), vs the "
+            f"run's median rate: {100 * mfu_run:.1f}%; executed "
             f"matmul FLOPs {v.executed_flops / flops:.2f}x the model FLOPs, run at "
             f"{100 * busy:.1f}% of the matmul rate"
         )

@@ -225,13 +225,18 @@ def _chunk_forward(
     hidden = shd.constrain(hidden, ("batch", None, None))
     logits = jnp.einsum("bcd,dv->bcv", hidden, kernel, preferred_element_type=jnp.float32)
     logits = shd.constrain(logits, ("batch", None, "vocab"))
-    lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    logp = picked - lse
     if not with_entropy:
-        return logp, jnp.zeros_like(logp), lse
-    probs = jnp.exp(logits - lse[..., None])
-    return logp, lse - jnp.sum(probs * logits, axis=-1), lse
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return picked - lse, jnp.zeros_like(picked), lse
+    # one exp over [B, C, V] serves the log-sum-exp and the entropy (the vocabulary-wide
+    # elementwise passes cost about as much as a small matmul on CPU)
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnorm = jnp.exp(logits - top)
+    total = jnp.sum(unnorm, axis=-1)
+    lse = jnp.log(total) + top[..., 0]
+    mean_logit = jnp.sum(unnorm * logits, axis=-1) / total  # E_p[logits]
+    return picked - lse, lse - mean_logit, lse
 
 
 def _batch_groups(rows: int) -> int:
@@ -255,6 +260,20 @@ def _scan_chunks(fn, carry, xs, chunk: int):
 
     carry, ys = jax.lax.scan(fn, carry, jax.tree.map(split, xs))
     return carry, jax.tree.map(merge, ys)
+
+
+def chunk_layout(length: int, chunk_size: int) -> tuple[int, int]:
+    """``(chunk, chunks)`` for ``length`` positions in chunks of at most ``chunk_size``: the
+    fewest chunks, as even as possible, so that little is padded (192 positions with a limit of
+    128 run as 2 x 96, not 2 x 128 with 64 positions of padding: 25% of the output projection's
+    work). A padded chunk is rounded up to a multiple of 8 positions (tile-friendly) when that
+    stays within the limit."""
+    limit = max(1, min(int(chunk_size), length))
+    chunks = -(-length // limit)
+    chunk = -(-length // chunks)
+    if chunk * chunks != length and chunk % 8:
+        chunk = min(-(-chunk // 8) * 8, limit)
+    return chunk, -(-length // chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -325,7 +344,8 @@ def chunked_logprobs(
         ``hidden.dtype`` for the matmuls (logits accumulate in f32), its gradient comes back in
         its own dtype.
       targets: int ``[B, T]``: the token whose log-prob is wanted at each position.
-      chunk_size: positions per chunk; the sequence is padded up to a multiple of it.
+      chunk_size: most positions per chunk; the sequence is cut into the fewest chunks of at
+        most this size, as even as possible (padded by less than 8 positions per chunk).
       with_entropy: also return the entropy of the full distribution (no gradient).
 
     Returns:
@@ -339,8 +359,7 @@ def chunked_logprobs(
     kernel gradient inside the loop and the sum is reduce-scattered once after it.
     """
     b, t, d = hidden.shape
-    c = max(1, min(int(chunk_size), t))
-    n = -(-t // c)
+    c, n = chunk_layout(t, chunk_size)
     pad = n * c - t
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))

@@ -139,6 +139,23 @@ def test_chunked_logprobs_match_full_log_softmax(tiny_model, chunk):
     assert np.all(np.asarray(lp[:, 0]) == 0.0)
 
 
+@pytest.mark.parametrize(
+    "length, limit, want",
+    [
+        (192, 128, (96, 2)),  # even split, nothing padded (was 2 x 128)
+        (256, 128, (128, 2)),
+        (193, 128, (104, 2)),  # padded: rounded up to a multiple of 8
+        (10, 3, (3, 4)),  # padded by 2, the limit wins over the rounding
+        (10, 64, (10, 1)),
+        (5, 0, (1, 5)),
+    ],
+)
+def test_chunk_layout_pads_little(length, limit, want):
+    chunk, chunks = losses.chunk_layout(length, limit)
+    assert (chunk, chunks) == want
+    assert chunk <= max(limit, 1) and 0 <= chunk * chunks - length < 8 * chunks
+
+
 @pytest.mark.parametrize("chunk", [3])  # 4 chunks, the last one padded
 def test_chunked_logprobs_gradient_matches_unchunked(tiny_model, chunk):
     seq = _seq()

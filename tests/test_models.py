@@ -19,6 +19,7 @@ from meljax.models import (
     default_positions,
     from_pretrained,
     init_cache,
+    layers,
     save_pretrained,
 )
 
@@ -277,6 +278,21 @@ def test_scan_unrolled_remat_and_attention_variants_agree():
                 atol=2e-6 * max(scale, 1.0),
                 err_msg=str(kw),
             )
+
+
+def test_cpu_matmul_path_gradients_equal_plain_einsums(monkeypatch):
+    """The CPU path of the weight matmuls (2-D products, a custom VJP whose weight gradient
+    contracts the rows of both operands) against the plain einsums and their autodiff."""
+    model = Transformer(small_cfg(), rngs=nnx.Rngs(4))
+    tokens, mask = padded_batch(50)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    loss, grads = _loss_and_grads(model, tokens, mask)
+    monkeypatch.setattr(layers, "CPU_MATMUL_VJP", False)  # read when the program is traced
+    want_loss, want_grads = _loss_and_grads(model, tokens, mask)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(want_grads), jax.tree.leaves(grads), strict=True):
+        scale = max(float(np.max(np.abs(np.asarray(a)))), 1.0)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6 * scale)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -139,15 +139,13 @@ def _matmul_cpu_fwd(x, w):
 
 
 def _matmul_cpu_bwd(res, g):
-    # XLA:CPU hands its matmul library row-major operands only, so for the weight gradient
-    # ``x^T @ g`` it transposes one operand, and it picks ``g``, fusing the elementwise ops
-    # that produce it (SiLU', the gating product) into a transposing loop that runs
-    # ~10x slower than the same ops in order (profiled on SmolLM2-135M: 5 s of a 41 s step).
-    # Materialising ``x^T`` (a plain copy of a saved activation) keeps ``g``'s producers
-    # vectorised; products and sums are the same, only their accumulation order may differ.
+    # The weight gradient contracts the rows of both operands (``x^T @ g``) in one dot_general:
+    # XLA:CPU's matmul library (YNNPACK) takes the transposed left operand as it is. An explicit
+    # transpose of ``x`` (materialised, or fused with ``g``'s elementwise producers) only adds
+    # a copy: measured on SmolLM2-135M at 16 x 192 tokens, 5% slower per update step.
     x, w = res
-    xt = jax.lax.optimization_barrier(x.T)
-    return (g @ w.T).astype(x.dtype), (xt @ g).astype(w.dtype)
+    dw = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))
+    return (g @ w.T).astype(x.dtype), dw.astype(w.dtype)
 
 
 _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
