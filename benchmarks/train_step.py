@@ -44,7 +44,7 @@ import numpy as np
 from common import matmul_flops_per_s
 from flax import nnx
 
-from meljax import losses, optim
+from meljax import hostmem, losses, optim
 from meljax import train_step as ts
 from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.models import ModelConfig, Transformer, layers
@@ -142,6 +142,8 @@ def main() -> None:
     p.add_argument("--profile", default="", help="write a jax.profiler trace to this folder")
     args = p.parse_args()
 
+    # as the CLI does (before JAX starts its threads); MELJAX_HOST_MALLOC=default turns it off
+    print(f"host malloc: {hostmem.keep_freed_memory()}")
     dtype = jnp.dtype(args.dtype)
     print(f"jax {jax.__version__}, devices: {jax.devices()}")
     from meljax.plan.architectures import BUILTIN
