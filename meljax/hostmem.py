@@ -8,7 +8,9 @@ fifth of the process's CPU time in the kernel. XLA's worker threads each use the
 arena, and an arena other than the main one falls back to ``mmap`` for any block over 64 MiB
 whatever ``M_MMAP_MAX`` says, so three settings together keep freed blocks for reuse: one
 arena, no ``mmap``'d chunks, no trimming of the heap. Same step: 2.9 million faults and
-1.1x faster (README, benchmarks table).
+1.19x faster (README, measured figures). Sampling gains nothing from it and measured about 10%
+slower with one arena (the CPU demo: updates 12% faster, rollouts and analyses slower, the
+same total), so the gain is for update-bound CPU runs.
 
 The price: memory freed by the process is kept by it (its peak resident size is unchanged).
 That is right for a CPU run, whose peak is reached at every step anyway, but not on a TPU or
