@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--profile", default="", help="write a jax.profiler trace to this folder")
     args = p.parse_args()
 
-    # as the CLI does (before JAX starts its threads); MELJAX_HOST_MALLOC=default turns it off
+    # as `meljax train` does (before JAX starts its threads); MELJAX_HOST_MALLOC=default turns it off
     print(f"host malloc: {hostmem.keep_freed_memory()}")
     dtype = jnp.dtype(args.dtype)
     print(f"jax {jax.__version__}, devices: {jax.devices()}")

@@ -8,16 +8,17 @@ fifth of the process's CPU time in the kernel. XLA's worker threads each use the
 arena, and an arena other than the main one falls back to ``mmap`` for any block over 64 MiB
 whatever ``M_MMAP_MAX`` says, so three settings together keep freed blocks for reuse: one
 arena, no ``mmap``'d chunks, no trimming of the heap. Same step: 2.9 million faults and
-1.19x faster (README, measured figures). Sampling gains nothing from it and measured about 10%
-slower with one arena (the CPU demo: updates 12% faster, rollouts and analyses slower, the
-same total), so the gain is for update-bound CPU runs.
+1.19x faster (README, measured figures). Sampling gains nothing from it and runs 5-20% slower
+with one arena (``meljax sample``, 32 x 256 tokens: 92 / 78 s vs 76 / 74 s; the CPU demo:
+updates 12% faster, rollouts and analyses slower, the same total), so only ``meljax train``
+applies it.
 
 The price: memory freed by the process is kept by it (its peak resident size is unchanged).
 That is right for a CPU run, whose peak is reached at every step anyway, but not on a TPU or
 GPU host, where the big buffers live on the device and host memory is shared with data
 loading; so the settings apply only where no accelerator device node exists. They must be
-set before JAX starts its threads (before the first computation): the CLI does it first.
-``MELJAX_HOST_MALLOC=keep`` forces them, ``MELJAX_HOST_MALLOC=default`` turns them off.
+set before JAX starts its threads (before the first computation): ``meljax train`` does it
+first. ``MELJAX_HOST_MALLOC=keep`` forces them, ``MELJAX_HOST_MALLOC=default`` turns them off.
 """
 
 from __future__ import annotations
