@@ -68,3 +68,25 @@ def test_setting_is_validated_and_accelerator_hosts_are_left_alone(monkeypatch):
     monkeypatch.setenv(hostmem.ENV, "auto")
     monkeypatch.setattr(hostmem, "accelerator_present", lambda: True)
     assert hostmem.keep_freed_memory() == "accelerator"
+
+
+def test_only_train_applies_it(monkeypatch):
+    """``meljax train`` is update-bound on CPU; sampling commands measured slower with one
+    arena, so they leave glibc alone."""
+    import types
+
+    from meljax import cli
+
+    class Imported(Exception):
+        pass
+
+    def import_module(name):  # stops the CLI before a command's flags are defined
+        raise Imported(name)
+
+    calls = []
+    monkeypatch.setattr(hostmem, "keep_freed_memory", lambda: calls.append(1) or "kept")
+    monkeypatch.setattr(cli, "importlib", types.SimpleNamespace(import_module=import_module))
+    for command, want in (("sample", 0), ("eval", 0), ("train", 1)):
+        with pytest.raises(Imported, match=f"meljax.commands.{command}"):
+            cli.run(["meljax", command])
+        assert len(calls) == want, command
