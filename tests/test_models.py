@@ -249,6 +249,16 @@ def _loss_and_grads(model, tokens, mask):
     return jax.value_and_grad(f)(params)
 
 
+def _assert_grads_close(want, got, msg: str = "") -> None:
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        # float32 rounding of sums in another order: relative to the array's scale (the
+        # embedding gradient mixes entries of ~20 and ~0.1)
+        scale = float(np.max(np.abs(np.asarray(a))))
+        np.testing.assert_allclose(
+            np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6 * max(scale, 1.0), err_msg=msg
+        )
+
+
 def test_scan_unrolled_remat_and_attention_variants_agree():
     """Loss and gradients of the full model: scanned vs unrolled layers, every remat policy,
     dense vs blockwise attention (equal within float32 rounding)."""
@@ -267,17 +277,7 @@ def test_scan_unrolled_remat_and_attention_variants_agree():
     for kw in variants:
         loss, grads = _loss_and_grads(with_config(model, **kw), tokens, mask)
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, err_msg=str(kw))
-        for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
-            # float32 rounding of sums in another order: relative to the array's scale (the
-            # embedding gradient mixes entries of ~20 and ~0.1)
-            scale = float(np.max(np.abs(np.asarray(a))))
-            np.testing.assert_allclose(
-                np.asarray(b),
-                np.asarray(a),
-                rtol=2e-5,
-                atol=2e-6 * max(scale, 1.0),
-                err_msg=str(kw),
-            )
+        _assert_grads_close(ref_grads, grads, str(kw))
 
 
 def test_cpu_matmul_path_gradients_equal_plain_einsums(monkeypatch):
@@ -290,9 +290,7 @@ def test_cpu_matmul_path_gradients_equal_plain_einsums(monkeypatch):
     monkeypatch.setattr(layers, "CPU_MATMUL_VJP", False)  # read when the program is traced
     want_loss, want_grads = _loss_and_grads(model, tokens, mask)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(want_grads), jax.tree.leaves(grads), strict=True):
-        scale = max(float(np.max(np.abs(np.asarray(a)))), 1.0)
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6 * scale)
+    _assert_grads_close(want_grads, grads)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
