@@ -79,9 +79,10 @@ def make_batch(batch: int, seq: int, prompt: int, vocab: int, mel_rows: int) -> 
 
 @contextlib.contextmanager
 def remat_policy(cfg: ModelConfig, policy: str):
-    """Yields the model config with ``policy`` (``default``: the config's own); a ``+einsum``
-    suffix traces the layers' plain einsums instead of the CPU matmul path
-    (``meljax.models.layers.dense``), i.e. the update as it was before that path."""
+    """Yields the model config of a variant: its remat policy (``default``: the config's own);
+    a ``+einsum`` suffix traces the layers' plain einsums instead of the CPU matmul path
+    (``meljax.models.layers.dense``), i.e. the update as it was before that path; ``+unrolled``
+    unrolls the layers (``scan_layers=False``)."""
     policy, *suffixes = policy.split("+")
     unknown = set(suffixes) - {"einsum", "unrolled"}
     if unknown:
