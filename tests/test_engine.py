@@ -134,6 +134,31 @@ def test_output_independent_of_pool_and_segments_and_logprobs_match_forward(llam
                 assert gen.tokens.tolist().index(STOP) == n - 1
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_tpu_cache_layout_gives_the_same_generations(llama, split):
+    """The TPU / GPU cache layout (``hd_minor``, forced here on CPU) with the layer-scanned
+    stacked cache of a TPU and the split one of a CPU: the same tokens and log-probs as the
+    CPU layout, through segments that merge their buffer into the cache and refills."""
+    from meljax.models import kv_cache
+
+    graphdef, params = llama
+    reqs = [
+        Request(tuple(PROMPTS[1]), SamplingParams(14, temperature=1.0, num_samples=2)),
+        Request(tuple(PROMPTS[0]), SamplingParams(10, temperature=0.0, num_samples=1)),
+        Request(tuple(PROMPTS[4]), SamplingParams(12, 0.8, top_p=0.9, num_samples=2)),
+    ]
+    runs = []
+    for layout in ("heads", "hd_minor"):
+        with kv_cache.use_layout(layout):
+            eng = engine(graphdef, max_slots=3, segment_steps=4, kv_buckets=(32, 64))
+            eng.split = split
+            runs.append(eng.generate(params, reqs, jax.random.key(3)))
+    for a, b in zip(*runs, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x.tokens, y.tokens)
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+
+
 def test_slot_utilisation_hand_computed(llama):
     """3 requests of 4, 8 and 2 tokens (no stop id), 2 slots, segments of 2 steps:
     A, B start; after 2 segments A (4) is done and C takes its slot; C ends after segment 3,
@@ -148,9 +173,10 @@ def test_slot_utilisation_hand_computed(llama):
     assert (s.slots, s.segments, s.prefills) == (2, 4, 2)
     assert (s.useful_tokens, s.slot_steps) == (14, 16)
     assert s.slot_utilisation == pytest.approx(14 / 16)
-    # attended length: the longest live slot's position (prompt 3 - 1 + tokens so far) + 2
-    # steps: 4, 6, 8 -> bucket 8; 10 -> bucket 16 (the cache holds 32 + 8 slots)
-    assert s.kv_lens == {8: 3, 16: 1} and s.cache_len == 40
+    # attended length: the bucket of the longest live slot's position at the segment start
+    # (prompt 3 - 1 + tokens so far: 2, 4, 6, 8; the segment's own tokens are in its buffer)
+    # -> bucket 8 each time (the cache holds 32 + 8 slots)
+    assert s.kv_lens == {8: 4} and s.cache_len == 40
 
 
 def test_per_row_controls_follow_their_distributions():

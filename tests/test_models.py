@@ -363,6 +363,84 @@ def test_per_row_cache_index_and_kv_len(stacked, scan):
         np.testing.assert_allclose(step_logits[1][r], full[n + 1], atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "layout,stacked,scan",
+    [("heads", False, True), ("hd_minor", True, True), ("hd_minor", True, False)],
+)
+def test_decode_segment_equals_per_step_cache_writes(layout, stacked, scan):
+    """Three decode steps of rows at different fill levels through a segment buffer (the
+    cache read-only, the buffer merged after) give the logits of per-step cache writes, and
+    the merged cache holds the same keys and values; in the CPU layout (split cache and
+    weights, as the engine decodes on CPU) and the TPU one (stacked, scanned or not)."""
+    from meljax.models import kv_cache
+
+    with kv_cache.use_layout(layout):
+        cfg = small_cfg(scan_layers=scan)
+        model = Transformer(cfg, rngs=nnx.Rngs(6))
+        weights = None if stacked else model.split_layers()
+        rng = np.random.default_rng(7)
+        b, s, steps = 3, 16, 3
+        lengths = np.array([4, 7, 2])
+        seqs = jnp.asarray(rng.integers(0, 50, (b, 12)), jnp.int32)
+        prompt_mask = jnp.asarray(np.arange(8)[None] < lengths[:, None])
+        cache = model.init_cache(b, s, stacked=stacked)
+        _, cache = model.forward_hidden(
+            seqs[:, :8],
+            default_positions(prompt_mask),
+            jnp.pad(prompt_mask, ((0, 0), (0, 8))),
+            cache,
+            0,
+            layers=weights,
+        )
+        start = jnp.asarray(lengths, jnp.int32)
+        tokens = [seqs[jnp.arange(b), start + j][:, None] for j in range(steps)]
+        # reference: each step writes its slot into the cache
+        ref, written = [], cache
+        for j in range(steps):
+            pos = start + j
+            kv = jnp.arange(s)[None] <= pos[:, None]
+            h, written = model.forward_hidden(
+                tokens[j], pos[:, None], kv, written, pos, kv_len=s, layers=weights
+            )
+            ref.append(np.asarray(model.project_rows(h[:, 0])))
+        # segment: a 4-column buffer (one column more than the steps: its garbage is merged
+        # past each row's last slot), the cache masked from each row's start on
+        segment = init_cache(cfg, b, 4, stacked=stacked)
+        kv = jnp.arange(s)[None] < start[:, None]
+        for j in range(steps):
+            pos = start + j
+            h, segment = model.forward_hidden(
+                tokens[j],
+                pos[:, None],
+                kv,
+                cache,
+                pos,
+                kv_len=s,
+                layers=weights,
+                segment=segment,
+                segment_step=jnp.int32(j),
+            )
+            np.testing.assert_allclose(np.asarray(model.project_rows(h[:, 0])), ref[j], atol=1e-5)
+        merged = kv_cache.merge_segment(cache, segment, start)
+        for name in ("k", "v"):
+            layers_got = [merged] if stacked else list(merged)
+            layers_want = [written] if stacked else list(written)
+            for got, want in zip(layers_got, layers_want, strict=True):
+                got = np.asarray(kv_cache.from_storage(got[name], name))  # [.., B, S, K, hd]
+                want = np.asarray(kv_cache.from_storage(want[name], name))
+                for r, n in enumerate(lengths):
+                    np.testing.assert_allclose(
+                        got[..., r, : n + steps, :, :], want[..., r, : n + steps, :, :], atol=1e-6
+                    )
+
+
+def test_cache_layouts_are_validated():
+    from meljax.models import kv_cache
+
+    with pytest.raises(ValueError, match="KV cache layout 'tokens'"), kv_cache.use_layout("tokens"):
+        pass
+
+
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
 def test_chunked_prefill_matches_one_shot(impl):
     """A left-padded prompt written 5 tokens at a time equals the one-call prefill, and the

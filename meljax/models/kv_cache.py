@@ -1,14 +1,29 @@
 """The KV cache: layout, allocation, per-row writes.
 
-Layout (per layer; ``B`` rows, ``K`` kv heads, ``S`` slots, ``hd`` head size):
+Attention (``meljax.models.attention``) reads one layer as keys ``[B, K, hd, S]`` and values
+``[B, K, S, hd]`` (``B`` rows, ``K`` kv heads, ``S`` slots, ``hd`` head size). The cache STORES
+them in one of two layouts (:func:`layout`), chosen per platform:
 
-    keys    [B, K, hd, S]   slots minor, so ``q @ K`` reads the cache in stored order
-    values  [B, K, S, hd]   so ``probs @ V`` does too
+- ``heads`` (CPU): keys ``[B, K, hd, S]``, values ``[B, K, S, hd]``: XLA:CPU's decode matmuls
+  read the cache in stored order;
+- ``hd_minor`` (TPU, GPU): keys and values ``[B, K, S, hd]``, the layout the TPU's batched
+  matmuls read in place (compiled for v5p, ``meljax plan``); :func:`read_layer` hands attention
+  the transposed key view, which the compiler folds into the matmul.
+
+Decode segments (the engine's decode loop, ``meljax.sampling.slots.decode_segment``) never
+write the cache inside the loop: each step's keys and values go to a small segment buffer
+(a cache of ``N`` slots for ``N`` steps) that attention reads next to the cache
+(``attention(..., extra=...)``), and :func:`merge_segment` writes the buffer into the cache
+once, after the loop. A cache written inside a ``while`` loop is stored
+by the TPU compiler in the layout its per-row scatter prefers (``[B, S, K, hd]``), so the
+whole cache was copied into and out of every segment and each layer was re-laid out for the
+matmuls at every step (a 2-layer Qwen3-8B decode segment on v5p-64: 1.4 GiB of temporaries
+for a 1.25 GiB cache); read-only inside the loop, it is used in place.
 
 A cache is a dict ``{"k": ..., "v": ...}`` in one of two forms:
 
-- **stacked** (default): ``k`` ``[L, B, K, hd, S]`` and ``v`` ``[L, B, K, S, hd]``; the layer scan
-  carries it and writes each layer's new slots in place;
+- **stacked** (default): ``[L, ...]`` buffers; the layer scan carries them and writes each
+  layer's new slots in place;
 - **split**: a tuple of ``L`` per-layer dicts. On CPU the decode loop runs faster with the
   layers unrolled over separate arrays (a ``[L, ...]`` operand sliced per layer is copied
   first); ``split_cache`` / ``stack_cache`` convert, once per call, outside any loop.
@@ -19,6 +34,9 @@ for a different slot per row) fills slots ``index[b] .. index[b] + T - 1`` of ro
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
@@ -27,7 +45,86 @@ from meljax import sharding as shd
 from meljax.models.config import ModelConfig
 
 Cache = dict[str, jax.Array] | tuple[dict[str, jax.Array], ...]
-_SLOT_AXIS = {"k": -1, "v": -2}
+_FORCED_LAYOUT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "meljax_kv_layout", default=None
+)
+# per-layer buffer axes, by layout and buffer ("slots": cache slots, "hd": head size)
+_AXES = {
+    "heads": {
+        "k": ("batch", "kv_heads", "hd", "slots"),
+        "v": ("batch", "kv_heads", "slots", "hd"),
+    },
+    "hd_minor": {n: ("batch", "kv_heads", "slots", "hd") for n in ("k", "v")},
+}
+LAYOUTS = tuple(_AXES)
+_NEW_AXES = ("batch", "slots", "kv_heads", "hd")  # a layer's new keys / values [B, T, K, hd]
+_ATTENTION_AXES = _AXES["heads"]  # what attention reads
+
+
+def _permute(x: jax.Array, src: tuple[str, ...], dst: tuple[str, ...]) -> jax.Array:
+    return x if src == dst else x.transpose([src.index(a) for a in dst])
+
+
+def layout() -> str:
+    """The storage layout of caches made and read in the current context: ``heads`` when
+    compiling for CPU, ``hd_minor`` for TPU and GPU (see the module docstring)."""
+    forced = _FORCED_LAYOUT.get()
+    if forced is not None:
+        return forced
+    return "heads" if shd.current_platform() == "cpu" else "hd_minor"
+
+
+@contextlib.contextmanager
+def use_layout(name: str):
+    """Forces the storage layout (tests: the TPU layout on CPU). Clears JAX's compilation
+    caches on entry and exit, since a jitted program does not key its cache on the layout."""
+    if name not in LAYOUTS:
+        raise ValueError(f"KV cache layout {name!r}; choose one of {LAYOUTS}")
+    token = _FORCED_LAYOUT.set(name)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _FORCED_LAYOUT.reset(token)
+        jax.clear_caches()
+
+
+def buffer_axes(name: str) -> tuple[str, ...]:
+    """Axes of one layer's ``name`` (``"k"``/``"v"``) buffer in the current layout (``"slots"``:
+    cache slots, ``"hd"``: head size)."""
+    return _AXES[layout()][name]
+
+
+def slot_axis(name: str) -> int:
+    """The slot axis of one layer's ``name`` buffer (0-based, per-layer)."""
+    return buffer_axes(name).index("slots")
+
+
+def sharding_axes(name: str) -> tuple[str | None, ...]:
+    """``buffer_axes`` as logical mesh axes for ``sharding.constrain`` (rows and kv heads)."""
+    return tuple(a if a in ("batch", "kv_heads") else None for a in buffer_axes(name))
+
+
+def to_storage(x: jax.Array, name: str) -> jax.Array:
+    """One layer's new keys or values ``[B, T, K, hd]`` in the storage layout."""
+    return _permute(x, _NEW_AXES, buffer_axes(name))
+
+
+def from_storage(x: jax.Array, name: str) -> jax.Array:
+    """A stored buffer (one layer, or stacked ``[L, ...]``) as ``[..., B, S, K, hd]``."""
+    lead = ("layers",) * (x.ndim - 4)
+    return _permute(x, lead + buffer_axes(name), lead + _NEW_AXES)
+
+
+def to_attention(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One layer's stored keys and values as attention reads them: ``[B, K, hd, S]`` and
+    ``[B, K, S, hd]``."""
+    return tuple(_permute(x, buffer_axes(n), _ATTENTION_AXES[n]) for x, n in ((k, "k"), (v, "v")))
+
+
+def _shape(cfg: ModelConfig, batch: int, max_len: int, name: str) -> tuple[int, ...]:
+    sizes = {"batch": batch, "kv_heads": cfg.num_kv_heads, "slots": max_len, "hd": cfg.head_dim}
+    return tuple(sizes[a] for a in buffer_axes(name))
 
 
 def init_cache(
@@ -35,8 +132,7 @@ def init_cache(
 ) -> Cache:
     """A zeroed cache of ``max_len`` slots for ``batch`` rows (stacked or split, see above)."""
     dt = cfg.dtype if dtype is None else dtype
-    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
-    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    k_shape, v_shape = _shape(cfg, batch, max_len, "k"), _shape(cfg, batch, max_len, "v")
     if stacked:
         n = cfg.num_layers
         return {"k": jnp.zeros((n, *k_shape), dt), "v": jnp.zeros((n, *v_shape), dt)}
@@ -72,13 +168,18 @@ def stack_cache(cache: Cache) -> dict[str, jax.Array]:
 def cache_len(cache: Cache) -> int:
     """Number of slots ``S``."""
     first = cache if is_stacked(cache) else cache[0]
-    return first["k"].shape[-1]
+    k = first["k"]
+    return k.shape[k.ndim - 4 + slot_axis("k")]
+
+
+ALL_LAYERS = "all layers"  # ``write_slots(layer=ALL_LAYERS)``: every layer of a stacked buffer
 
 
 def write_slots(buf: jax.Array, new: jax.Array, index, name: str, layer=None) -> jax.Array:
-    """Writes ``new`` (one layer's ``[B, K, hd, T]`` keys or ``[B, K, T, hd]`` values) into
-    ``buf`` at slot ``index`` (scalar or ``[B]``); ``buf`` is one layer, or the stacked
-    ``[L, ...]`` buffer with ``layer`` (static or traced) selecting the layer.
+    """Writes ``new`` (one layer's new keys or values ``[B, T, K, hd]``) into ``buf`` at slot
+    ``index`` (scalar or ``[B]``); ``buf`` is one layer in the storage layout, or the stacked
+    ``[L, ...]`` buffer with ``layer`` (static or traced) selecting the layer, or with
+    ``layer=ALL_LAYERS`` and ``new`` ``[L, B, T, K, hd]`` (per-row ``index`` only) all of them.
 
     A scalar index is one ``dynamic_update_slice``. Per-row indices are one scatter with
     unique, sorted indices, which XLA updates in place (a ``vmap`` of ``dynamic_update_slice``
@@ -87,28 +188,32 @@ def write_slots(buf: jax.Array, new: jax.Array, index, name: str, layer=None) ->
     rows split over a mesh in context, each device scatters its own rows (``shard_map``):
     XLA's partitioner would all-gather every row's new keys and values to each device first.
     """
-    new = new.astype(buf.dtype)
     index = jnp.asarray(index, jnp.int32)
-    slot_axis = new.ndim + _SLOT_AXIS[name]
     if index.ndim == 0:
+        new = to_storage(new.astype(buf.dtype), name)
         start = [0] * new.ndim
-        start[slot_axis] = index
+        start[slot_axis(name)] = index
         if layer is None:
             return jax.lax.dynamic_update_slice(buf, new, start)
         return jax.lax.dynamic_update_slice(buf, new[None], [layer, *start])
+    new = new.astype(buf.dtype)
     mesh = shd.context_mesh()
-    lead = buf.ndim - new.ndim  # 1 for the stacked [L, ...] buffer
-    rows_axes = (None,) * lead + ("batch", "kv_heads", None, None)
+    lead = buf.ndim - 4  # 1 for the stacked [L, ...] buffer
+    every = isinstance(layer, str) and layer == ALL_LAYERS
+    buf_axes = (None,) * lead + sharding_axes(name)
     if mesh is not None and not any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
-        buf_spec = shd.logical_to_spec(rows_axes, None, mesh, buf.shape)
+        buf_spec = shd.logical_to_spec(buf_axes, None, mesh, buf.shape)
         if buf_spec[lead] is not None:  # rows split over devices: write each shard locally
-            new_spec = shd.logical_to_spec(rows_axes[lead:], None, mesh, new.shape)
-            idx_spec = PartitionSpec(new_spec[0])
+            kv_spec = buf_spec[lead + buffer_axes(name).index("kv_heads")]
+            new_spec = PartitionSpec(*(None,) * every, buf_spec[lead], None, kv_spec, None)
+            idx_spec = PartitionSpec(buf_spec[lead])
 
-            def local(buf, new, index, layer):
-                return _scatter_rows(buf, new, index, name, slot_axis, layer if lead else None)
+            def local(buf, new, index, layer_arg):
+                return _scatter_rows(
+                    buf, new, index, name, layer if every or not lead else layer_arg
+                )
 
-            layer_arg = jnp.asarray(0 if layer is None else layer, jnp.int32)
+            layer_arg = jnp.asarray(0 if layer is None or every else layer, jnp.int32)
             return jax.shard_map(
                 local,
                 mesh=mesh,
@@ -116,32 +221,55 @@ def write_slots(buf: jax.Array, new: jax.Array, index, name: str, layer=None) ->
                 out_specs=buf_spec,
                 check_vma=False,
             )(buf, new, index, layer_arg)
-    return _scatter_rows(buf, new, index, name, slot_axis, layer)
+    return _scatter_rows(buf, new, index, name, layer)
 
 
-def _scatter_rows(buf, new, index, name: str, slot_axis: int, layer) -> jax.Array:
-    """The per-row write of ``write_slots`` as one in-place scatter (see there)."""
-    b, t = new.shape[0], new.shape[slot_axis]
+def _scatter_rows(buf, new, index, name: str, layer) -> jax.Array:
+    """The per-row write of ``write_slots`` (``new`` ``[B, T, K, hd]``, or ``[L, B, T, K, hd]``
+    for ``ALL_LAYERS``) as one in-place scatter (see there)."""
+    every = isinstance(layer, str) and layer == ALL_LAYERS
+    if every:  # [B, T, L, K, hd]: the advanced indices lead, the layer axis follows
+        new = new.transpose(1, 2, 0, 3, 4)
+    b, t = new.shape[:2]
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]
     slots = index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-    # advanced indices (rows, slots) broadcast to [B, T] and lead the indexed shape
-    upd = jnp.moveaxis(new, slot_axis, 1)  # [B, T, K, hd]
-    if name == "k":
-        where = (rows, slice(None), slice(None), slots)
-    else:
-        where = (rows, slice(None), slots, slice(None))
-    if layer is not None:
+    # advanced indices (rows, slots) broadcast to [B, T] and lead the indexed shape (moved to
+    # the front when a slice separates them), so the update is [B, T, K, hd] in every layout
+    where = [slice(None)] * 4
+    where[0], where[slot_axis(name)] = rows, slots
+    where = tuple(where)
+    if every:
+        where = (slice(None), *where)
+    elif layer is not None:
         where = (layer, *where)
-    return buf.at[where].set(upd, unique_indices=True, indices_are_sorted=True, mode="drop")
+    return buf.at[where].set(new, unique_indices=True, indices_are_sorted=True, mode="drop")
 
 
 def read_layer(cache: dict[str, jax.Array], layer, kv_len: int) -> tuple[jax.Array, jax.Array]:
-    """Keys ``[B, K, hd, kv_len]`` and values ``[B, K, kv_len, hd]`` of one layer (``layer`` is
-    ``None`` for a per-layer dict, else an index into the stacked buffers)."""
+    """Keys ``[B, K, hd, kv_len]`` and values ``[B, K, kv_len, hd]`` of one layer, as attention
+    reads them (``layer`` is ``None`` for a per-layer dict, else an index into the stacked
+    buffers)."""
     k, v = cache["k"], cache["v"]
     if layer is not None:
         k = jax.lax.dynamic_index_in_dim(k, layer, keepdims=False)
         v = jax.lax.dynamic_index_in_dim(v, layer, keepdims=False)
+    k, v = to_attention(k, v)
     if kv_len < k.shape[-1]:
         k, v = k[..., :kv_len], v[:, :, :kv_len]
     return k, v
+
+
+def merge_segment(cache: Cache, segment: Cache, start: jax.Array) -> Cache:
+    """Writes a decode segment's buffer (a cache of ``N`` slots, same form and layout) into the
+    cache: row ``b``'s ``N`` segment tokens go to cache slots ``start[b] .. start[b] + N - 1``
+    (slots past the end are dropped). Tokens of a row that stopped early land past its last
+    slot, which nothing reads before a later write."""
+    if is_stacked(cache):
+        return {
+            n: write_slots(cache[n], from_storage(segment[n], n), start, n, ALL_LAYERS)
+            for n in ("k", "v")
+        }
+    return tuple(
+        {n: write_slots(c[n], from_storage(seg[n], n), start, n) for n in ("k", "v")}
+        for c, seg in zip(cache, segment, strict=True)
+    )

@@ -106,7 +106,9 @@ class LayerInputs(NamedTuple):
 
     positions: int32 ``[B, T]``; inv_freq: ``[hd / 2]``; kv_valid: bool ``[B, S']`` over the
     attended slots; q_start / cache_index: slot of the first new token (int or ``[B]``);
-    kv_len: attended slots ``S'`` (static); impl / block_size: the attention implementation.
+    kv_len: attended slots ``S'`` (static); impl / block_size: the attention implementation;
+    segment_step: in a decode segment (``kv_cache``, "Decode segments"), the scalar column of
+    the segment buffer this step writes (its tokens ``<= segment_step`` are visible).
     """
 
     positions: jax.Array
@@ -116,6 +118,7 @@ class LayerInputs(NamedTuple):
     kv_len: int
     impl: str
     block_size: int
+    segment_step: jax.Array | None = None
 
 
 # The CPU path of ``dense`` (read when a program is traced; benchmarks/train_step.py turns it
@@ -182,11 +185,15 @@ def decoder_layer(
     inputs: LayerInputs,
     cache: dict[str, jax.Array] | None = None,
     layer=None,
+    segment: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """One pre-norm block on the residual stream ``x`` ``[B, T, D]``.
 
     ``cache`` is ``None`` (no cache: keys are this call's tokens), one layer's cache dict, or
-    the stacked cache with ``layer`` selecting the layer; it is returned updated.
+    the stacked cache with ``layer`` selecting the layer; it is returned updated. With
+    ``segment`` (one layer's decode-segment buffer, ``T == 1``) the cache is only read: the
+    new keys and values go to column ``inputs.segment_step`` of the buffer, which is returned
+    instead of the cache.
     """
     w = cast_weights(cfg, w)
     eps = cfg.rms_norm_eps
@@ -201,15 +208,29 @@ def decoder_layer(
         k = rms_norm(k, w["k_norm"], eps)
     q = apply_rope(q, inputs.positions, inputs.inv_freq)
     k = apply_rope(k, inputs.positions, inputs.inv_freq)
-    keys, values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # cache layout
-    if cache is not None:
-        idx = inputs.cache_index
-        cache = {
-            "k": kv_cache.write_slots(cache["k"], keys, idx, "k", layer),
-            "v": kv_cache.write_slots(cache["v"], values, idx, "v", layer),
+    extra = None
+    if segment is not None:
+        step = inputs.segment_step
+        segment = {
+            "k": kv_cache.write_slots(segment["k"], k, step, "k"),
+            "v": kv_cache.write_slots(segment["v"], v, step, "v"),
         }
         keys, values = kv_cache.read_layer(cache, layer, inputs.kv_len)
         keys, values = keys.astype(cfg.dtype), values.astype(cfg.dtype)
+        n = kv_cache.cache_len(segment)
+        seg_k, seg_v = kv_cache.read_layer(segment, None, n)
+        seen = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) <= step, (k.shape[0], n))
+        extra = (seg_k.astype(cfg.dtype), seg_v.astype(cfg.dtype), seen)
+    elif cache is not None:
+        idx = inputs.cache_index
+        cache = {
+            "k": kv_cache.write_slots(cache["k"], k, idx, "k", layer),
+            "v": kv_cache.write_slots(cache["v"], v, idx, "v", layer),
+        }
+        keys, values = kv_cache.read_layer(cache, layer, inputs.kv_len)
+        keys, values = keys.astype(cfg.dtype), values.astype(cfg.dtype)
+    else:
+        keys, values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # attention's layout
     out = attention(
         q,
         keys,
@@ -218,6 +239,7 @@ def decoder_layer(
         q_start=inputs.cache_index if cache is not None else 0,
         impl=inputs.impl,
         block_size=inputs.block_size,
+        extra=extra,
     )
     out = shd.constrain(out, HEADS)
     x = shd.constrain(x + dense(out, w["o_proj"], "bthk,hkd->btd"), RESIDUAL)
@@ -225,4 +247,4 @@ def decoder_layer(
     gate = jax.nn.silu(shd.constrain(dense(h, w["gate_proj"], "btd,df->btf"), MLP))
     up = shd.constrain(dense(h, w["up_proj"], "btd,df->btf"), MLP)
     x = shd.constrain(x + dense(gate * up, w["down_proj"], "btf,fd->btd"), RESIDUAL)
-    return x, cache
+    return x, (cache if segment is None else segment)

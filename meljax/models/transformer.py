@@ -127,11 +127,16 @@ def run_layers(
     x: jax.Array,
     inputs: LayerInputs,
     cache: Cache | None,
+    segment: Cache | None = None,
 ) -> tuple[jax.Array, Cache | None]:
     """All decoder layers on ``x`` ``[B, T, D]``: scanned (stacked weights and
-    ``cfg.scan_layers``) or unrolled (split weights, or ``scan_layers=False``)."""
+    ``cfg.scan_layers``) or unrolled (split weights, or ``scan_layers=False``). Returns the
+    updated cache, or with ``segment`` (a decode-segment buffer shaped like the cache) the
+    updated buffer and the cache untouched."""
     layer = functools.partial(decoder_layer, cfg)
     n = cfg.num_layers
+    if segment is not None:
+        return _run_layers_on_segment(layer, weights, x, inputs, cache, segment, cfg.scan_layers)
     if cache is None:
         policy = resolve_remat(cfg.remat_policy)
 
@@ -166,6 +171,29 @@ def run_layers(
             x, c = layer(w, x, inputs, cache[i])
             new_cache.append(c)
     return x, (cache if new_cache is None else tuple(new_cache))
+
+
+def _run_layers_on_segment(layer, weights, x, inputs, cache, segment, scan: bool):
+    """``run_layers`` of a decode-segment step: the cache is read-only (scanned over as an
+    input when stacked, so each layer reads its slice in place) and the segment buffer is
+    rewritten."""
+    if not isinstance(weights, tuple) and scan and kv_cache.is_stacked(cache):
+
+        def step(x, xs):
+            w, c, seg = xs
+            return layer(w, x, inputs, c, None, seg)
+
+        return jax.lax.scan(step, x, (weights, cache, segment))
+    new = []
+    for i in range(len(segment) if isinstance(segment, tuple) else segment["k"].shape[0]):
+        w = weights[i] if isinstance(weights, tuple) else {k: v[i] for k, v in weights.items()}
+        c = cache[i] if isinstance(cache, tuple) else {k: v[i] for k, v in cache.items()}
+        seg = segment[i] if isinstance(segment, tuple) else {k: v[i] for k, v in segment.items()}
+        x, seg = layer(w, x, inputs, c, None, seg)
+        new.append(seg)
+    if isinstance(segment, tuple):
+        return x, tuple(new)
+    return x, {k: jnp.stack([s[k] for s in new]) for k in ("k", "v")}
 
 
 class Transformer(nnx.Module):
@@ -217,8 +245,11 @@ class Transformer(nnx.Module):
         *,
         kv_len: int | None = None,
         layers: LayerWeights | None = None,
+        segment: Cache | None = None,
+        segment_step: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
-        """Final normalised hidden states ``[B, T, D]`` and the updated cache.
+        """Final normalised hidden states ``[B, T, D]`` and the updated cache (with
+        ``segment``: the updated segment buffer).
 
         Args:
           tokens: int32 ``[B, T]``.
@@ -230,6 +261,10 @@ class Transformer(nnx.Module):
           kv_len: attend to the first ``kv_len`` cache slots only (static; see module doc).
           layers: the layer weights to use (default: this model's stacked weights), e.g. the
             per-layer dicts of ``split_layers``.
+          segment / segment_step: a decode segment (``kv_cache``, "Decode segments"; ``T ==
+            1``): the buffer (``kv_cache.init_segment``) and the scalar column this step
+            writes. The cache is then only read; ``kv_mask`` must hide its slots from the
+            segment's first one on.
         """
         cfg = self.cfg
         t = tokens.shape[1]
@@ -248,11 +283,12 @@ class Transformer(nnx.Module):
             kv_len=kv_len,
             impl=cfg.attention_impl,
             block_size=cfg.attention_block_size,
+            segment_step=segment_step,
         )
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
         x = shd.constrain(x, RESIDUAL)
         weights = self.layers.weights(cfg) if layers is None else layers
-        x, cache = run_layers(cfg, weights, x, inputs, cache)
+        x, cache = run_layers(cfg, weights, x, inputs, cache, segment)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
 
     def prefill(

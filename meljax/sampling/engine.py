@@ -23,20 +23,23 @@ caller: it encodes prompts, applies stop strings and decodes text on top of an e
 
 Attention over the filled part only: length-bucketed segments. A segment attends to the
 first ``kv_len`` cache slots, ``kv_len`` = the smallest bucket (``DEFAULT_LENGTH_BUCKETS``,
-capped at the cache length) holding the longest live slot plus ``K``: one compiled decode
-program per bucket (a handful), each with dense XLA attention over ``[S, kv_len]``. A paged
-cache with the Pallas ``ragged_paged_attention`` kernel would read each slot's own length
-instead of the bucket of the longest, but that kernel runs only on TPU and cannot be measured
-on this CPU-only machine; buckets are measurable here and need no page table.
+capped at the cache length) holding the longest live slot's position at the segment start:
+one compiled decode program per bucket (a handful), each with dense XLA attention over
+``[S, kv_len]``. The segment's own tokens are in a small segment buffer next to the cache
+(the cache is read-only inside the decode loop and written once after it:
+``meljax.models.kv_cache``, "Decode segments"), which on TPU keeps the cache in place
+instead of copying it around every segment. A paged cache with the Pallas
+``ragged_paged_attention`` kernel would read each slot's own length instead of the bucket of
+the longest, but that kernel runs only on TPU and cannot be measured on this CPU-only
+machine; buckets are measurable here and need no page table.
 
 Measured (SmolLM2-135M f32, 64 slots, a 640-slot cache, XLA:CPU on 2 shared cores at load
-13-34, ``decode_segment`` of 8 steps, median of 3, two alternating rounds): attending to 256
-slots took 1.48 / 1.90 s per step, attending to all 640 took 1.21 / 1.38 s. Slicing the
-prefix out of the loop-carried cache costs XLA:CPU more than the attention it saves, so on
-CPU the default is no buckets (``kv_buckets=()``: every segment attends to the whole cache,
-which is sized per call: longest prompt bucket + largest ``max_new_tokens``); on TPU / GPU
-segments use the length buckets (not measurable here; ``meljax plan`` reports the compiled
-decode segment at the largest bucket).
+13-34, ``decode_segment`` of 8 steps, median of 3, two alternating rounds, with the cache
+still written inside the loop): attending to 256 slots took 1.48 / 1.90 s per step,
+attending to all 640 took 1.21 / 1.38 s. So on CPU the default is no buckets (``kv_buckets=()``:
+every segment attends to the whole cache, which is sized per call: longest prompt bucket +
+largest ``max_new_tokens``); on TPU / GPU segments use the length buckets (``meljax plan``
+reports the compiled decode segment at the largest bucket).
 
 Weights: :meth:`ContinuousEngine.prepare` casts the policy's parameters to the compute dtype
 and lays them out once per update on the :func:`~meljax.sampling.weights.inference_mesh`
@@ -229,10 +232,12 @@ class ContinuousEngine:
         )
 
     def _kv_len(self, longest: int, cache_len: int) -> int:
-        """Attended cache slots for a segment whose longest live slot sits at ``longest``."""
+        """Attended cache slots for a segment whose longest live slot sits at ``longest``: a
+        segment reads the cache below each slot's position at its start only (its own tokens
+        are in the segment buffer)."""
         if not self.kv_buckets:
             return cache_len
-        return min(bucket(longest + self.segment_steps, self.kv_buckets), cache_len)
+        return min(bucket(max(longest, 1), self.kv_buckets), cache_len)
 
     # -- host loop
 

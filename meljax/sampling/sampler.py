@@ -176,7 +176,9 @@ def sample_core(
     def rep(x):
         return _constrain(jnp.repeat(x, g, axis=0), mesh)
 
-    cache = _cache_map(lambda c, ax: _constrain_cache(jnp.repeat(c, g, axis=ax), ax), cache)
+    cache = _cache_map(
+        lambda c, ax, name: _constrain_cache(jnp.repeat(c, g, axis=ax), ax, name), cache
+    )
     kv_mask = rep(kv_mask)
     logits = rep(first_logits)
     next_pos = rep(prompt_mask.sum(axis=1).astype(jnp.int32))  # position of completion token 0

@@ -16,8 +16,11 @@ Programs (each jitted once per static shape; the engine host in ``engine.py`` dr
   the slot's controls and its sampling key ``fold_in(fold_in(key, r), g)``;
 - :func:`decode_segment`: up to ``num_steps`` decode steps in a ``lax.while_loop`` over every
   slot, attending to the first ``kv_len`` cache slots only; it stops early once every slot is
-  done. Token ``j`` of a slot is drawn with ``fold_in(slot key, j)``, so a sample's tokens do
-  not depend on its slot, its segment or its neighbours;
+  done. The cache is read-only in the loop: each step's keys and values go to a segment
+  buffer that attention reads next to it, merged into the cache after the loop (the TPU
+  compiler then keeps the cache in place: ``meljax.models.kv_cache``, "Decode segments").
+  Token ``j`` of a slot is drawn with ``fold_in(slot key, j)``, so a sample's tokens do not
+  depend on its slot, its segment or its neighbours;
 - :func:`peek` / :func:`take_rows`: the host's small per-slot arrays, then the finished rows.
 
 Weights: an :class:`~meljax.sampling.weights.InferenceWeights` (made once per policy update by
@@ -55,15 +58,17 @@ def constrain_rows(x: jax.Array, mesh: Mesh | None) -> jax.Array:
 
 
 def cache_map(fn, cache):
-    """Applies ``fn(array, batch_axis)`` to every buffer of a stacked or split cache."""
+    """Applies ``fn(array, batch_axis, name)`` to every buffer (``name`` ``"k"``/``"v"``) of a
+    stacked or split cache."""
     axis = 1 if kv_cache.is_stacked(cache) else 0
-    return jax.tree.map(lambda c: fn(c, axis), cache)
+    layers = [cache] if kv_cache.is_stacked(cache) else cache
+    out = [{n: fn(layer[n], axis, n) for n in ("k", "v")} for layer in layers]
+    return out[0] if kv_cache.is_stacked(cache) else tuple(out)
 
 
-def constrain_cache(c: jax.Array, batch_axis: int) -> jax.Array:
+def constrain_cache(c: jax.Array, batch_axis: int, name: str) -> jax.Array:
     """Rows over the data axes, kv heads over ``tensor`` (no-op without a mesh in context)."""
-    axes = (None,) * batch_axis + ("batch", "kv_heads", None, None)
-    return shd.constrain(c, axes)
+    return shd.constrain(c, (None,) * batch_axis + kv_cache.sharding_axes(name))
 
 
 def in_mesh_context(fn):
@@ -181,19 +186,20 @@ def prefill(weights, tokens: jax.Array, *, graphdef, cache_dtype, mesh, split: b
 def copy_rows(
     pool: jax.Array, new: jax.Array, src_of: jax.Array, has: jax.Array, name: str
 ) -> jax.Array:
-    """One layer's slot copy: slot ``s`` of ``pool`` (keys ``[S, K, hd, C]`` or values ``[S,
-    K, C, hd]``) gets prompt ``src_of[s]`` of ``new`` (``[B, K, hd, P]`` / ``[B, K, P, hd]``)
-    in its first ``P`` cache slots where ``has[s]``; other slots are unchanged.
+    """One layer's slot copy: slot ``s`` of ``pool`` (one layer's ``name`` buffer of ``S`` slots
+    and ``C`` cache slots each) gets prompt ``src_of[s]`` of ``new`` (the same buffer of ``B``
+    prompts and ``P`` cache slots) in its first ``P`` cache slots where ``has[s]``; other
+    slots are unchanged.
 
     Every device gathers one layer of all ``B`` prompts (an all-gather of ``B`` rows, not of
     the pool) and selects its own slots' rows locally."""
-    col = 3 if name == "k" else 2
+    col = kv_cache.slot_axis(name)
     p = new.shape[col]
-    new = shd.constrain(new, (None, "kv_heads", None, None))
-    rows = constrain_cache(jnp.take(new, src_of, axis=0).astype(pool.dtype), 0)
+    new = shd.constrain(new, (None, *kv_cache.sharding_axes(name)[1:]))
+    rows = constrain_cache(jnp.take(new, src_of, axis=0).astype(pool.dtype), 0, name)
     head = jax.lax.slice_in_dim(pool, 0, p, axis=col)
     head = jnp.where(has[:, None, None, None], rows, head)
-    return constrain_cache(jax.lax.dynamic_update_slice_in_dim(pool, head, 0, axis=col), 0)
+    return constrain_cache(jax.lax.dynamic_update_slice_in_dim(pool, head, 0, axis=col), 0, name)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("state",))
@@ -288,29 +294,39 @@ def decode_segment(
 ) -> tuple[SlotState, jax.Array]:
     """Up to ``num_steps`` decode steps of every slot; returns the state and the steps run.
 
-    Each step feeds every slot's ``last_token`` at its ``pos`` (reading cache slots
-    ``< kv_len`` only: the caller guarantees ``pos + num_steps <= kv_len`` for live slots),
-    samples the next token with the slot's controls and key, and records it. A slot is done
-    after a stop token (kept, ``stopped``) or ``max_new`` tokens. Done slots still run (fixed
-    shapes) but change nothing. The loop ends early once every slot is done.
+    Each step feeds every slot's ``last_token`` at its ``pos``, samples the next token with
+    the slot's controls and key, and records it. It attends to the cache slots before the
+    slot's ``pos`` at the segment start (the caller guarantees that ``kv_len`` covers them
+    for live slots) and to the segment's earlier tokens, kept in a ``[S, num_steps]``
+    segment buffer and merged into the cache after the loop. A slot is done after a stop
+    token (kept, ``stopped``) or ``max_new`` tokens. Done slots still run (fixed shapes) but
+    change nothing. The loop ends early once every slot is done.
     """
     del cache_dtype  # the cache arrives allocated
     model, cfg, layers = _merge(graphdef, weights)
     s, m = state.tokens.shape
     rows = jnp.arange(s, dtype=jnp.int32)
-    kv_mask = jnp.ones((s, kv_len), bool)  # causality masks everything past each slot's pos
+    # the cache is read-only in the loop: a slot sees its slots before the segment there and
+    # this segment's tokens in the segment buffer (kv_cache, "Decode segments")
+    cache, start = state.cache, state.pos
+    kv_mask = jnp.arange(kv_len, dtype=jnp.int32)[None, :] < start[:, None]
+    dtype = (cache if kv_cache.is_stacked(cache) else cache[0])["k"].dtype
+    segment = init_cache(cfg, s, num_steps, dtype, stacked=kv_cache.is_stacked(cache))
+    segment = cache_map(constrain_cache, segment)
 
     def body(carry):
-        i, st = carry
+        i, st, segment = carry
         live = ~st.done
-        hidden, cache = model.forward_hidden(
+        hidden, segment = model.forward_hidden(
             st.last_token[:, None],
             st.pos[:, None],
             kv_mask,
-            st.cache,
+            cache,
             st.pos,
             kv_len=kv_len,
             layers=layers,
+            segment=segment,
+            segment_step=i,
         )
         logits = model.project_rows(hidden[:, 0])  # [S, V]
         keys = jax.random.wrap_key_data(st.keys)
@@ -326,7 +342,6 @@ def decode_segment(
         step = st.step + live.astype(jnp.int32)
         new = dataclasses.replace(
             st,
-            cache=cache_map(constrain_cache, cache),
             last_token=constrain_rows(jnp.where(live, tok, st.last_token), mesh),
             pos=constrain_rows(st.pos + live.astype(jnp.int32), mesh),
             step=constrain_rows(step, mesh),
@@ -335,14 +350,16 @@ def decode_segment(
             tokens=constrain_rows(tokens, mesh),
             logprobs=constrain_rows(logprobs, mesh),
         )
-        return i + 1, new
+        return i + 1, new, cache_map(constrain_cache, segment)
 
     def cond(carry):
-        i, st = carry
+        i, st, _ = carry
         return (i < num_steps) & ~jnp.all(st.done)
 
-    steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-    return state, steps
+    carry = (jnp.int32(0), dataclasses.replace(state, cache=None), segment)
+    steps, state, segment = jax.lax.while_loop(cond, body, carry)
+    cache = kv_cache.merge_segment(cache, segment, start)
+    return dataclasses.replace(state, cache=cache_map(constrain_cache, cache)), steps
 
 
 @jax.jit
