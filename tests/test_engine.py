@@ -212,6 +212,8 @@ def test_filter_logits_per_row_equals_scalar_calls():
 
 
 def test_mesh_equals_single_device_and_weights_replicated(llama):
+    """Rows over 8 (then 4) devices, one or two slots each: prompts whose samples span
+    devices are prefilled on each, and every slot copy stays on its device."""
     if jax.device_count() < 8:
         pytest.skip("needs the 8 simulated CPU devices of conftest.py")
     graphdef, params = llama
@@ -221,7 +223,8 @@ def test_mesh_equals_single_device_and_weights_replicated(llama):
         Request(tuple(PROMPTS[0]), SamplingParams(10, temperature=1.0, num_samples=3)),
         Request(tuple(PROMPTS[1]), SamplingParams(10, temperature=0.0, num_samples=1)),
         Request(tuple(PROMPTS[4]), SamplingParams(10, temperature=0.8, num_samples=4)),
-    ]
+        Request(tuple(PROMPTS[3]), SamplingParams(6, temperature=1.0, num_samples=3)),
+    ]  # 11 samples through 8 slots: refills land on scattered free slots
     key = jax.random.key(3)
     plain = engine(graphdef, max_slots=8).generate(params, reqs, key)
     for tp in (1, 2):

@@ -241,9 +241,10 @@ def test_prompt_limit_is_the_top_bucket():
 @tpu
 def test_slot_copy_at_paper_scale_stays_per_device():
     """Qwen3-8B's first refill on v5p-64 (1,024 slot copies of 128 prompt caches of 1,024
-    tokens into 1,024 slots x 5,120 cache slots): each chip gathers one layer of prompts at a
-    time and selects its own 32 slots' rows. A scatter into the row-sharded pool, the first
-    implementation, replicated every update: 167 GiB of temporaries per chip."""
+    tokens into 1,024 slots x 5,120 cache slots): each chip copies its own prompts into its
+    own 32 slots. A scatter into the row-sharded pool, the first implementation, replicated
+    every update (167 GiB of temporaries per chip); a gather of prompt rows all-gathered
+    every prompt's cache to every chip (19.3 GB here, 232 GB per MEL analysis refill)."""
     from configs.qwen3_8b_mel import get_config
 
     report = plan(get_config(), "v5p-64", programs=["rollout_insert"])
@@ -251,9 +252,7 @@ def test_slot_copy_at_paper_scale_stays_per_device():
     pool = insert.outputs  # the donated slot state, almost all of it the KV cache
     assert insert.fits and insert.aliased >= 0.99 * pool
     assert insert.temporaries < 0.1 * pool
-    # the only traffic: every layer's 128 prompt caches (bf16 keys and values) to every chip
-    prompt_caches = 36 * 128 * 8 * 128 * 1024 * 2 * 2
-    assert insert.collective_bytes <= 1.05 * prompt_caches
+    assert insert.collective_bytes == 0
 
 
 @tpu

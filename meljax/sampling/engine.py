@@ -349,14 +349,32 @@ class ContinuousEngine:
         return out  # type: ignore[return-value]
 
     def _refill(self, weights, state, admitted, free, requests, prompts, key):
-        """One batched prefill of the admitted parts' prompts and their slot copies."""
+        """One batched prefill of the admitted parts' prompts and their slot copies.
+
+        Slots and prefill rows are split over the ``dp`` data-parallel devices in equal
+        contiguous blocks; each device's block of prefill rows holds the prompts of the
+        samples going to its own slots (a prompt whose ``G`` slots span two devices is
+        prefilled on both), so the slot copy moves nothing between devices."""
         dp = self._dp()
+        n_slots = len(state.done)
+        per_device = n_slots // dp
+        dst = free[: sum(p.count for p in admitted)]
+        owners = [p for p in range(len(admitted)) for _ in range(admitted[p].count)]
+        blocks: list[list[int]] = [[] for _ in range(dp)]  # admitted parts by device
+        for part, slot in zip(owners, dst, strict=True):
+            block = blocks[slot // per_device]
+            if part not in block:
+                block.append(part)
+        b = bucket(dp * max(len(x) for x in blocks), self.batch_buckets, multiple=dp)
+        rows = b // dp
         body = [prompts[p.request][:-1] for p in admitted]
-        b = bucket(len(body), self.batch_buckets, multiple=dp)
         p_len = self.prompt_bucket(max(max(len(x) for x in body), 1))
         tokens = np.full((b, p_len), self.pad_id, np.int32)
-        for i, x in enumerate(body):
-            tokens[i, : len(x)] = x
+        row_of = {}
+        for d, block in enumerate(blocks):
+            for k, part in enumerate(block):
+                tokens[d * rows + k, : len(body[part])] = body[part]
+                row_of[d, part] = d * rows + k
         prompt_cache = slots.prefill(
             weights,
             self._put(tokens),
@@ -365,9 +383,7 @@ class ContinuousEngine:
             mesh=self.mesh,
             split=self.split,
         )
-        n = sum(p.count for p in admitted)
-        width = bucket(n, self.batch_buckets)
-        n_slots = len(state.done)
+        width = bucket(len(dst), self.batch_buckets)
         cols = {
             name: np.zeros(width, dt)
             for name, dt in (
@@ -388,8 +404,8 @@ class ContinuousEngine:
             prompt, sp = prompts[part.request], requests[part.request].sampling
             for g in range(part.first, part.first + part.count):
                 values = dict(
-                    src=j,
-                    dst=free[i],
+                    src=row_of[dst[i] // per_device, j],
+                    dst=dst[i],
                     last_token=prompt[-1],
                     pos=len(prompt) - 1,
                     max_new=sp.max_new_tokens,

@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meljax import sharding as shd
 from meljax.models import kv_cache
@@ -191,15 +191,45 @@ def copy_rows(
     prompts and ``P`` cache slots) in its first ``P`` cache slots where ``has[s]``; other
     slots are unchanged.
 
-    Every device gathers one layer of all ``B`` prompts (an all-gather of ``B`` rows, not of
-    the pool) and selects its own slots' rows locally."""
+    With the rows split over the data axes of a mesh in context, prompt ``src_of[s]`` must
+    sit on the device that holds slot ``s`` (the engine's refill places each prompt there:
+    prefill rows and slots are split in equal contiguous blocks), and each device copies its
+    own rows (``shard_map``): no collective. (Letting XLA partition a gather of prompt rows
+    all-gathered every layer of every prompt to every chip: 232 GB per MEL analysis refill
+    at 8B on v5p-64.)"""
     col = kv_cache.slot_axis(name)
-    p = new.shape[col]
-    new = shd.constrain(new, (None, *kv_cache.sharding_axes(name)[1:]))
-    rows = constrain_cache(jnp.take(new, src_of, axis=0).astype(pool.dtype), 0, name)
-    head = jax.lax.slice_in_dim(pool, 0, p, axis=col)
+    mesh = shd.context_mesh()
+    if mesh is not None and not any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        axes = kv_cache.sharding_axes(name)
+        pool_spec = shd.logical_to_spec(axes, None, mesh, pool.shape)
+        new_spec = shd.logical_to_spec(axes, None, mesh, new.shape)
+        if pool_spec[0] is not None:
+            if new_spec[0] != pool_spec[0]:
+                raise ValueError(
+                    f"slot copy: {new.shape[0]} prompt rows do not split over the mesh like "
+                    f"the {pool.shape[0]} slots ({new_spec[0]} vs {pool_spec[0]})"
+                )
+            rows = PartitionSpec(pool_spec[0])
+
+            def local(pool, new, src_of, has):
+                # this device's prompts are rows [d * b, (d + 1) * b) of the batch
+                return _copy_local(pool, new, src_of % new.shape[0], has, col)
+
+            return jax.shard_map(
+                local,
+                mesh=mesh,
+                in_specs=(pool_spec, new_spec, rows, rows),
+                out_specs=pool_spec,
+                check_vma=False,
+            )(pool, new, src_of, has)
+    return _copy_local(pool, new, src_of, has, col)
+
+
+def _copy_local(pool, new, src_of, has, col: int) -> jax.Array:
+    rows = jnp.take(new, src_of, axis=0).astype(pool.dtype)
+    head = jax.lax.slice_in_dim(pool, 0, new.shape[col], axis=col)
     head = jnp.where(has[:, None, None, None], rows, head)
-    return constrain_cache(jax.lax.dynamic_update_slice_in_dim(pool, head, 0, axis=col), 0, name)
+    return jax.lax.dynamic_update_slice_in_dim(pool, head, 0, axis=col)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("state",))
@@ -223,7 +253,8 @@ def insert(
 ) -> SlotState:
     """The slot copy: entry ``i`` (all args ``[n]``) puts prompt ``src[i]`` of ``prompt_cache``
     into slot ``dst[i]`` (``dst == S`` marks padding entries, dropped) with its controls and
-    the key of sample ``sample[i]`` of request ``request[i]``."""
+    the key of sample ``sample[i]`` of request ``request[i]``. On a mesh that splits rows,
+    prompt ``src[i]`` must be on the device of slot ``dst[i]`` (see :func:`copy_rows`)."""
     num_slots = state.done.shape[0]
     # slot s <- prompt src_of[s] where `has[s]`: the copy as a per-slot select, so each device
     # gathers its own slots' rows (a scatter into a row-sharded pool is partitioned by
