@@ -434,6 +434,37 @@ def test_decode_segment_equals_per_step_cache_writes(layout, stacked, scan):
                     )
 
 
+@pytest.mark.parametrize("layout", ["heads", "hd_minor"])
+def test_merge_segment_drops_columns_past_the_end(layout):
+    """Rows starting 2, 6 and 8 slots into an 8-slot cache merge a 4-column segment: slots
+    2-5, slots 6-7 (the rest dropped, the slots before 6 kept), nothing (hand values)."""
+    from meljax.models import kv_cache
+
+    with kv_cache.use_layout(layout):
+        cfg = small_cfg(num_layers=2)
+        rng = np.random.default_rng(0)
+        for stacked in (True, False):
+            cache = jax.tree.map(
+                lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                init_cache(cfg, 3, 8, stacked=stacked),
+            )
+            segment = jax.tree.map(
+                lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                init_cache(cfg, 3, 4, stacked=stacked),
+            )
+            merged = kv_cache.merge_segment(cache, segment, jnp.asarray([2, 6, 8], jnp.int32))
+            per_layer = [[c] if stacked else list(c) for c in (merged, cache, segment)]
+            for got, old, seg in zip(*per_layer, strict=True):
+                for name in ("k", "v"):
+                    g, o, sg = (
+                        np.asarray(kv_cache.from_storage(x[name], name)) for x in (got, old, seg)
+                    )
+                    want = o.copy()  # [.., B, S, K, hd]
+                    want[..., 0, 2:6, :, :] = sg[..., 0, :, :, :]
+                    want[..., 1, 6:8, :, :] = sg[..., 1, :2, :, :]
+                    np.testing.assert_array_equal(g, want)
+
+
 def test_cache_layouts_are_validated():
     from meljax.models import kv_cache
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -172,14 +173,10 @@ def cache_len(cache: Cache) -> int:
     return k.shape[k.ndim - 4 + slot_axis("k")]
 
 
-ALL_LAYERS = "all layers"  # ``write_slots(layer=ALL_LAYERS)``: every layer of a stacked buffer
-
-
 def write_slots(buf: jax.Array, new: jax.Array, index, name: str, layer=None) -> jax.Array:
     """Writes ``new`` (one layer's new keys or values ``[B, T, K, hd]``) into ``buf`` at slot
     ``index`` (scalar or ``[B]``); ``buf`` is one layer in the storage layout, or the stacked
-    ``[L, ...]`` buffer with ``layer`` (static or traced) selecting the layer, or with
-    ``layer=ALL_LAYERS`` and ``new`` ``[L, B, T, K, hd]`` (per-row ``index`` only) all of them.
+    ``[L, ...]`` buffer with ``layer`` (static or traced) selecting the layer.
 
     A scalar index is one ``dynamic_update_slice``. Per-row indices are one scatter with
     unique, sorted indices, which XLA updates in place (a ``vmap`` of ``dynamic_update_slice``
@@ -198,22 +195,19 @@ def write_slots(buf: jax.Array, new: jax.Array, index, name: str, layer=None) ->
         return jax.lax.dynamic_update_slice(buf, new[None], [layer, *start])
     new = new.astype(buf.dtype)
     mesh = shd.context_mesh()
-    lead = buf.ndim - 4  # 1 for the stacked [L, ...] buffer
-    every = isinstance(layer, str) and layer == ALL_LAYERS
+    lead = buf.ndim - new.ndim  # 1 for the stacked [L, ...] buffer
     buf_axes = (None,) * lead + sharding_axes(name)
     if mesh is not None and not any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
         buf_spec = shd.logical_to_spec(buf_axes, None, mesh, buf.shape)
         if buf_spec[lead] is not None:  # rows split over devices: write each shard locally
             kv_spec = buf_spec[lead + buffer_axes(name).index("kv_heads")]
-            new_spec = PartitionSpec(*(None,) * every, buf_spec[lead], None, kv_spec, None)
+            new_spec = PartitionSpec(buf_spec[lead], None, kv_spec, None)
             idx_spec = PartitionSpec(buf_spec[lead])
 
-            def local(buf, new, index, layer_arg):
-                return _scatter_rows(
-                    buf, new, index, name, layer if every or not lead else layer_arg
-                )
+            def local(buf, new, index, layer):
+                return _scatter_rows(buf, new, index, name, layer if lead else None)
 
-            layer_arg = jnp.asarray(0 if layer is None or every else layer, jnp.int32)
+            layer_arg = jnp.asarray(0 if layer is None else layer, jnp.int32)
             return jax.shard_map(
                 local,
                 mesh=mesh,
@@ -225,11 +219,8 @@ def write_slots(buf: jax.Array, new: jax.Array, index, name: str, layer=None) ->
 
 
 def _scatter_rows(buf, new, index, name: str, layer) -> jax.Array:
-    """The per-row write of ``write_slots`` (``new`` ``[B, T, K, hd]``, or ``[L, B, T, K, hd]``
-    for ``ALL_LAYERS``) as one in-place scatter (see there)."""
-    every = isinstance(layer, str) and layer == ALL_LAYERS
-    if every:  # [B, T, L, K, hd]: the advanced indices lead, the layer axis follows
-        new = new.transpose(1, 2, 0, 3, 4)
+    """The per-row write of ``write_slots`` (``new`` ``[B, T, K, hd]``) as one in-place
+    scatter (see there)."""
     b, t = new.shape[:2]
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]
     slots = index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
@@ -238,9 +229,7 @@ def _scatter_rows(buf, new, index, name: str, layer) -> jax.Array:
     where = [slice(None)] * 4
     where[0], where[slot_axis(name)] = rows, slots
     where = tuple(where)
-    if every:
-        where = (slice(None), *where)
-    elif layer is not None:
+    if layer is not None:
         where = (layer, *where)
     return buf.at[where].set(new, unique_indices=True, indices_are_sorted=True, mode="drop")
 
@@ -263,13 +252,57 @@ def merge_segment(cache: Cache, segment: Cache, start: jax.Array) -> Cache:
     """Writes a decode segment's buffer (a cache of ``N`` slots, same form and layout) into the
     cache: row ``b``'s ``N`` segment tokens go to cache slots ``start[b] .. start[b] + N - 1``
     (slots past the end are dropped). Tokens of a row that stopped early land past its last
-    slot, which nothing reads before a later write."""
+    slot, which nothing reads before a later write.
+
+    One ``dynamic_update_slice`` per row (a loop over the rows, each device over its own):
+    the TPU compiler updates the cache in place, where a scatter of every row at once was
+    given its own layout and the whole cache copied into it and back (Qwen3-14B, kv heads
+    over 4 chips)."""
     if is_stacked(cache):
-        return {
-            n: write_slots(cache[n], from_storage(segment[n], n), start, n, ALL_LAYERS)
-            for n in ("k", "v")
-        }
+        return {n: _merge_buffer(cache[n], segment[n], start, n) for n in ("k", "v")}
     return tuple(
-        {n: write_slots(c[n], from_storage(seg[n], n), start, n) for n in ("k", "v")}
+        {n: _merge_buffer(c[n], seg[n], start, n) for n in ("k", "v")}
         for c, seg in zip(cache, segment, strict=True)
     )
+
+
+def _merge_buffer(buf: jax.Array, seg: jax.Array, start: jax.Array, name: str) -> jax.Array:
+    lead = buf.ndim - 4  # 1 for stacked [L, ...] buffers
+    mesh = shd.context_mesh()
+    if mesh is not None and not any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        spec = shd.logical_to_spec((None,) * lead + sharding_axes(name), None, mesh, buf.shape)
+        if spec[lead] is not None:  # rows split over devices: each merges its own rows
+            return jax.shard_map(
+                functools.partial(_merge_rows, name=name),
+                mesh=mesh,
+                in_specs=(spec, spec, PartitionSpec(spec[lead])),
+                out_specs=spec,
+                check_vma=False,
+            )(buf, seg, start)
+    return _merge_rows(buf, seg, start, name=name)
+
+
+def _merge_rows(buf: jax.Array, seg: jax.Array, start: jax.Array, *, name: str) -> jax.Array:
+    lead = buf.ndim - 4
+    axis, row_axis = lead + slot_axis(name), lead
+    size = buf.shape[axis]
+    seg = jax.lax.slice_in_dim(seg, 0, min(seg.shape[axis], size), axis=axis).astype(buf.dtype)
+    n = seg.shape[axis]
+    # columns past the cache's end: write the last n slots, keeping those before `start`
+    visible = jnp.arange(n, dtype=jnp.int32).reshape(
+        [n if d == axis else 1 for d in range(buf.ndim)]
+    )
+
+    def row(b, buf):
+        piece = jax.lax.dynamic_slice_in_dim(seg, b, 1, row_axis)
+        at = jnp.minimum(start[b], size - n)
+        shift = start[b] - at  # > 0 only near the end of the cache
+        piece = jax.lax.dynamic_slice_in_dim(
+            jnp.concatenate([jnp.zeros_like(piece), piece], axis), n - shift, n, axis
+        )
+        where = [0] * buf.ndim
+        where[row_axis], where[axis] = b, at
+        old = jax.lax.dynamic_slice(buf, where, piece.shape)
+        return jax.lax.dynamic_update_slice(buf, jnp.where(visible >= shift, piece, old), where)
+
+    return jax.lax.fori_loop(0, buf.shape[row_axis], row, buf)

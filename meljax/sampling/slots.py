@@ -342,7 +342,9 @@ def decode_segment(
     cache, start = state.cache, state.pos
     kv_mask = jnp.arange(kv_len, dtype=jnp.int32)[None, :] < start[:, None]
     dtype = (cache if kv_cache.is_stacked(cache) else cache[0])["k"].dtype
-    segment = init_cache(cfg, s, num_steps, dtype, stacked=kv_cache.is_stacked(cache))
+    # a live slot writes at most cache-length tokens, so a longer segment is never needed
+    width = min(num_steps, kv_cache.cache_len(cache))
+    segment = init_cache(cfg, s, width, dtype, stacked=kv_cache.is_stacked(cache))
     segment = cache_map(constrain_cache, segment)
 
     def body(carry):
