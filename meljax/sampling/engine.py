@@ -33,10 +33,13 @@ instead of copying it around every segment. A paged cache with the Pallas
 the longest, but that kernel runs only on TPU and cannot be measured on this CPU-only
 machine; buckets are measurable here and need no page table.
 
-Measured (SmolLM2-135M f32, 64 slots, a 640-slot cache, XLA:CPU on 2 shared cores at load
-13-34, ``decode_segment`` of 8 steps, median of 3, two alternating rounds, with the cache
-still written inside the loop): attending to 256 slots took 1.48 / 1.90 s per step,
-attending to all 640 took 1.21 / 1.38 s. So on CPU the default is no buckets (``kv_buckets=()``:
+Measured on CPU with the read-only cache (SmolLM2-135M shapes, random f32 weights, 64 slots,
+segments of 16 steps, median of 3 alternating calls, idle 2-core machine): in a 640-slot
+cache, attending to the first 256 slots took 422 ms per step, attending to all 640 took 379
+ms; the slice of the cache inside the loop costs more than the shorter attention saves. A
+pool whose whole cache is 256 (64) slots takes 247 (191) ms per step: reading only the filled
+part would pay on CPU too, but per slot, which needs a ragged kernel (none for XLA:CPU).
+So on CPU the default is no buckets (``kv_buckets=()``:
 every segment attends to the whole cache, which is sized per call: longest prompt bucket +
 largest ``max_new_tokens``); on TPU / GPU segments use the length buckets (``meljax plan``
 reports the compiled decode segment at the largest bucket).
