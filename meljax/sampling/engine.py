@@ -38,7 +38,12 @@ segments of 16 steps, median of 3 alternating calls, idle 2-core machine): in a 
 cache, attending to the first 256 slots took 422 ms per step, attending to all 640 took 379
 ms; the slice of the cache inside the loop costs more than the shorter attention saves. A
 pool whose whole cache is 256 (64) slots takes 247 (191) ms per step: reading only the filled
-part would pay on CPU too, but per slot, which needs a ragged kernel (none for XLA:CPU).
+part would pay on CPU too, but per slot, which needs a ragged kernel (none for XLA:CPU). An
+XLA paged read (the cache as pages of 64 slots, each segment gathering the (slot, page)
+pairs that hold tokens, one softmax per slot) was tried and not kept: against the dense read
+of the whole 640-slot cache it took 173 vs 258 ms per step at a mean fill of 128 slots, 245
+vs 259 at 280 (this benchmark's mean) and 292 vs 249 at 400; XLA:CPU's gathers cost about
+what they save.
 So on CPU the default is no buckets (``kv_buckets=()``:
 every segment attends to the whole cache, which is sized per call: longest prompt bucket +
 largest ``max_new_tokens``); on TPU / GPU segments use the length buckets (``meljax plan``
