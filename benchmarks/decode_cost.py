@@ -11,9 +11,8 @@ alternate over ``--rounds``; each figure is the median of its calls in milliseco
 decode step (compilation excluded), with the least-squares line
 ``step = fixed + per_slot * L`` over the whole-cache pools.
 
-With ``benchmarks/rollout.py``'s mean filled length per useful token and slot utilisation,
-the line bounds what any attention scheme could gain over the static sampler (README,
-"Measured figures").
+With ``benchmarks/rollout.py``'s mean filled length per useful token, the line gives what
+reading only the filled part would save in the engine's step (README, "Measured figures").
 
   python benchmarks/decode_cost.py --lengths 64,256,640 --cache 640
 """
