@@ -42,10 +42,9 @@ part would pay on CPU too, but per slot, which needs a ragged kernel (none for X
 XLA paged read (the cache as pages of 64 slots, each segment gathering the (slot, page)
 pairs that hold tokens, one softmax per slot) was tried and not kept: against the dense read
 of the whole 640-slot cache it took 173 vs 258 ms per step at a mean fill of 128 slots, 245
-vs 259 at 280 (this benchmark's mean) and 292 vs 249 at 400; XLA:CPU's gathers cost about
-what they save.
-So on CPU the default is no buckets (``kv_buckets=()``:
-every segment attends to the whole cache, which is sized per call: longest prompt bucket +
+vs 259 at 280 (the mean of ``benchmarks/rollout.py``'s GSM8K workload) and 292 vs 249 at
+400; XLA:CPU's gathers cost about what they save. So on CPU the default is no buckets
+(``kv_buckets=()``: every segment attends to the whole cache, which is sized per call: longest prompt bucket +
 largest ``max_new_tokens``); on TPU / GPU segments use the length buckets (``meljax plan``
 reports the compiled decode segment at the largest bucket).
 
