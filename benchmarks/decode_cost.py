@@ -97,6 +97,7 @@ def main() -> None:
             kv_len=case[2],
             num_steps=args.segment_steps,
             split=engine.split,
+            segment_buffer=engine.segment_buffer,
         )
         jax.block_until_ready(out.tokens)
         return (time.perf_counter() - t) / int(ran) * 1e3

@@ -98,9 +98,17 @@ def test_output_independent_of_pool_and_segments_and_logprobs_match_forward(llam
         Request(tuple(PROMPTS[3]), SamplingParams(9, 0.9, top_k=5, num_samples=2)),
     ]
     key = jax.random.key(7)
-    runs = [  # with attended-length buckets and without (the CPU default)
-        engine(graphdef, max_slots=s, segment_steps=k, kv_buckets=b).generate(params, mixed, key)
-        for s, k, b in ((2, 3, (32, 64)), (8, 16, None), (16, 1, (16, 32, 64)))
+    runs = [  # with attended-length buckets and without (the CPU default); the cache
+        # written in the loop (the CPU default) and read-only next to a segment buffer
+        engine(graphdef, max_slots=s, segment_steps=k, kv_buckets=b, segment_buffer=buf).generate(
+            params, mixed, key
+        )
+        for s, k, b, buf in (
+            (2, 3, (32, 64), True),
+            (8, 16, None, None),
+            (16, 1, (16, 32, 64), False),
+            (3, 5, None, True),
+        )
     ]
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
@@ -150,7 +158,9 @@ def test_tpu_cache_layout_gives_the_same_generations(llama, split):
     runs = []
     for layout in ("heads", "hd_minor"):
         with kv_cache.use_layout(layout):
-            eng = engine(graphdef, max_slots=3, segment_steps=4, kv_buckets=(32, 64))
+            eng = engine(
+                graphdef, max_slots=3, segment_steps=4, kv_buckets=(32, 64), segment_buffer=True
+            )
             eng.split = split
             runs.append(eng.generate(params, reqs, jax.random.key(3)))
     for a, b in zip(*runs, strict=True):
@@ -159,12 +169,20 @@ def test_tpu_cache_layout_gives_the_same_generations(llama, split):
             np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
 
 
-def test_slot_utilisation_hand_computed(llama):
+@pytest.mark.parametrize("segment_buffer", [True, False])
+def test_slot_utilisation_hand_computed(llama, segment_buffer):
     """3 requests of 4, 8 and 2 tokens (no stop id), 2 slots, segments of 2 steps:
     A, B start; after 2 segments A (4) is done and C takes its slot; C ends after segment 3,
     B after segment 4: 4 segments x 2 steps x 2 slots = 16 slot-steps, 14 useful tokens."""
     graphdef, params = llama
-    eng = engine(graphdef, stop_token_ids=[], max_slots=2, segment_steps=2, kv_buckets=(8, 16))
+    eng = engine(
+        graphdef,
+        stop_token_ids=[],
+        max_slots=2,
+        segment_steps=2,
+        kv_buckets=(8, 16),
+        segment_buffer=segment_buffer,
+    )
     reqs = [Request((5, 6, 7), SamplingParams(n, temperature=1.0)) for n in (4, 8, 2)]
     out = eng.generate(params, reqs, jax.random.key(0))
     assert [len(g[0].tokens) for g in out] == [4, 8, 2]
@@ -174,9 +192,11 @@ def test_slot_utilisation_hand_computed(llama):
     assert (s.useful_tokens, s.slot_steps) == (14, 16)
     assert s.slot_utilisation == pytest.approx(14 / 16)
     # attended length: the bucket of the longest live slot's position at the segment start
-    # (prompt 3 - 1 + tokens so far: 2, 4, 6, 8; the segment's own tokens are in its buffer)
-    # -> bucket 8 each time (the cache holds 32 + 8 slots)
-    assert s.kv_lens == {8: 4} and s.cache_len == 40
+    # (prompt 3 - 1 + tokens so far: 2, 4, 6, 8) -> with a segment buffer (which holds the
+    # segment's own tokens) bucket 8 each time; writing the cache in the loop, the segment's
+    # 2 slots too: 4, 6, 8, 10 -> 8, 8, 8, 16 (the cache holds 32 + 8 slots)
+    want = {8: 4} if segment_buffer else {8: 3, 16: 1}
+    assert s.kv_lens == want and s.cache_len == 40
 
 
 def test_per_row_controls_follow_their_distributions():

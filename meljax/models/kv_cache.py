@@ -10,11 +10,13 @@ them in one of two layouts (:func:`layout`), chosen per platform:
   matmuls read in place (compiled for v5p, ``meljax plan``); :func:`read_layer` hands attention
   the transposed key view, which the compiler folds into the matmul.
 
-Decode segments (the engine's decode loop, ``meljax.sampling.slots.decode_segment``) never
-write the cache inside the loop: each step's keys and values go to a small segment buffer
-(a cache of ``N`` slots for ``N`` steps) that attention reads next to the cache
+Decode segments (the engine's decode loop, ``meljax.sampling.slots.decode_segment``) on TPU
+and GPU never write the cache inside the loop: each step's keys and values go to a small
+segment buffer (a cache of ``N`` slots for ``N`` steps) that attention reads next to the cache
 (``attention(..., extra=...)``), and :func:`merge_segment` writes the buffer into the cache
-once, after the loop. A cache written inside a ``while`` loop is stored
+once, after the loop. (On CPU they write the cache in the loop, per row, in place: one
+softmax block per layer is cheaper there; ``meljax.sampling.engine``.) A cache written
+inside a ``while`` loop is stored
 by the TPU compiler in the layout its per-row scatter prefers (``[B, S, K, hd]``), so the
 whole cache was copied into and out of every segment and each layer was re-laid out for the
 matmuls at every step (a 2-layer Qwen3-8B decode segment on v5p-64: 1.4 GiB of temporaries

@@ -134,6 +134,7 @@ def lower_engine_programs(
                 kv_len=cache_len,
                 num_steps=k,
                 split=engine.split,
+                segment_buffer=engine.segment_buffer,
                 **static,
             ),
             k,

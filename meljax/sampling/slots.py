@@ -16,9 +16,11 @@ Programs (each jitted once per static shape; the engine host in ``engine.py`` dr
   the slot's controls and its sampling key ``fold_in(fold_in(key, r), g)``;
 - :func:`decode_segment`: up to ``num_steps`` decode steps in a ``lax.while_loop`` over every
   slot, attending to the first ``kv_len`` cache slots only; it stops early once every slot is
-  done. The cache is read-only in the loop: each step's keys and values go to a segment
-  buffer that attention reads next to it, merged into the cache after the loop (the TPU
-  compiler then keeps the cache in place: ``meljax.models.kv_cache``, "Decode segments").
+  done. With ``segment_buffer`` (TPU, GPU) the cache is read-only in the loop: each step's
+  keys and values go to a segment buffer that attention reads next to it, merged into the
+  cache after the loop (the TPU compiler then keeps the cache in place:
+  ``meljax.models.kv_cache``, "Decode segments"); without it (CPU) each step writes its
+  slot of the cache in place.
   Token ``j`` of a slot is drawn with ``fold_in(slot key, j)``, so a sample's tokens do not
   depend on its slot, its segment or its neighbours;
 - :func:`peek` / :func:`take_rows`: the host's small per-slot arrays, then the finished rows.
@@ -307,7 +309,9 @@ def insert(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("kv_len", "num_steps", *_STATIC), donate_argnames=("state",)
+    jax.jit,
+    static_argnames=("kv_len", "num_steps", "segment_buffer", *_STATIC),
+    donate_argnames=("state",),
 )
 @in_mesh_context
 def decode_segment(
@@ -322,14 +326,17 @@ def decode_segment(
     cache_dtype=None,
     mesh=None,
     split: bool = False,
+    segment_buffer: bool = True,
 ) -> tuple[SlotState, jax.Array]:
     """Up to ``num_steps`` decode steps of every slot; returns the state and the steps run.
 
     Each step feeds every slot's ``last_token`` at its ``pos``, samples the next token with
-    the slot's controls and key, and records it. It attends to the cache slots before the
-    slot's ``pos`` at the segment start (the caller guarantees that ``kv_len`` covers them
-    for live slots) and to the segment's earlier tokens, kept in a ``[S, num_steps]``
-    segment buffer and merged into the cache after the loop. A slot is done after a stop
+    the slot's controls and key, and records it. With ``segment_buffer`` it attends to the
+    cache slots before the slot's ``pos`` at the segment start (the caller guarantees that
+    ``kv_len`` covers them for live slots) and to the segment's earlier tokens, kept in a
+    ``[S, num_steps]`` segment buffer and merged into the cache after the loop; without, it
+    writes the cache at ``pos`` and attends to the slots up to ``pos`` (``kv_len`` must also
+    cover the segment's own slots). A slot is done after a stop
     token (kept, ``stopped``) or ``max_new`` tokens. Done slots still run (fixed shapes) but
     change nothing. The loop ends early once every slot is done.
     """
@@ -340,12 +347,16 @@ def decode_segment(
     # the cache is read-only in the loop: a slot sees its slots before the segment there and
     # this segment's tokens in the segment buffer (kv_cache, "Decode segments")
     cache, start = state.cache, state.pos
-    kv_mask = jnp.arange(kv_len, dtype=jnp.int32)[None, :] < start[:, None]
-    dtype = (cache if kv_cache.is_stacked(cache) else cache[0])["k"].dtype
-    # a live slot writes at most cache-length tokens, so a longer segment is never needed
-    width = min(num_steps, kv_cache.cache_len(cache))
-    segment = init_cache(cfg, s, width, dtype, stacked=kv_cache.is_stacked(cache))
-    segment = cache_map(constrain_cache, segment)
+    if segment_buffer:
+        kv_mask = jnp.arange(kv_len, dtype=jnp.int32)[None, :] < start[:, None]
+        dtype = (cache if kv_cache.is_stacked(cache) else cache[0])["k"].dtype
+        # a live slot writes at most cache-length tokens, so a longer segment is never needed
+        width = min(num_steps, kv_cache.cache_len(cache))
+        segment = init_cache(cfg, s, width, dtype, stacked=kv_cache.is_stacked(cache))
+        segment = cache_map(constrain_cache, segment)
+    else:  # causality alone masks each row's unwritten tail (left-aligned rows)
+        kv_mask = jnp.ones((s, kv_len), bool)
+        segment = cache
 
     def body(carry):
         i, st, segment = carry
@@ -354,11 +365,11 @@ def decode_segment(
             st.last_token[:, None],
             st.pos[:, None],
             kv_mask,
-            cache,
+            cache if segment_buffer else segment,
             st.pos,
             kv_len=kv_len,
             layers=layers,
-            segment=segment,
+            segment=segment if segment_buffer else None,
             segment_step=i,
         )
         logits = model.project_rows(hidden[:, 0])  # [S, V]
@@ -391,7 +402,7 @@ def decode_segment(
 
     carry = (jnp.int32(0), dataclasses.replace(state, cache=None), segment)
     steps, state, segment = jax.lax.while_loop(cond, body, carry)
-    cache = kv_cache.merge_segment(cache, segment, start)
+    cache = kv_cache.merge_segment(cache, segment, start) if segment_buffer else segment
     return dataclasses.replace(state, cache=cache_map(constrain_cache, cache)), steps
 
 
