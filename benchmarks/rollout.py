@@ -86,6 +86,8 @@ def load_policy(args):
     graphdef, params = nnx.split(model)
     policy = Policy.build(graphdef, tok, PromptConfig(), max_slots=args.slots)
     policy.engine.segment_steps = args.segment_steps
+    if args.kv_buckets:  # attended-length buckets of the engine's segments
+        policy.engine.kv_buckets = tuple(int(x) for x in args.kv_buckets.split(","))
     return policy, graphdef, params, [policy.encode(q) for q in questions], tok
 
 
@@ -212,6 +214,9 @@ def main() -> None:
     ap.add_argument("--max_new", type=int, default=384)
     ap.add_argument("--slots", type=int, default=64, help="engine slots = static rows per call")
     ap.add_argument("--segment_steps", type=int, default=16)
+    ap.add_argument(
+        "--kv_buckets", default="", help="engine: attended-length buckets (comma list; '': default)"
+    )
     ap.add_argument("--runs", type=int, default=1, help="timed runs per child")
     ap.add_argument("--warmup", type=int, default=0, help="1: one untimed run first (JAX)")
     ap.add_argument("--rounds", type=int, default=1, help="child processes per engine")

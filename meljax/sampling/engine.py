@@ -33,19 +33,24 @@ instead of copying it around every segment. A paged cache with the Pallas
 the longest, but that kernel runs only on TPU and cannot be measured on this CPU-only
 machine; buckets are measurable here and need no page table.
 
-Measured on CPU with the read-only cache (SmolLM2-135M shapes, random f32 weights, 64 slots,
-segments of 16 steps, median of 3 alternating calls, idle 2-core machine): in a 640-slot
-cache, attending to the first 256 slots took 422 ms per step, attending to all 640 took 379
-ms; the slice of the cache inside the loop costs more than the shorter attention saves. A
-pool whose whole cache is 256 (64) slots takes 247 (191) ms per step: reading only the filled
-part would pay on CPU too, but per slot, which needs a ragged kernel (none for XLA:CPU). An
-XLA paged read (the cache as pages of 64 slots, each segment gathering the (slot, page)
-pairs that hold tokens, one softmax per slot) was tried and not kept: against the dense read
-of the whole 640-slot cache it took 173 vs 258 ms per step at a mean fill of 128 slots, 245
+Buckets on CPU, measured (SmolLM2-135M shapes, random f32 weights, 64 slots, segments of 16
+steps, median of 3 alternating calls, idle 2-core machine): with the cache written in the
+loop (the CPU default, below), attending to the first 256 slots of a 640-slot cache takes
+216 ms per step against 251 for all 640 (``benchmarks/decode_cost.py``), but on the GSM8K
+workload of ``benchmarks/rollout.py`` (16 questions x 8, one run each) the engine made 198.2
+useful tokens/s without buckets, 179.5 with ``DEFAULT_LENGTH_BUCKETS`` (mean attended 493 of
+640) and 192.6 with buckets every 128 slots (469): the longest live slot is near the end of
+the cache most of the time, and each bucket is a program of its own. (With the read-only
+cache and segment buffer, 256 of 640 took 422 ms against 379 for all.) A pool whose whole
+cache is 256 (64) slots takes 170 (134) ms per step: reading only the filled part would pay
+on CPU, but per slot, which needs a ragged kernel (none for XLA:CPU). An XLA paged read
+(the cache as pages of 64 slots, each segment gathering the (slot, page) pairs that hold
+tokens, one softmax per slot) was tried with the segment buffer and not kept: against the
+dense read of the whole 640-slot cache it took 173 vs 258 ms per step at a mean fill of 128 slots, 245
 vs 259 at 280 (the mean of ``benchmarks/rollout.py``'s GSM8K workload) and 292 vs 249 at
 400; XLA:CPU's gathers cost about what they save. So on CPU the default is no buckets
-(``kv_buckets=()``: every segment attends to the whole cache, which is sized per call: longest prompt bucket +
-largest ``max_new_tokens``); on TPU / GPU segments use the length buckets (``meljax plan``
+(``kv_buckets=()``: every segment attends to the whole cache, which is sized per call:
+longest prompt bucket + largest ``max_new_tokens``); on TPU / GPU segments use the length buckets (``meljax plan``
 reports the compiled decode segment at the largest bucket).
 
 On CPU the decode loop writes each step's keys and values into the cache (a per-row scatter,
