@@ -344,8 +344,9 @@ def decode_segment(
     model, cfg, layers = _merge(graphdef, weights)
     s, m = state.tokens.shape
     rows = jnp.arange(s, dtype=jnp.int32)
-    # the cache is read-only in the loop: a slot sees its slots before the segment there and
-    # this segment's tokens in the segment buffer (kv_cache, "Decode segments")
+    # with a segment buffer the cache is read-only in the loop: a slot sees its slots before
+    # the segment there and this segment's tokens in the buffer (kv_cache, "Decode segments");
+    # without one, the loop carries the cache itself as its "segment" and writes it in place
     cache, start = state.cache, state.pos
     if segment_buffer:
         kv_mask = jnp.arange(kv_len, dtype=jnp.int32)[None, :] < start[:, None]
