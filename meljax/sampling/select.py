@@ -211,8 +211,8 @@ def select_tokens_rows(
     ``uniforms[r]`` from ``softmax(filter(logits / T))``: a row's token depends on its own
     logits, uniform and controls only, whatever else shares the batch. The draw and the
     filters run only when some row needs them (``lax.cond`` on the batch), so an all-greedy
-    pool never pays for them; likewise the argmax runs only when some row is greedy (over a
-    50k vocabulary it is a tenth of a CPU decode step).
+    pool never pays for them; likewise the argmax (two passes over ``[R, V]``) runs only when
+    some row is greedy.
     """
     sampled_rows = temperature > 0
 
