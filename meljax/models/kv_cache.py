@@ -16,11 +16,11 @@ segment buffer (a cache of ``N`` slots for ``N`` steps) that attention reads nex
 (``attention(..., extra=...)``), and :func:`merge_segment` writes the buffer into the cache
 once, after the loop. (On CPU they write the cache in the loop, per row, in place: one
 softmax block per layer is cheaper there; ``meljax.sampling.engine``.) A cache written
-inside a ``while`` loop is stored
-by the TPU compiler in the layout its per-row scatter prefers (``[B, S, K, hd]``), so the
-whole cache was copied into and out of every segment and each layer was re-laid out for the
-matmuls at every step (a 2-layer Qwen3-8B decode segment on v5p-64: 1.4 GiB of temporaries
-for a 1.25 GiB cache); read-only inside the loop, it is used in place.
+inside a ``while`` loop is stored by the TPU compiler in the layout its per-row scatter
+prefers (``[B, S, K, hd]``), so the whole cache was copied into and out of every segment and
+each layer was re-laid out for the matmuls at every step (a 2-layer Qwen3-8B decode segment
+on v5p-64: 1.4 GiB of temporaries for a 1.25 GiB cache); read-only inside the loop, it is
+used in place.
 
 A cache is a dict ``{"k": ..., "v": ...}`` in one of two forms:
 

@@ -46,12 +46,12 @@ cache is 256 (64) slots takes 170 (134) ms per step: reading only the filled par
 on CPU, but per slot, which needs a ragged kernel (none for XLA:CPU). An XLA paged read
 (the cache as pages of 64 slots, each segment gathering the (slot, page) pairs that hold
 tokens, one softmax per slot) was tried with the segment buffer and not kept: against the
-dense read of the whole 640-slot cache it took 173 vs 258 ms per step at a mean fill of 128 slots, 245
-vs 259 at 280 (the mean of ``benchmarks/rollout.py``'s GSM8K workload) and 292 vs 249 at
-400; XLA:CPU's gathers cost about what they save. So on CPU the default is no buckets
+dense read of the whole 640-slot cache it took 173 vs 258 ms per step at a mean fill of 128
+slots, 245 vs 259 at 280 (the mean of ``benchmarks/rollout.py``'s GSM8K workload) and 292 vs
+249 at 400; XLA:CPU's gathers cost about what they save. So on CPU the default is no buckets
 (``kv_buckets=()``: every segment attends to the whole cache, which is sized per call:
-longest prompt bucket + largest ``max_new_tokens``); on TPU / GPU segments use the length buckets (``meljax plan``
-reports the compiled decode segment at the largest bucket).
+longest prompt bucket + largest ``max_new_tokens``); on TPU / GPU segments use the length
+buckets (``meljax plan`` reports the compiled decode segment at the largest bucket).
 
 On CPU the decode loop writes each step's keys and values into the cache (a per-row scatter,
 in place) instead of a segment buffer (``segment_buffer``): XLA:CPU then fuses each layer's
