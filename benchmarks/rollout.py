@@ -88,6 +88,7 @@ def load_policy(args):
     policy.engine.segment_steps = args.segment_steps
     if args.kv_buckets:  # attended-length buckets of the engine's segments
         policy.engine.kv_buckets = tuple(int(x) for x in args.kv_buckets.split(","))
+    policy.engine.shrink_tail = bool(args.shrink_tail)
     return policy, graphdef, params, [policy.encode(q) for q in questions], tok
 
 
@@ -120,6 +121,7 @@ def run_engine(args) -> dict:
         "cache_len": stats.cache_len,
         "segments": stats.segments,
         "kv_lens": stats.kv_lens,
+        "pools": stats.pools,
         # the mean cache length a decode step of a useful token must read (what a per-slot
         # ragged attention would read) vs what the engine's segments read
         "mean_filled": runs[-1][2][1],
@@ -217,6 +219,9 @@ def main() -> None:
     ap.add_argument(
         "--kv_buckets", default="", help="engine: attended-length buckets (comma list; '': default)"
     )
+    ap.add_argument(
+        "--shrink_tail", type=int, default=1, help="engine: 0 keeps the whole pool to the end"
+    )
     ap.add_argument("--runs", type=int, default=1, help="timed runs per child")
     ap.add_argument("--warmup", type=int, default=0, help="1: one untimed run first (JAX)")
     ap.add_argument("--rounds", type=int, default=1, help="child processes per engine")
@@ -263,7 +268,7 @@ def main() -> None:
         print(
             f"engine: mean cache slots attended per step {last['mean_attended']:.0f}; "
             f"filled part per useful token {last['mean_filled']:.0f} (what a per-slot ragged "
-            f"attention would read)"
+            f"attention would read); segments per pool size {last['pools']}"
         )
     for a, b in (("engine", "static"), ("engine", "hf"), ("static", "hf")):
         if a in rates and b in rates:

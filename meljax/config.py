@@ -142,6 +142,13 @@ class RolloutConfig:
     segment_steps: int = option(
         16, "decode steps per jitted segment, between harvests and refills of slots", minimum=1
     )
+    shrink_tail: str = option(
+        "auto",
+        "when no request waits and the live samples fit in half the slots, move them into a "
+        "smaller pool (one more compiled decode program per size; KV memory up to 1.5x the "
+        "pool while they move); auto = on for CPU only",
+        choices=("auto", "on", "off"),
+    )
     tensor_parallel: int = option(
         1,
         "tensor-parallel size of the rollout weights' inference layout (1 = the compute-dtype "

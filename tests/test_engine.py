@@ -21,7 +21,8 @@ from test_sampling import (
 )
 
 from meljax import sharding as shd
-from meljax.sampling import ContinuousEngine, Request, SamplingParams, filter_logits
+from meljax.sampling import ContinuousEngine, Request, SamplingParams, filter_logits, schedule
+from meljax.sampling.schedule import Part
 
 # very different lengths: prompt buckets 32 and 64 in one call, a one-token prompt
 PROMPTS = [[5, 6, 10, 11], list(range(20, 60)), [20], list(range(8, 19)), [3, 1, 4, 1, 5, 9]]
@@ -170,10 +171,12 @@ def test_tpu_cache_layout_gives_the_same_generations(llama, split):
 
 
 @pytest.mark.parametrize("segment_buffer", [True, False])
-def test_slot_utilisation_hand_computed(llama, segment_buffer):
+@pytest.mark.parametrize("shrink_tail", [False, True])
+def test_slot_utilisation_hand_computed(llama, segment_buffer, shrink_tail):
     """3 requests of 4, 8 and 2 tokens (no stop id), 2 slots, segments of 2 steps:
     A, B start; after 2 segments A (4) is done and C takes its slot; C ends after segment 3,
-    B after segment 4: 4 segments x 2 steps x 2 slots = 16 slot-steps, 14 useful tokens."""
+    B after segment 4: 4 segments x 2 steps x 2 slots = 16 slot-steps, 14 useful tokens.
+    With ``shrink_tail``, B runs segment 4 alone in a pool of 1 slot: 14 slot-steps."""
     graphdef, params = llama
     eng = engine(
         graphdef,
@@ -182,6 +185,7 @@ def test_slot_utilisation_hand_computed(llama, segment_buffer):
         segment_steps=2,
         kv_buckets=(8, 16),
         segment_buffer=segment_buffer,
+        shrink_tail=shrink_tail,
     )
     reqs = [Request((5, 6, 7), SamplingParams(n, temperature=1.0)) for n in (4, 8, 2)]
     out = eng.generate(params, reqs, jax.random.key(0))
@@ -189,14 +193,94 @@ def test_slot_utilisation_hand_computed(llama, segment_buffer):
     assert all(g[0].truncated for g in out)
     s = eng.last_stats
     assert (s.slots, s.segments, s.prefills) == (2, 4, 2)
-    assert (s.useful_tokens, s.slot_steps) == (14, 16)
-    assert s.slot_utilisation == pytest.approx(14 / 16)
+    steps = 14 if shrink_tail else 16
+    assert (s.useful_tokens, s.slot_steps) == (14, steps)
+    assert s.slot_utilisation == pytest.approx(14 / steps)
+    assert s.pools == ({2: 3, 1: 1} if shrink_tail else {2: 4})
     # attended length: the bucket of the longest live slot's position at the segment start
     # (prompt 3 - 1 + tokens so far: 2, 4, 6, 8) -> with a segment buffer (which holds the
     # segment's own tokens) bucket 8 each time; writing the cache in the loop, the segment's
     # 2 slots too: 4, 6, 8, 10 -> 8, 8, 8, 16 (the cache holds 32 + 8 slots)
     want = {8: 4} if segment_buffer else {8: 3, 16: 1}
     assert s.kv_lens == want and s.cache_len == 40
+
+
+def test_tail_shrinks_the_pool_and_changes_no_output(llama):
+    """Samples of very different lengths in 8 slots: once the queue is empty, the live ones
+    move into pools of 4, 2 and 1 slots (rows gathered mid-sample, free slots padded); the
+    tokens, log-probs and flags equal those of the pool that never shrinks."""
+    graphdef, params = llama
+    reqs = [
+        Request(tuple(PROMPTS[1]), SamplingParams(30, temperature=1.0, num_samples=3)),
+        Request(tuple(PROMPTS[0]), SamplingParams(5, temperature=0.0, num_samples=1)),
+        Request(tuple(PROMPTS[4]), SamplingParams(12, 0.8, top_p=0.9, num_samples=4)),
+        Request(tuple(PROMPTS[3]), SamplingParams(3, temperature=1.0, num_samples=2)),
+    ]
+    key = jax.random.key(11)
+    runs, stats = [], []
+    for shrink in (False, True):
+        eng = engine(graphdef, stop_token_ids=[], max_slots=8, segment_steps=2, shrink_tail=shrink)
+        runs.append(eng.generate(params, reqs, key))
+        stats.append(eng.last_stats)
+    for a, b in zip(*runs, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x.tokens, y.tokens)
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+            assert x.truncated == y.truncated
+    # 10 samples: 8 start, the 2 of request 3 wait for free slots; then only the 3 of
+    # request 0 (30 tokens) outlive the rest: 8 -> 4 slots, later fewer
+    assert set(stats[0].pools) == {8}
+    assert {8, 4} <= set(stats[1].pools)
+    assert stats[1].useful_tokens == stats[0].useful_tokens
+    assert stats[1].slot_steps < stats[0].slot_steps
+
+
+def test_a_request_split_over_refills_is_prefilled_once(llama):
+    """3 slots, segments of 2 steps, no stop id: A (1 sample of 2 tokens) and B (3 samples of
+    4). A and 2 samples of B start (one prefill); after segment 1, B's third sample takes A's
+    slot from the kept prompt cache (no second prefill); after segment 2 it runs alone in a
+    pool of 1: 2 x 3 + 2 x 3 + 2 x 1 = 14 slot-steps for 14 tokens. The tokens equal those of
+    a pool that holds everything at once."""
+    graphdef, params = llama
+    reqs = [
+        Request((5, 6, 7), SamplingParams(2, temperature=1.0)),
+        Request(tuple(PROMPTS[1]), SamplingParams(4, temperature=1.0, num_samples=3)),
+    ]
+    key = jax.random.key(5)
+    eng = engine(graphdef, stop_token_ids=[], max_slots=3, segment_steps=2, shrink_tail=True)
+    out = eng.generate(params, reqs, key)
+    s = eng.last_stats
+    assert (s.prefills, s.segments, s.useful_tokens, s.slot_steps) == (1, 3, 14, 14)
+    assert s.pools == {3: 2, 1: 1}
+    # 2 slots: B's samples enter one at a time (split parts, then its second part), all
+    # copied from the one prefill
+    narrow = engine(graphdef, stop_token_ids=[], max_slots=2, segment_steps=2)
+    out_narrow = narrow.generate(params, reqs, key)
+    assert narrow.last_stats.prefills == 1
+    whole = engine(graphdef, stop_token_ids=[], max_slots=8).generate(params, reqs, key)
+    for a, b, c in zip(out, whole, out_narrow, strict=True):
+        for x, y, z in zip(a, b, c, strict=True):
+            np.testing.assert_array_equal(x.tokens, y.tokens)
+            np.testing.assert_array_equal(z.tokens, y.tokens)
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+
+
+def test_schedule_admit_and_shrink_plan_hand_computed():
+    queue = [Part(0, 0, 3), Part(1, 0, 8), Part(2, 0, 2)]
+    # whole parts only: the 8 waits, the 2 behind it passes
+    assert schedule.admit(queue, 6, split=False) == ([queue[0], queue[2]], [queue[1]])
+    # split: the 8 fills the room, its rest stays at the head
+    assert schedule.admit(queue, 6, split=True) == (
+        [queue[0], Part(1, 0, 3)],
+        [Part(1, 3, 5), queue[2]],
+    )
+    # 2 devices x 4 slots, live 1 | 6, 7: each device keeps its own, blocks of 2 (padding
+    # names a slot of the same device and is not kept)
+    src, keep = schedule.shrink_plan([1, 6, 7], 8, 2, (1, 2, 4, 8))
+    assert src.tolist() == [1, 0, 6, 7] and keep.tolist() == [True, False, True, True]
+    assert schedule.shrink_plan([0, 1, 2, 5, 6], 8, 1, (1, 2, 4, 8)) is None  # 8 of 8
+    src, keep = schedule.shrink_plan([3], 8, 1, (1, 2, 4, 8))
+    assert src.tolist() == [3] and keep.tolist() == [True]
 
 
 def test_per_row_controls_follow_their_distributions():
@@ -233,28 +317,34 @@ def test_filter_logits_per_row_equals_scalar_calls():
 
 def test_mesh_equals_single_device_and_weights_replicated(llama):
     """Rows over 8 (then 4) devices, one or two slots each: prompts whose samples span
-    devices are prefilled on each, and every slot copy stays on its device."""
+    devices are prefilled on each, every slot copy stays on its device, and so does the
+    tail's move into a smaller pool."""
     if jax.device_count() < 8:
         pytest.skip("needs the 8 simulated CPU devices of conftest.py")
     graphdef, params = llama
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     sharded = jax.device_put(params, shd.param_shardings(params, mesh))
     reqs = [
-        Request(tuple(PROMPTS[0]), SamplingParams(10, temperature=1.0, num_samples=3)),
-        Request(tuple(PROMPTS[1]), SamplingParams(10, temperature=0.0, num_samples=1)),
-        Request(tuple(PROMPTS[4]), SamplingParams(10, temperature=0.8, num_samples=4)),
-        Request(tuple(PROMPTS[3]), SamplingParams(6, temperature=1.0, num_samples=3)),
+        Request(tuple(PROMPTS[0]), SamplingParams(24, temperature=1.0, num_samples=1)),
+        Request(tuple(PROMPTS[1]), SamplingParams(4, temperature=0.0, num_samples=1)),
+        Request(tuple(PROMPTS[4]), SamplingParams(24, temperature=0.8, num_samples=1)),
+        Request(tuple(PROMPTS[3]), SamplingParams(4, temperature=1.0, num_samples=1)),
+        Request(tuple(PROMPTS[2]), SamplingParams(6, temperature=1.0, num_samples=4)),
+        Request(tuple(PROMPTS[0]), SamplingParams(6, temperature=0.8, num_samples=3)),
     ]  # 11 samples through 8 slots: refills land on scattered free slots
     key = jax.random.key(3)
-    plain = engine(graphdef, max_slots=8).generate(params, reqs, key)
+    plain = engine(graphdef, max_slots=8, segment_steps=2).generate(params, reqs, key)
     for tp in (1, 2):
-        eng = engine(graphdef, mesh=mesh, max_slots=8, tensor_parallel=tp)
+        eng = engine(graphdef, mesh=mesh, max_slots=8, segment_steps=2, tensor_parallel=tp)
         weights = eng.prepare(sharded)
         # the inference layout: nothing over fsdp, so no decode step gathers weight shards
         for x in jax.tree.leaves((weights.state, weights.layers)):
             assert "fsdp" not in str(x.sharding.spec)
         out = eng.generate(weights, reqs, key)
         assert eng.last_stats.slots == 8
+        # the tail: samples 0 and 2 outlive the rest, one per device at tp=2 (2 slots per
+        # device): the pool shrinks to 4 slots there; at tp=1 each device holds 1 slot
+        assert set(eng.last_stats.pools) == ({8} if tp == 1 else {8, 4})
         for a, b in zip(plain, out, strict=True):
             for x, y in zip(a, b, strict=True):
                 np.testing.assert_array_equal(x.tokens, y.tokens)

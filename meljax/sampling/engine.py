@@ -71,6 +71,18 @@ Pool size: ``max_slots`` (0: as many slots as the call has samples) and/or ``kv_
 (KV cache bytes per device); a call never allocates more slots than it has samples (rounded
 up to a batch bucket and the data-parallel size). The cache of a slot holds the call's longest
 (bucketed) prompt plus its largest ``max_new_tokens``.
+
+Tail (``shrink_tail``): once the queue is empty, slots only empty out, and a fixed pool would
+run its last segments mostly idle (a step costs what its pool size costs, live or not). So
+when the live slots fit in at most half the pool, they move into the smallest batch bucket
+that holds them (:func:`~meljax.sampling.slots.compact`: each data-parallel device keeps its
+own live slots, so nothing crosses devices; the new pool is sized by the device with the most).
+Outputs do not change (a sample's keys do not depend on its slot). Each pool size is one more
+compiled decode program, and the move allocates the smaller pool next to the old one (peak KV
+memory up to 1.5x the pool), so it is on by default only on CPU, where it was measured:
+64 slots x 640 cache slots cost 204 ms per step, 32 cost 113 and 16 cost 77
+(``benchmarks/decode_cost.py --slots S --lengths 640``, idle 2-core machine), and on the
+GSM8K workload of ``benchmarks/rollout.py`` slot utilisation went from 0.814 to 0.895.
 """
 
 from __future__ import annotations
@@ -87,7 +99,7 @@ from meljax import sharding as shd
 from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
 from meljax.models.config import resolve_dtype
 from meljax.models.kv_cache import cache_bytes
-from meljax.sampling import slots
+from meljax.sampling import schedule, slots
 from meljax.sampling.protocol import Engine, Generation, Request, checked_prompts
 from meljax.sampling.select import config_from_graphdef, format_bytes
 from meljax.sampling.weights import InferenceWeights, inference_mesh, prepare_weights
@@ -108,19 +120,11 @@ class EngineStats:
     segments: int = 0
     prefills: int = 0
     kv_lens: dict[int, int] = dataclasses.field(default_factory=dict)  # bucket -> segments
+    pools: dict[int, int] = dataclasses.field(default_factory=dict)  # pool size -> segments
 
     @property
     def slot_utilisation(self) -> float:
         return self.useful_tokens / self.slot_steps if self.slot_steps else 0.0
-
-
-@dataclasses.dataclass
-class _Part:
-    """Samples ``first .. first + count - 1`` of request ``request`` (one prefill, one insert)."""
-
-    request: int
-    first: int
-    count: int
 
 
 class ContinuousEngine:
@@ -144,6 +148,9 @@ class ContinuousEngine:
       segment_buffer: decode segments read the cache read-only and write a segment buffer
         merged after the loop (``True``), or write the cache in the loop (``False``);
         ``None``: the buffer except on CPU (module docstring).
+      shrink_tail: once the queue is empty and the live samples fit in half the pool, move
+        them into the smallest batch bucket that holds them (module docstring, "Tail");
+        ``None``: on CPU only.
     """
 
     def __init__(
@@ -163,6 +170,7 @@ class ContinuousEngine:
         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
         kv_buckets: Sequence[int] | None = None,
         segment_buffer: bool | None = None,
+        shrink_tail: bool | None = None,
     ):
         if max_slots < 0 or kv_budget_gib < 0 or segment_steps < 1 or tensor_parallel < 1:
             raise ValueError(
@@ -195,6 +203,7 @@ class ContinuousEngine:
         if kv_buckets is None:
             kv_buckets = () if platform == "cpu" else DEFAULT_LENGTH_BUCKETS
         self.kv_buckets = tuple(kv_buckets)
+        self.shrink_tail = platform == "cpu" if shrink_tail is None else shrink_tail
         self.num_truncated_prompts = 0
         self.last_stats = EngineStats()
         self._programs: dict = {}  # the jitted weights program, reused across updates
@@ -306,28 +315,24 @@ class ContinuousEngine:
         stop_ids = self._put(np.asarray(self.stop_token_ids, np.int32).reshape(-1))
         pad_id = self._put(np.asarray(self.pad_id, np.int32))
         queue = [
-            _Part(i, lo, min(n_slots, r.sampling.num_samples - lo))
+            schedule.Part(i, lo, min(n_slots, r.sampling.num_samples - lo))
             for i, r in enumerate(requests)
             for lo in range(0, r.sampling.num_samples, n_slots)
         ]
         out: list[list[Generation | None]] = [[None] * r.sampling.num_samples for r in requests]
         pending = [r.sampling.num_samples for r in requests]
         occupant: list[tuple[int, int] | None] = [None] * n_slots
+        kept = None  # the prompt cache of a split part's rest (``_refill``)
         start = np.zeros(n_slots, np.int64)  # pos of each slot's first unfed token
         steps_done = np.zeros(n_slots, np.int64)  # tokens each slot has produced
 
         while True:
             free = [s for s in range(n_slots) if occupant[s] is None]
-            admitted, rest = [], []
-            for part in queue:
-                if part.count <= len(free) - sum(p.count for p in admitted):
-                    admitted.append(part)
-                else:
-                    rest.append(part)
-            queue = rest
+            admitted, queue = schedule.admit(queue, len(free), split=self._dp() == 1)
             if admitted:
-                state = self._refill(weights, state, admitted, free, requests, prompts, key)
-                stats.prefills += 1
+                state, kept = self._refill(
+                    weights, state, admitted, free, requests, prompts, key, kept, queue
+                )
                 it = iter(free)
                 for part in admitted:
                     for g in range(part.first, part.first + part.count):
@@ -338,6 +343,15 @@ class ContinuousEngine:
             live = [s for s in range(n_slots) if occupant[s] is not None]
             if not live:
                 break
+            plan = None
+            if self.shrink_tail and not queue:
+                plan = schedule.shrink_plan(live, n_slots, self._dp(), self.batch_buckets)
+            if plan is not None:  # the tail: the live samples move into a smaller pool
+                src, keep = plan
+                state = slots.compact(state, self._put(src), self._put(keep), mesh=self.mesh)
+                occupant = [occupant[s] if k else None for s, k in zip(src, keep, strict=True)]
+                start, steps_done, n_slots = start[src], steps_done[src], len(src)
+                live = [s for s in range(n_slots) if occupant[s] is not None]
             longest = max(int(start[s] + steps_done[s]) for s in live)
             kv_len = self._kv_len(longest, cache_len)
             state, ran = slots.decode_segment(
@@ -355,6 +369,7 @@ class ContinuousEngine:
             steps_done = np.array(steps, np.int64)
             stats.segments += 1
             stats.slot_steps += int(ran) * n_slots
+            stats.pools[n_slots] = stats.pools.get(n_slots, 0) + 1
             stats.kv_lens[kv_len] = stats.kv_lens.get(kv_len, 0) + 1
             finished = [s for s in live if done[s]]
             if not finished:
@@ -379,78 +394,51 @@ class ContinuousEngine:
                 progress(completed)
         return out  # type: ignore[return-value]
 
-    def _refill(self, weights, state, admitted, free, requests, prompts, key):
-        """One batched prefill of the admitted parts' prompts and their slot copies.
-
-        Slots and prefill rows are split over the ``dp`` data-parallel devices in equal
-        contiguous blocks; each device's block of prefill rows holds the prompts of the
-        samples going to its own slots (a prompt whose ``G`` slots span two devices is
-        prefilled on both), so the slot copy moves nothing between devices."""
-        dp = self._dp()
-        n_slots = len(state.done)
-        per_device = n_slots // dp
-        dst = free[: sum(p.count for p in admitted)]
-        owners = [p for p in range(len(admitted)) for _ in range(admitted[p].count)]
-        blocks: list[list[int]] = [[] for _ in range(dp)]  # admitted parts by device
-        for part, slot in zip(owners, dst, strict=True):
-            block = blocks[slot // per_device]
-            if part not in block:
-                block.append(part)
-        b = bucket(dp * max(len(x) for x in blocks), self.batch_buckets, multiple=dp)
-        rows = b // dp
-        body = [prompts[p.request][:-1] for p in admitted]
-        p_len = self.prompt_bucket(max(max(len(x) for x in body), 1))
-        tokens = np.full((b, p_len), self.pad_id, np.int32)
-        row_of = {}
-        for d, block in enumerate(blocks):
-            for k, part in enumerate(block):
-                tokens[d * rows + k, : len(body[part])] = body[part]
-                row_of[d, part] = d * rows + k
-        prompt_cache = slots.prefill(
-            weights,
-            self._put(tokens),
-            graphdef=self.graphdef,
-            cache_dtype=self.cache_dtype,
-            mesh=self.mesh,
-            split=self.split,
-        )
-        width = bucket(len(dst), self.batch_buckets)
-        cols = {
-            name: np.zeros(width, dt)
-            for name, dt in (
-                ("src", np.int32),
-                ("last_token", np.int32),
-                ("pos", np.int32),
-                ("max_new", np.int32),
-                ("temperature", np.float32),
-                ("top_p", np.float32),
-                ("top_k", np.int32),
-                ("request", np.int32),
-                ("sample", np.int32),
-            )
-        }
-        cols["dst"] = np.full(width, n_slots, np.int32)  # out of range: padding, dropped
-        i = 0
-        for j, part in enumerate(admitted):
-            prompt, sp = prompts[part.request], requests[part.request].sampling
-            for g in range(part.first, part.first + part.count):
-                values = dict(
-                    src=row_of[dst[i] // per_device, j],
-                    dst=dst[i],
-                    last_token=prompt[-1],
-                    pos=len(prompt) - 1,
-                    max_new=sp.max_new_tokens,
-                    temperature=sp.temperature,
-                    top_p=sp.top_p,
-                    top_k=sp.top_k,
-                    request=part.request,
-                    sample=g,
+    def _refill(self, weights, state, admitted, free, requests, prompts, key, kept, queue):
+        """Puts the ``admitted`` parts into the first ``free`` slots; returns the state and
+        the prompt cache to keep for the head of ``queue`` (``(cache, {request: row})`` when
+        that part was split, else ``None``). Prompts whose cache was kept (``kept``, from the
+        refill that split their part) are copied from it; the others get one batched
+        prefill (:func:`~meljax.sampling.schedule.prefill_rows`)."""
+        dst = iter(free)
+        slots_of = [[next(dst) for _ in range(p.count)] for p in admitted]
+        old_rows = {} if kept is None else kept[1]
+        fresh = [i for i, p in enumerate(admitted) if p.request not in old_rows]
+        old = [i for i, p in enumerate(admitted) if p.request in old_rows]
+        n_slots, dp = len(state.done), self._dp()
+        sizes = dict(n_slots=n_slots, dp=dp, batch_buckets=self.batch_buckets)
+        keep = None
+        for group, fresh_group in ((fresh, True), (old, False)):
+            if not group:
+                continue
+            parts, dsts = [admitted[i] for i in group], [slots_of[i] for i in group]
+            if fresh_group:
+                tokens, row_of = schedule.prefill_rows(
+                    parts,
+                    dsts,
+                    prompts,
+                    prompt_bucket=self.prompt_bucket,
+                    pad_id=self.pad_id,
+                    **sizes,
                 )
-                for name, v in values.items():
-                    cols[name][i] = v
-                i += 1
-        args = {name: self._put(v) for name, v in cols.items()}
-        return slots.insert(state, prompt_cache, key=key, mesh=self.mesh, **args)
+                cache = slots.prefill(
+                    weights,
+                    self._put(tokens),
+                    graphdef=self.graphdef,
+                    cache_dtype=self.cache_dtype,
+                    mesh=self.mesh,
+                    split=self.split,
+                )
+                self.last_stats.prefills += 1
+            else:
+                cache, row_of = kept[0], {(0, r): row for r, row in old_rows.items()}
+            cols = schedule.insert_columns(parts, dsts, row_of, requests, prompts, **sizes)
+            args = {name: self._put(v) for name, v in cols.items()}
+            state = slots.insert(state, cache, key=key, mesh=self.mesh, **args)
+            head = queue[0].request if queue else None
+            if dp == 1 and any(p.request == head for p in parts):  # its rest waits
+                keep = (cache, {head: row_of[0, head]})
+        return state, keep
 
 
 def _mesh_text(mesh) -> str:

@@ -85,19 +85,25 @@ def in_mesh_context(fn):
     return wrapped
 
 
+def _slot_axis(x) -> int:
+    """The slot axis of a :class:`SlotState` leaf: a cache buffer is ``[(L,) S, K, ., .]``,
+    every other leaf ``[S, ...]``."""
+    return x.ndim - 4 if x.ndim >= 4 else 0
+
+
+def _leaf_spec(x, mesh: Mesh) -> PartitionSpec:
+    """Rows over the data axes, cache kv heads over ``tensor``."""
+    if x.ndim >= 4:
+        axes = (None,) * _slot_axis(x) + ("batch", "kv_heads", None, None)
+    else:
+        axes = ("batch",) + (None,) * (x.ndim - 1)
+    return shd.logical_to_spec(axes, None, mesh, x.shape)
+
+
 def state_shardings(state, mesh: Mesh):
     """``NamedSharding`` tree of a (abstract) :class:`SlotState` or prompt cache: rows over
     the data axes, cache kv heads over ``tensor``."""
-
-    def one(x):
-        if x.ndim >= 4:  # a cache buffer: [(L,) S, K, ., .]
-            lead = x.ndim - 4
-            axes = (None,) * lead + ("batch", "kv_heads", None, None)
-        else:
-            axes = ("batch",) + (None,) * (x.ndim - 1)
-        return NamedSharding(mesh, shd.logical_to_spec(axes, None, mesh, x.shape))
-
-    return jax.tree.map(one, state)
+    return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(x, mesh)), state)
 
 
 def _merge(graphdef, weights):
@@ -405,6 +411,44 @@ def decode_segment(
     steps, state, segment = jax.lax.while_loop(cond, body, carry)
     cache = kv_cache.merge_segment(cache, segment, start) if segment_buffer else segment
     return dataclasses.replace(state, cache=cache_map(constrain_cache, cache)), steps
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))  # a new shape: nothing to donate
+@in_mesh_context
+def compact(state: SlotState, src: jax.Array, keep: jax.Array, *, mesh) -> SlotState:
+    """A pool of ``S'`` slots (``src``, ``keep``: ``[S']``): slot ``i`` takes everything of old
+    slot ``src[i]`` (cache row, controls, key, tokens so far) where ``keep[i]``, and is a free
+    (done) slot elsewhere. The engine's tail: once its queue is empty and few slots are live,
+    they move into a smaller pool, whose decode steps cost less.
+
+    With the rows split over the data axes of a mesh, entry ``i`` must name a slot on the
+    device that will hold slot ``i`` (both pools split in equal contiguous blocks), and each
+    device gathers its own rows (``shard_map``): nothing moves between devices."""
+
+    def gather(x: jax.Array) -> jax.Array:
+        axis = _slot_axis(x)
+        spec = None if mesh is None else _leaf_spec(x, mesh)
+        if spec is None or spec[axis] is None:
+            return jnp.take(x, src, axis=axis)
+
+        def local(x, src):  # this device's block of old slots
+            return jnp.take(x, src % x.shape[axis], axis=axis)
+
+        rows = PartitionSpec(spec[axis])
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=(spec, rows), out_specs=spec, check_vma=False
+        )(x, src)
+
+    out = jax.tree.map(gather, state)
+    out = dataclasses.replace(out, done=out.done | ~keep, stopped=out.stopped & keep)
+    return jax.tree.map(
+        lambda x: (
+            x
+            if mesh is None
+            else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _leaf_spec(x, mesh)))
+        ),
+        out,
+    )
 
 
 @jax.jit

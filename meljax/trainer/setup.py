@@ -87,6 +87,7 @@ def engine_options(cfg: ml_collections.ConfigDict) -> dict:
         "max_slots": r.max_slots or r.num_questions * r.group_size,
         "kv_budget_gib": r.kv_budget_gib,
         "segment_steps": r.segment_steps,
+        "shrink_tail": {"auto": None, "on": True, "off": False}[r.shrink_tail],
         "tensor_parallel": r.tensor_parallel,
     }
 
