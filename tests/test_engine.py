@@ -173,10 +173,11 @@ def test_tpu_cache_layout_gives_the_same_generations(llama, split):
 @pytest.mark.parametrize("segment_buffer", [True, False])
 @pytest.mark.parametrize("shrink_tail", [False, True])
 def test_slot_utilisation_hand_computed(llama, segment_buffer, shrink_tail):
-    """3 requests of 4, 8 and 2 tokens (no stop id), 2 slots, segments of 2 steps:
+    """3 requests of 4, 12 and 2 tokens (no stop id), 2 slots, segments of 2 steps:
     A, B start; after 2 segments A (4) is done and C takes its slot; C ends after segment 3,
-    B after segment 4: 4 segments x 2 steps x 2 slots = 16 slot-steps, 14 useful tokens.
-    With ``shrink_tail``, B runs segment 4 alone in a pool of 1 slot: 14 slot-steps."""
+    B after segment 6: 6 segments x 2 steps x 2 slots = 24 slot-steps, 18 useful tokens.
+    With ``shrink_tail``, B (6 tokens left) runs segments 4-6 alone in a pool of 1 slot:
+    3 x 2 x 2 + 3 x 2 x 1 = 18 slot-steps."""
     graphdef, params = llama
     eng = engine(
         graphdef,
@@ -187,22 +188,23 @@ def test_slot_utilisation_hand_computed(llama, segment_buffer, shrink_tail):
         segment_buffer=segment_buffer,
         shrink_tail=shrink_tail,
     )
-    reqs = [Request((5, 6, 7), SamplingParams(n, temperature=1.0)) for n in (4, 8, 2)]
+    reqs = [Request((5, 6, 7), SamplingParams(n, temperature=1.0)) for n in (4, 12, 2)]
     out = eng.generate(params, reqs, jax.random.key(0))
-    assert [len(g[0].tokens) for g in out] == [4, 8, 2]
+    assert [len(g[0].tokens) for g in out] == [4, 12, 2]
     assert all(g[0].truncated for g in out)
     s = eng.last_stats
-    assert (s.slots, s.segments, s.prefills) == (2, 4, 2)
-    steps = 14 if shrink_tail else 16
-    assert (s.useful_tokens, s.slot_steps) == (14, steps)
-    assert s.slot_utilisation == pytest.approx(14 / steps)
-    assert s.pools == ({2: 3, 1: 1} if shrink_tail else {2: 4})
+    assert (s.slots, s.segments, s.prefills) == (2, 6, 2)
+    steps = 18 if shrink_tail else 24
+    assert (s.useful_tokens, s.slot_steps) == (18, steps)
+    assert s.slot_utilisation == pytest.approx(18 / steps)
+    assert s.pools == ({2: 3, 1: 3} if shrink_tail else {2: 6})
     # attended length: the bucket of the longest live slot's position at the segment start
-    # (prompt 3 - 1 + tokens so far: 2, 4, 6, 8) -> with a segment buffer (which holds the
-    # segment's own tokens) bucket 8 each time; writing the cache in the loop, the segment's
-    # 2 slots too: 4, 6, 8, 10 -> 8, 8, 8, 16 (the cache holds 32 + 8 slots)
-    want = {8: 4} if segment_buffer else {8: 3, 16: 1}
-    assert s.kv_lens == want and s.cache_len == 40
+    # (prompt 3 - 1 + B's tokens so far: 2, 4, ..., 12) -> with a segment buffer (which holds
+    # the segment's own tokens) buckets 8, 8, 8, 8, 16, 16; writing the cache in the loop,
+    # the segment's 2 slots too: 4, 6, ..., 14 -> 8, 8, 8, 16, 16, 16 (the cache holds
+    # 32 + 12 slots)
+    want = {8: 4, 16: 2} if segment_buffer else {8: 3, 16: 3}
+    assert s.kv_lens == want and s.cache_len == 44
 
 
 def test_tail_shrinks_the_pool_and_changes_no_output(llama):
@@ -236,22 +238,22 @@ def test_tail_shrinks_the_pool_and_changes_no_output(llama):
 
 
 def test_a_request_split_over_refills_is_prefilled_once(llama):
-    """3 slots, segments of 2 steps, no stop id: A (1 sample of 2 tokens) and B (3 samples of
-    4). A and 2 samples of B start (one prefill); after segment 1, B's third sample takes A's
-    slot from the kept prompt cache (no second prefill); after segment 2 it runs alone in a
-    pool of 1: 2 x 3 + 2 x 3 + 2 x 1 = 14 slot-steps for 14 tokens. The tokens equal those of
-    a pool that holds everything at once."""
+    """3 slots, segments of 2 steps, no stop id: A (1 sample of 4 tokens) and B (3 samples of
+    8). A and 2 samples of B start (one prefill); after segment 2, B's third sample takes A's
+    slot from the kept prompt cache (no second prefill); after segment 4 it has 4 tokens left
+    and runs alone in a pool of 1: 4 x 2 x 3 + 2 x 2 x 1 = 28 slot-steps for 28 tokens. The
+    tokens equal those of a pool that holds everything at once."""
     graphdef, params = llama
     reqs = [
-        Request((5, 6, 7), SamplingParams(2, temperature=1.0)),
-        Request(tuple(PROMPTS[1]), SamplingParams(4, temperature=1.0, num_samples=3)),
+        Request((5, 6, 7), SamplingParams(4, temperature=1.0)),
+        Request(tuple(PROMPTS[1]), SamplingParams(8, temperature=1.0, num_samples=3)),
     ]
     key = jax.random.key(5)
     eng = engine(graphdef, stop_token_ids=[], max_slots=3, segment_steps=2, shrink_tail=True)
     out = eng.generate(params, reqs, key)
     s = eng.last_stats
-    assert (s.prefills, s.segments, s.useful_tokens, s.slot_steps) == (1, 3, 14, 14)
-    assert s.pools == {3: 2, 1: 1}
+    assert (s.prefills, s.segments, s.useful_tokens, s.slot_steps) == (1, 6, 28, 28)
+    assert s.pools == {3: 4, 1: 2}
     # 2 slots: B's samples enter one at a time (split parts, then its second part), all
     # copied from the one prefill
     narrow = engine(graphdef, stop_token_ids=[], max_slots=2, segment_steps=2)

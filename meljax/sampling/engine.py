@@ -79,8 +79,9 @@ up to a batch bucket and the data-parallel size). The cache of a slot holds the 
 
 Tail (``shrink_tail``): once the queue is empty, slots only empty out, and a fixed pool would
 run its last segments mostly idle (a step costs what its pool size costs, live or not). So
-when the live slots fit in at most half the pool, they move into the smallest batch bucket
-that holds them (:func:`~meljax.sampling.slots.compact`: each data-parallel device keeps its
+when the live slots fit in at most half the pool and one of them may run more than one more
+segment (its ``max_new_tokens`` allows it), they move into the smallest batch bucket that
+holds them (:func:`~meljax.sampling.slots.compact`: each data-parallel device keeps its
 own live slots, so nothing crosses devices; the new pool is sized by the device with the most).
 Outputs do not change (a sample's keys do not depend on its slot; the workload below made the
 same 79,150 tokens with and without the shrink). Each pool size is one more
@@ -156,9 +157,9 @@ class ContinuousEngine:
       segment_buffer: decode segments read the cache read-only and write a segment buffer
         merged after the loop (``True``), or write the cache in the loop (``False``);
         ``None``: the buffer except on CPU (module docstring).
-      shrink_tail: once the queue is empty and the live samples fit in half the pool, move
-        them into the smallest batch bucket that holds them (module docstring, "Tail");
-        ``None``: on CPU only.
+      shrink_tail: once the queue is empty, the live samples fit in half the pool and more
+        than one segment may be left, move them into the smallest batch bucket that holds
+        them (module docstring, "Tail"); ``None``: on CPU only.
     """
 
     def __init__(
@@ -332,6 +333,8 @@ class ContinuousEngine:
         occupant: list[tuple[int, int] | None] = [None] * n_slots
         kept = None  # the prompt cache of a split part's rest (``_refill``)
         start = np.zeros(n_slots, np.int64)  # pos of each slot's first unfed token
+        limit = np.zeros(n_slots, np.int64)  # each slot's max_new_tokens
+        k = self.segment_steps
         steps_done = np.zeros(n_slots, np.int64)  # tokens each slot has produced
 
         while True:
@@ -347,18 +350,22 @@ class ContinuousEngine:
                         s = next(it)
                         occupant[s] = (part.request, g)
                         start[s] = len(prompts[part.request]) - 1
+                        limit[s] = requests[part.request].sampling.max_new_tokens
                         steps_done[s] = 0
             live = [s for s in range(n_slots) if occupant[s] is not None]
             if not live:
                 break
             plan = None
-            if self.shrink_tail and not queue:
+            # only when more than one segment may be left: a last segment cannot repay the
+            # move (and, the first time, the compile of a smaller pool's program)
+            if self.shrink_tail and not queue and max(limit[live] - steps_done[live]) > k:
                 plan = schedule.shrink_plan(live, n_slots, self._dp(), self.batch_buckets)
             if plan is not None:  # the tail: the live samples move into a smaller pool
                 src, keep = plan
                 state = slots.compact(state, self._put(src), self._put(keep), mesh=self.mesh)
                 occupant = [occupant[s] if k else None for s, k in zip(src, keep, strict=True)]
-                start, steps_done, n_slots = start[src], steps_done[src], len(src)
+                start, steps_done, limit = start[src], steps_done[src], limit[src]
+                n_slots = len(src)
                 live = [s for s in range(n_slots) if occupant[s] is not None]
             longest = max(int(start[s] + steps_done[s]) for s in live)
             kv_len = self._kv_len(longest, cache_len)
