@@ -91,7 +91,8 @@ memory up to 1.5x the pool), so it is on by default only on CPU, where it was me
 (``benchmarks/decode_cost.py --slots S --lengths 640``, idle 2-core machine). On the GSM8K
 workload of ``benchmarks/rollout.py`` (32 questions x 8, 64 slots) slot utilisation went from
 0.814 to 0.895 with the shrink, and to 0.944 with requests split over refills too; the
-engine made 278.0 useful tokens/s against 244.9 before both (consecutive runs).
+engine made 278.0 useful tokens/s against 244.9 before both (consecutive single runs; the
+same work measured 248.6 in a later run, so runs vary by about 10% on that machine).
 """
 
 from __future__ import annotations
