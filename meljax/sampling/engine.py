@@ -335,7 +335,6 @@ class ContinuousEngine:
         kept = None  # the prompt cache of a split part's rest (``_refill``)
         start = np.zeros(n_slots, np.int64)  # pos of each slot's first unfed token
         limit = np.zeros(n_slots, np.int64)  # each slot's max_new_tokens
-        k = self.segment_steps
         steps_done = np.zeros(n_slots, np.int64)  # tokens each slot has produced
 
         while True:
@@ -359,12 +358,13 @@ class ContinuousEngine:
             plan = None
             # only when more than one segment may be left: a last segment cannot repay the
             # move (and, the first time, the compile of a smaller pool's program)
-            if self.shrink_tail and not queue and max(limit[live] - steps_done[live]) > k:
+            left = max(limit[live] - steps_done[live])  # most tokens a live sample may add
+            if self.shrink_tail and not queue and left > self.segment_steps:
                 plan = schedule.shrink_plan(live, n_slots, self._dp(), self.batch_buckets)
             if plan is not None:  # the tail: the live samples move into a smaller pool
                 src, keep = plan
                 state = slots.compact(state, self._put(src), self._put(keep), mesh=self.mesh)
-                occupant = [occupant[s] if k else None for s, k in zip(src, keep, strict=True)]
+                occupant = [occupant[s] if on else None for s, on in zip(src, keep, strict=True)]
                 start, steps_done, limit = start[src], steps_done[src], limit[src]
                 n_slots = len(src)
                 live = [s for s in range(n_slots) if occupant[s] is not None]
