@@ -341,13 +341,13 @@ class ContinuousEngine:
             free = [s for s in range(n_slots) if occupant[s] is None]
             admitted, queue = schedule.admit(queue, len(free), split=self._dp() == 1)
             if admitted:
+                it = iter(free)  # the parts take the first free slots, in order
+                slots_of = [[next(it) for _ in range(p.count)] for p in admitted]
                 state, kept = self._refill(
-                    weights, state, admitted, free, requests, prompts, key, kept, queue
+                    weights, state, admitted, slots_of, requests, prompts, key, kept, queue
                 )
-                it = iter(free)
-                for part in admitted:
-                    for g in range(part.first, part.first + part.count):
-                        s = next(it)
+                for part, dst in zip(admitted, slots_of, strict=True):
+                    for g, s in zip(range(part.first, part.first + part.count), dst, strict=True):
                         occupant[s] = (part.request, g)
                         start[s] = len(prompts[part.request]) - 1
                         limit[s] = requests[part.request].sampling.max_new_tokens
@@ -410,14 +410,12 @@ class ContinuousEngine:
                 progress(completed)
         return out  # type: ignore[return-value]
 
-    def _refill(self, weights, state, admitted, free, requests, prompts, key, kept, queue):
-        """Puts the ``admitted`` parts into the first ``free`` slots; returns the state and
+    def _refill(self, weights, state, admitted, slots_of, requests, prompts, key, kept, queue):
+        """Puts the ``admitted`` parts into their slots ``slots_of``; returns the state and
         the prompt cache to keep for the head of ``queue`` (``(cache, {request: row})`` when
         that part was split, else ``None``). Prompts whose cache was kept (``kept``, from the
         refill that split their part) are copied from it; the others get one batched
         prefill (:func:`~meljax.sampling.schedule.prefill_rows`)."""
-        dst = iter(free)
-        slots_of = [[next(dst) for _ in range(p.count)] for p in admitted]
         old_rows = {} if kept is None else kept[1]
         fresh = [i for i, p in enumerate(admitted) if p.request not in old_rows]
         old = [i for i, p in enumerate(admitted) if p.request in old_rows]
