@@ -15,8 +15,10 @@ computation by how often it runs:
 FLOPs are those of ``dot`` and ``convolution`` (XLA:TPU writes batched matmuls as convolutions
 with padded windows; only taps on real data count, as in XLA). HBM bytes are the operands and
 results of every unfused instruction, with slices and in-place updates charged only what they
-touch. :func:`program_cost` gives both once per loop body and with trip counts, so a caller can
-scale ``cost_analysis()`` by their ratio. On TPU a reduce-scatter is a fusion
+touch; a fusion's operand that is only sliced (directly, through a bitcast, or in a nested
+fusion: XLA:TPU fuses a scanned layer's slice of a stacked weight or KV cache that way) is
+charged its slices. :func:`program_cost` gives both once per loop body and with trip counts,
+so a caller can scale ``cost_analysis()`` by their ratio. On TPU a reduce-scatter is a fusion
 ``all-reduce-scatter*`` around an ``all-reduce`` + ``dynamic-slice``; it is reported as
 ``reduce-scatter``.
 """
@@ -184,6 +186,15 @@ class CollectiveRun:
         return f"{self.kind} {self.dtype}[{dims}]{group}{times}"
 
 
+def _fused_params(comp: Computation) -> dict[int, str]:
+    """Parameter index -> name in a fused computation."""
+    return {
+        int(i.literal): i.name
+        for i in comp.instructions
+        if i.opcode == "parameter" and i.literal.strip().isdigit()
+    }
+
+
 def _run(instr: Instruction, comp: Computation) -> CollectiveRun | None:
     c = collective_of(instr, comp)
     if c is None:
@@ -317,23 +328,44 @@ class _Walker:
         names = instr.called("calls") if op == "fusion" else []
         fused = self.comps.get(names[0]) if names else None
         if fused is not None:
-            params = {
-                int(i.literal): i.name
-                for i in fused.instructions
-                if i.opcode == "parameter" and i.literal.strip().isdigit()
-            }
-            for index, pname in params.items():
+            for index, pname in _fused_params(fused).items():
                 if index >= len(reads):
                     continue
                 users = [i for i in fused.instructions if pname in i.operands]
-                if users and all(u.opcode in _SLICING and u.operands[0] == pname for u in users):
-                    reads[index] = sum(shape_bytes(u.shape) for u in users)
+                sliced = self.sliced_bytes(fused, pname)
+                if sliced is not None:
+                    reads[index] = sliced
                 elif users and all(u.opcode in _UPDATING and u.operands[0] == pname for u in users):
                     reads[index] = 0.0
                     update = fused.by_name.get(users[0].operands[1])
                     written = shape_bytes(update.shape) if update is not None else 0
                     out -= shape_bytes(fused.by_name[pname].shape) - written
         return max(out, 0.0) + sum(reads)
+
+    def sliced_bytes(self, comp: Computation, name: str, depth: int = 0) -> float | None:
+        """Bytes read of value ``name`` of fused computation ``comp`` when every use of it only
+        slices it, directly, through a bitcast or inside a nested fusion (XLA:TPU fuses the
+        per-layer ``dynamic-slice`` of a stacked weight or KV cache into a nested loop fusion of
+        the matmul's fusion); ``None`` when some use reads it whole."""
+        users = [i for i in comp.instructions if name in i.operands]
+        if not users or depth > 8:
+            return None
+        total = 0.0
+        for user in users:
+            if user.opcode in _SLICING and user.operands[0] == name:
+                total += shape_bytes(user.shape)
+                continue
+            got = None
+            if user.opcode == "bitcast":
+                got = self.sliced_bytes(comp, user.name, depth + 1)
+            elif user.opcode == "fusion" and user.operands.count(name) == 1:
+                inner = self.comps.get((user.called("calls") or [""])[0])
+                param = _fused_params(inner).get(user.operands.index(name)) if inner else None
+                got = self.sliced_bytes(inner, param, depth + 1) if param else None
+            if got is None:
+                return None
+            total += got
+        return total
 
     def cost(self, name: str, loops: bool, fused: bool = False) -> tuple[float, float, list]:
         """``(flops, bytes, [(collective, count)])`` of one run of computation ``name``."""
