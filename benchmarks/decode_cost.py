@@ -11,10 +11,13 @@ alternate over ``--rounds``; each figure is the median of its calls in milliseco
 decode step (compilation excluded), with the least-squares line
 ``step = fixed + per_slot * L`` over the whole-cache pools.
 
-With ``benchmarks/rollout.py``'s mean filled length per useful token, the line gives what
-reading only the filled part would save in the engine's step (README, "Measured figures").
+With ``benchmarks/rollout.py``'s mean filled length per useful token (``--filled``), the line
+gives what reading only the filled part would save in the engine's step, and so the most
+useful tokens/s any engine could make on that workload: every slot live, every step reading
+only the filled part, nothing else (prefill, scheduling) counted (README, "Measured figures").
 
   python benchmarks/decode_cost.py --lengths 64,256,640 --cache 640
+  python benchmarks/decode_cost.py --lengths 32,288,640 --filled 278
 """
 
 from __future__ import annotations
@@ -65,6 +68,13 @@ def main() -> None:
     ap.add_argument("--cache", type=int, default=0, help="also attend to L of a C-slot cache")
     ap.add_argument("--segment_steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--filled",
+        type=float,
+        default=0.0,
+        help="a mean filled length per useful token (benchmarks/rollout.py prints it): print "
+        "the most tokens/s any attention that reads only the filled part could reach",
+    )
     args = ap.parse_args()
     lengths = sorted(int(x) for x in args.lengths.split(","))
     # every slot's segment fits the shortest cache: positions in [first, 2 * first)
@@ -111,11 +121,22 @@ def main() -> None:
     print(f"{args.slots} live slots, SmolLM2-135M shapes f32, {args.segment_steps}-step segments")
     for case in cases:
         calls = ", ".join(f"{x:.0f}" for x in times[case])
-        print(f"  {case[0]:>14}: {np.median(times[case]):7.1f} ms/step  (calls {calls})")
+        ms = np.median(times[case])
+        print(
+            f"  {case[0]:>14}: {ms:7.1f} ms/step = {args.slots / ms * 1e3:5.1f} tokens/s with "
+            f"every slot live  (calls {calls})"
+        )
     if len(lengths) > 1:
         med = [np.median(times[(f"cache {n}", n, n)]) for n in lengths]
         per_slot, fixed = np.polyfit(lengths, med, 1)
         print(f"  line: step = {fixed:.1f} ms + {per_slot:.3f} ms x cache length")
+        if args.filled:
+            ms = fixed + per_slot * args.filled
+            print(
+                f"  reading only a mean filled {args.filled:.0f} slots, with every slot live: "
+                f"{ms:.1f} ms/step, at most {args.slots / ms * 1e3:.1f} useful tokens/s; "
+                f"attention free (the fixed part only): at most {args.slots / fixed * 1e3:.1f}"
+            )
 
 
 if __name__ == "__main__":
