@@ -135,21 +135,26 @@ def _dense(q, k, v, kv_valid, q_slots, extra=None):
     # select); XLA:CPU keeps the matmuls as library calls then (measured 140 vs 240 ms for 30
     # decode layers of SmolLM2 x 64 rows x 640 slots)
     scores = scores.reshape(b, kv_heads, g, t, s) + jnp.where(mask, 0.0, NEG)[:, None, None]
+    # softmax normalised after the value matmul: one pass over [.., S] fewer
+    top = jnp.max(scores, axis=-1, keepdims=True)
     if extra is not None:
+        # the segment's own keys: their block shares the cache block's max and sum (no
+        # [.., S + N] concatenation of scores in memory)
         k2, v2, valid2 = extra
         scores2 = jnp.einsum("bkqh,bkhn->bkqn", qg, k2, preferred_element_type=jnp.float32)
-        bias2 = jnp.where(valid2, 0.0, NEG)[:, None, None, None, :]
-        scores = jnp.concatenate([scores, scores2.reshape(b, kv_heads, g, t, -1) + bias2], -1)
-    # softmax normalised after the value matmul: one pass over [.., S] fewer
-    top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        scores2 = scores2.reshape(b, kv_heads, g, t, -1)
+        scores2 = scores2 + jnp.where(valid2, 0.0, NEG)[:, None, None, None, :]
+        top = jnp.maximum(top, jnp.max(scores2, axis=-1, keepdims=True))
+    top = jax.lax.stop_gradient(top)
     e = jnp.exp(scores - top)
     denom = jnp.sum(e, axis=-1)[..., None]  # [B, K, G, T, 1]
-    e = e.astype(q.dtype).reshape(b, kv_heads, g * t, -1)
-    out = jnp.einsum("bkqs,bksh->bkqh", e[..., :s], v, preferred_element_type=jnp.float32)
+    e = e.astype(q.dtype).reshape(b, kv_heads, g * t, s)
+    out = jnp.einsum("bkqs,bksh->bkqh", e, v, preferred_element_type=jnp.float32)
     if extra is not None:
-        out = out + jnp.einsum(
-            "bkqn,bknh->bkqh", e[..., s:], v2, preferred_element_type=jnp.float32
-        )
+        e2 = jnp.exp(scores2 - top)
+        denom = denom + jnp.sum(e2, axis=-1)[..., None]
+        e2 = e2.astype(q.dtype).reshape(b, kv_heads, g * t, -1)
+        out = out + jnp.einsum("bkqn,bknh->bkqh", e2, v2, preferred_element_type=jnp.float32)
     out = (out.reshape(b, kv_heads, g, t, hd) / denom).astype(q.dtype)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
