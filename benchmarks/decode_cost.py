@@ -69,6 +69,13 @@ def main() -> None:
     ap.add_argument("--segment_steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
+        "--segment_buffer",
+        default="auto",
+        choices=("auto", "0", "1"),
+        help="1: the read-only cache + segment buffer of TPU / GPU; 0: the cache written in the "
+        "loop (the CPU default); auto: the engine's default here",
+    )
+    ap.add_argument(
         "--filled",
         type=float,
         default=0.0,
@@ -86,7 +93,10 @@ def main() -> None:
 
     cfg = ModelConfig.from_hf_dict(BUILTIN["smollm2-135m"], dtype="float32")
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    engine = ContinuousEngine(graphdef, stop_token_ids=[0], pad_id=0, max_slots=args.slots)
+    buffer = None if args.segment_buffer == "auto" else args.segment_buffer == "1"
+    engine = ContinuousEngine(
+        graphdef, stop_token_ids=[0], pad_id=0, max_slots=args.slots, segment_buffer=buffer
+    )
     weights = engine.prepare(params)
     stop_ids, pad_id = jnp.asarray([0], jnp.int32), jnp.asarray(0, jnp.int32)
     pos = np.random.default_rng(0).integers(first, 2 * first, args.slots)
@@ -118,7 +128,10 @@ def main() -> None:
     for _ in range(args.rounds):
         for case in cases:
             times[case].append(step_ms(case))
-    print(f"{args.slots} live slots, SmolLM2-135M shapes f32, {args.segment_steps}-step segments")
+    print(
+        f"{args.slots} live slots, SmolLM2-135M shapes f32, {args.segment_steps}-step segments, "
+        f"segment buffer {engine.segment_buffer}"
+    )
     for case in cases:
         calls = ", ".join(f"{x:.0f}" for x in times[case])
         ms = np.median(times[case])
