@@ -64,7 +64,9 @@ score matmul, mask, max and exp into one library kernel, which it cannot do for 
 blocks of cache and buffer. Measured in one process (64 live slots, 640-slot cache,
 SmolLM2-135M shapes, random f32 weights, segments of 16 steps, median of 3 alternating
 calls): 266 ms per step writing the cache, 312 ms with the buffer; the static sampler's step
-over the same cache took 233 ms.
+over the same cache took 233 ms. Since the two blocks share a max and a sum (no concatenated
+scores), the buffer is still the slower on CPU: 276 / 297 vs 257 / 270 ms per step
+(``benchmarks/decode_cost.py --lengths 288,640 --segment_buffer 1`` / ``0``, alternating).
 
 Weights: :meth:`ContinuousEngine.prepare` casts the policy's parameters to the compute dtype
 and lays them out once per update on the :func:`~meljax.sampling.weights.inference_mesh`
