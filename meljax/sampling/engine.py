@@ -335,8 +335,6 @@ class ContinuousEngine:
         pending = [r.sampling.num_samples for r in requests]
         occupant: list[tuple[int, int] | None] = [None] * n_slots
         kept = None  # the prompt cache of a split part's rest (``_refill``)
-        start = np.zeros(n_slots, np.int64)  # pos of each slot's first unfed token
-        limit = np.zeros(n_slots, np.int64)  # each slot's max_new_tokens
         steps_done = np.zeros(n_slots, np.int64)  # tokens each slot has produced
 
         while True:
@@ -351,8 +349,6 @@ class ContinuousEngine:
                 for part, dst in zip(admitted, slots_of, strict=True):
                     for g, s in zip(range(part.first, part.first + part.count), dst, strict=True):
                         occupant[s] = (part.request, g)
-                        start[s] = len(prompts[part.request]) - 1
-                        limit[s] = requests[part.request].sampling.max_new_tokens
                         steps_done[s] = 0
             live = [s for s in range(n_slots) if occupant[s] is not None]
             if not live:
@@ -360,17 +356,19 @@ class ContinuousEngine:
             plan = None
             # only when more than one segment may be left: a last segment cannot repay the
             # move (and, the first time, the compile of a smaller pool's program)
-            left = max(limit[live] - steps_done[live])  # most tokens a live sample may add
+            left = max(  # most tokens a live sample may still add
+                requests[occupant[s][0]].sampling.max_new_tokens - steps_done[s] for s in live
+            )
             if self.shrink_tail and not queue and left > self.segment_steps:
                 plan = schedule.shrink_plan(live, n_slots, self._dp(), self.batch_buckets)
             if plan is not None:  # the tail: the live samples move into a smaller pool
                 src, keep = plan
                 state = slots.compact(state, self._put(src), self._put(keep), mesh=self.mesh)
                 occupant = [occupant[s] if on else None for s, on in zip(src, keep, strict=True)]
-                start, steps_done, limit = start[src], steps_done[src], limit[src]
-                n_slots = len(src)
+                steps_done, n_slots = steps_done[src], len(src)
                 live = [s for s in range(n_slots) if occupant[s] is not None]
-            longest = max(int(start[s] + steps_done[s]) for s in live)
+            # a slot's first unfed token sits at its prompt length - 1
+            longest = max(len(prompts[occupant[s][0]]) - 1 + int(steps_done[s]) for s in live)
             kv_len = self._kv_len(longest, cache_len)
             state, ran = slots.decode_segment(
                 weights,
