@@ -7,6 +7,7 @@ Each command lives in ``meljax.commands.<name>``, defines its own absl flags and
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -28,6 +29,8 @@ def usage() -> str:
 
 def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    # transformers' "PyTorch was not found" notice: meljax never needs torch, so it is no news.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
         sys.exit(0 if len(argv) >= 2 else 2)
@@ -47,7 +50,9 @@ def run(argv: list[str] | None = None) -> None:
         print(f"meljax {name}: {COMMANDS[name]}\n{(module.__doc__ or '').strip()}\n")
         print(flags.FLAGS.module_help(module))
         sys.exit(0)
-    rest = argv[2:]
+    from meljax.commands.config_files import resolve_argv
+
+    rest = resolve_argv(argv[2:])  # --config=demo: a config shipped in the package
     if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in rest):
         rest = ["--verbosity=-1"] + rest  # warnings and errors only; results are printed
     app.run(module.main, argv=[f"meljax {name}"] + rest)

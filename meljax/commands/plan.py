@@ -18,22 +18,16 @@ folder name.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from meljax.commands.common import clean_errors
-
-
-def _default_config() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(os.path.dirname(os.path.dirname(here)), "configs", "demo.py")
-
+from meljax.commands.config_files import shipped
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", _default_config(), "Config file (configs/*.py).", lock_config=True
+    "config", shipped("demo"), "Config file (configs/*.py or a shipped name).", lock_config=True
 )
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "v5p-64, v6e-32, v5e-16, v5p:2x4x4, cpu:8 ...", required=True

@@ -1,6 +1,8 @@
 """``meljax train --config=configs/X.py --workdir=DIR [--config.a.b=v ...]``.
 
-With no flags it runs the embedded CPU demo (``configs/demo.py``) into ``workdirs/demo``.
+With no flags it runs the embedded CPU demo (``configs/demo.py``, shipped in the package) into
+``workdirs/demo`` under the current folder. ``--config`` takes a path or a shipped config's name
+(``--config=tiny``, ``--config=qwen3_8b_mel``).
 Rerunning the same command resumes from the latest checkpoint; a larger
 ``--config.total_steps`` continues a finished run. On SIGTERM (a preempted VM) the run stops at
 its next phase boundary, saves a checkpoint and exits with code 143; rerun to resume.
@@ -15,17 +17,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from meljax.commands.common import clean_errors, maybe_initialize_distributed
-
-
-def default_config_path() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(os.path.dirname(os.path.dirname(here)), "configs", "demo.py")
-
+from meljax.commands.config_files import shipped
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped on request, checkpoint saved, resumable
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", default_config_path(), "Config file (configs/*.py).", lock_config=True
+    "config", shipped("demo"), "Config file (configs/*.py or a shipped name).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run folder (local or gs://); default: workdirs/<config name>."
