@@ -17,7 +17,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import fsspec  # noqa: E402
 import pytest  # noqa: E402
+from etils.epath import backend as epath_backend  # noqa: E402
+from fsspec.implementations.memory import MemoryFileSystem  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMS = os.path.join(REPO, "tests", "fixtures", "eval", "sums", "test.jsonl")
@@ -54,3 +57,27 @@ def tiny_eval_runs(tmp_path_factory):
         wandb = ["--config.logging.wandb=True", "--config.logging.wandb_mode=offline"]
     mel = _train_tiny(root / "mel", *wandb)
     return grpo, mel
+
+
+class FakeGCS(MemoryFileSystem):
+    """An in-memory ``gs://`` (paths are kept whole, so buckets stay apart)."""
+
+    protocol = ("gs", "gcs")
+    store: dict = {}  # noqa: RUF012 - one store per class, like MemoryFileSystem's
+    pseudo_dirs = [""]  # noqa: RUF012
+
+    def __init__(self, *args, finalize_on_close=None, **kw):
+        super().__init__(*args, **kw)
+
+
+@pytest.fixture
+def fake_gcs():
+    """``gs://`` served from memory through etils.epath's fsspec backend (no network)."""
+    fsspec.register_implementation("gcs", FakeGCS, clobber=True)
+    fsspec.register_implementation("gs", FakeGCS, clobber=True)
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    FakeGCS.store.clear()
+    FakeGCS.pseudo_dirs[:] = [""]
+    yield FakeGCS
+    FakeGCS.store.clear()
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()

@@ -1,7 +1,7 @@
 """Every output of a run goes to its workdir, also when that is not a local folder (gs://).
 
 ``gs://`` paths go through etils.epath's fsspec backend; here the ``gcs`` protocol is an
-in-memory filesystem, so nothing leaves the process. The checkpoints (orbax writes their
+in-memory filesystem (``fake_gcs`` in conftest.py), so nothing leaves the process. The checkpoints (orbax writes their
 arrays with TensorStore's own GCS driver, which an fsspec fake cannot serve) go to a local
 ``checkpoint.directory``; everything else must land in the fake bucket and nowhere else.
 """
@@ -11,38 +11,12 @@ from __future__ import annotations
 import json
 import os
 
-import fsspec
 import pytest
-from etils.epath import backend as epath_backend
-from fsspec.implementations.memory import MemoryFileSystem
 
 from meljax import files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "eval")
-
-
-class FakeGCS(MemoryFileSystem):
-    """An in-memory ``gs://`` (paths are kept whole, so buckets stay apart)."""
-
-    protocol = ("gs", "gcs")
-    store: dict = {}  # noqa: RUF012 - one store per class, like MemoryFileSystem's
-    pseudo_dirs = [""]  # noqa: RUF012
-
-    def __init__(self, *args, finalize_on_close=None, **kw):
-        super().__init__(*args, **kw)
-
-
-@pytest.fixture
-def fake_gcs(monkeypatch):
-    fsspec.register_implementation("gcs", FakeGCS, clobber=True)
-    fsspec.register_implementation("gs", FakeGCS, clobber=True)
-    epath_backend.fsspec_backend._get_filesystem.cache_clear()
-    FakeGCS.store.clear()
-    FakeGCS.pseudo_dirs[:] = [""]
-    yield FakeGCS
-    FakeGCS.store.clear()
-    epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def test_file_layer_appends_truncates_and_copies(fake_gcs, tmp_path):
@@ -82,7 +56,7 @@ def test_run_with_a_gs_workdir_writes_everything_there_and_resumes(fake_gcs, tmp
     os.chdir(tmp_path)  # a folder literally named "gs:" would show up here
     try:
         train(cfg, workdir)
-        stored = set(FakeGCS.store)
+        stored = set(fake_gcs.store)
         prefix = "gs://bucket/runs/tiny/"
         for name in (
             "metrics.jsonl",

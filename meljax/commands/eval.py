@@ -128,12 +128,16 @@ def check_model_arg(model: str) -> None:
 
     Bare names such as ``demo`` are left to :func:`meljax.models.resolve_model_path`.
     """
+    from meljax.models.sources import is_hub_id, is_remote
+
+    if is_remote(model) or is_hub_id(model):
+        return  # resolved (downloaded / copied) later, with its own error
     looks_like_path = os.sep in model or model.startswith(".") or model.endswith(".gguf")
-    if looks_like_path and not os.path.exists(model):
+    if looks_like_path and not os.path.exists(os.path.expanduser(model)):
         kind = "GGUF file" if model.endswith(".gguf") else "model folder"
         raise FileNotFoundError(
             f"--model: {kind} not found: {model} (expected a Hugging Face folder with "
-            f"config.json, a .gguf file, or 'demo')"
+            f"config.json, a .gguf file, a hub id org/name, gs://... or 'demo')"
         )
 
 

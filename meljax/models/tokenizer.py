@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import os
 
-DEMO_ALIASES = ("demo", "smollm2", "smollm2-135m-instruct")
+from meljax.models import sources
+
+DEMO_ALIASES = sources.DEMO_ALIASES
 
 
 def resolve_model_path(path: str) -> str:
-    """Maps the alias ``demo`` (or a ``.gguf`` file) to a local Hugging Face folder.
-
-    A ``.gguf`` file is converted once into the meljax cache. Anything else is returned as is.
-    """
-    from meljax.models import gguf_import
-
-    if path in DEMO_ALIASES:
-        return gguf_import.demo_model_dir()
-    if path.endswith(".gguf"):
-        name = os.path.splitext(os.path.basename(path))[0]
-        out = os.path.join(gguf_import.default_cache_dir(), name)
-        if not os.path.exists(os.path.join(out, "config.json")):
-            gguf_import.convert_gguf(path, out)
-        return out
-    return path
+    """A local Hugging Face folder for ``path``: see :func:`meljax.models.sources.resolve`
+    (``demo``, a folder, a ``.gguf`` file, ``gs://...``, a hub id ``org/name[@rev]``)."""
+    return sources.resolve(path)
 
 
 def load_tokenizer(path: str):

@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 from meljax.models.config import ModelConfig
+from meljax.models.sources import DEMO_ALIASES
 
 if TYPE_CHECKING:
     import ml_collections
@@ -77,13 +78,12 @@ BUILTIN = {
         tie_word_embeddings=True,
     ),
 }
-_DEMO_ALIASES = ("demo", "smollm2", "smollm2-135m-instruct")
 
 
 def builtin_name(path: str) -> str | None:
     """``~/models/Qwen3-8B-Base`` -> ``qwen3-8b`` when that architecture is built in."""
     base = os.path.basename(os.path.normpath(os.path.expanduser(path))).lower()
-    if base in _DEMO_ALIASES:
+    if base in DEMO_ALIASES:
         return "smollm2-135m"
     for suffix in ("-base", "-instruct"):
         base = base.removesuffix(suffix)

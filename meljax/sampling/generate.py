@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
-    chat: bool = True,
+    chat: bool | None = None,
     prompt: Any = None,
 ) -> list[list[str]]:
     """Samples ``num_samples`` completions for each prompt string.
@@ -35,7 +34,8 @@ def generate(
       num_samples, max_new_tokens, temperature, top_p, top_k: see ``SamplingParams``
         (``temperature=0`` is greedy).
       seed: PRNG seed; the same seed gives the same completions.
-      chat: without ``prompt``: one user turn of the chat template, else the bare text.
+      chat: without ``prompt``: one user turn of the chat template (``True``) or the bare text
+        (``False``); ``None``: the chat template when the tokenizer has one (base models: raw).
       prompt: a :class:`meljax.policy.PromptConfig` (e.g. a training run's ``data`` settings),
         so the prompts, BOS and stops are exactly those of training.
 
@@ -47,6 +47,11 @@ def generate(
 
     if not prompts:
         return []
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat is None:
+        chat = has_template
+    elif chat and prompt is None and not has_template:
+        raise ValueError("generate(chat=True): the tokenizer has no chat template; use chat=False")
     graphdef, params = nnx.split(model)
     # The jitted core is cached on the graph definition, so a fresh policy per call is cheap.
     policy = Policy.build(graphdef, tokenizer, prompt or PromptConfig.plain(chat))
@@ -71,7 +76,7 @@ def sample_model(
     """The ``meljax sample`` command without its flags: load, sample, print, return the texts.
 
     Args:
-      model_path: a Hugging Face folder, a ``.gguf`` file or ``demo``.
+      model_path: a Hugging Face folder, a ``.gguf`` file, ``gs://...``, a hub id or ``demo``.
       prompts: prompt texts (at least one).
       sampling: the sampling controls.
       seed, dtype, cache_dtype, chat: PRNG seed, compute dtype, KV-cache dtype (``None``: the
@@ -92,15 +97,7 @@ def sample_model(
     if not prompts:
         raise ValueError("give at least one --prompt")
     sampling.validate()
-    looks_like_path = os.sep in model_path or model_path.endswith(".gguf")
-    if looks_like_path and not os.path.exists(model_path):
-        raise FileNotFoundError(f"--model: not found: {model_path}")
-    path = resolve_model_path(model_path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"--model: model folder not found: {path} (expected a Hugging Face folder with "
-            f"config.json, a .gguf file, or 'demo')"
-        )
+    path = resolve_model_path(model_path)  # FileNotFoundError naming what was looked for
     model = from_pretrained(path, dtype=dtype)
     tokenizer = load_tokenizer(path)
     graphdef, params = nnx.split(model)
