@@ -1,0 +1,43 @@
+"""``--config`` resolution: shipped configs by name, from any folder; paths stay paths."""
+
+import fnmatch
+import os
+import tomllib
+
+from meljax.commands import config_files
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_shipped_names_resolve_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: only the package's copy can answer
+    demo = config_files.shipped("demo")
+    assert os.path.isfile(demo) and os.path.dirname(demo) == config_files.SHIPPED_DIR
+    assert config_files.resolve("demo") == demo
+    assert config_files.resolve("demo.py") == demo
+    assert config_files.resolve("configs/demo.py") == demo  # the README's spelling
+    assert config_files.resolve("qwen3_8b_mel:x") == config_files.shipped("qwen3_8b_mel") + ":x"
+    assert config_files.resolve_argv(["--config", "tiny", "--config.seed=3"]) == [
+        "--config",
+        config_files.shipped("tiny"),
+        "--config.seed=3",
+    ]
+    assert {"demo", "tiny", "qwen3_8b_mel"} <= set(config_files.shipped_names())
+
+
+def test_existing_paths_and_unknown_names_are_left_alone(tmp_path, monkeypatch):
+    mine = tmp_path / "demo.py"
+    mine.write_text("def get_config(): ...\n")
+    monkeypatch.chdir(tmp_path)
+    assert config_files.resolve("demo.py") == "demo.py"  # the user's own file wins
+    assert config_files.resolve(str(mine)) == str(mine)
+    assert config_files.resolve("nope") == "nope"  # the config loader names it
+
+
+def test_the_wheel_ships_every_file_a_shipped_config_reads():
+    """pyproject's package data must cover the configs folder (the demo's held-out set)."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["meljax.configs"]
+    for name in os.listdir(config_files.SHIPPED_DIR):
+        if name != "__pycache__":
+            assert any(fnmatch.fnmatch(name, p) for p in patterns), name
