@@ -7,6 +7,8 @@ import glob
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -85,10 +87,22 @@ def test_settings_round_trip_and_derived_fields():
         validate(cfg)
 
 
+def _meljax(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "meljax", *args], cwd=REPO, capture_output=True, text=True
+    )
+
+
 def test_unknown_fields_fail():
-    cfg = base_config()
-    with pytest.raises(AttributeError):
-        cfg.rollout.group_sise = 4  # locked
+    # On the command line: one line naming the key, with a hint, and exit code 2 (it was a
+    # 40-line ml_collections traceback and exit code 1).
+    for args in (["--config=configs/tiny.py"], []):
+        proc = _meljax("train", *args, "--config.rollout.group_sise=8", "--workdir=/nonexistent")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [
+            "meljax train: error: unknown config key rollout.group_sise "
+            "(did you mean rollout.group_size?)"
+        ]
     saved = json.loads(base_config().to_json())
     saved["rollout"]["group_sise"] = 4
     with pytest.raises(ValueError, match=r"unknown fields \['rollout.group_sise'\]"):
@@ -97,6 +111,46 @@ def test_unknown_fields_fail():
     del saved["rollout"]["group_sise"], saved["data"]["stop_strings"], saved["eval"]["at_start"]
     cfg = config_from_json(json.dumps(saved))
     assert cfg.data.stop_strings == () and cfg.eval.at_start is False
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["plan", "--topology=cpu:8", "--config.mel.enabledd=False"],
+            "meljax plan: error: unknown config key mel.enabledd (did you mean mel.enabled?)",
+        ),
+        (
+            ["train", "--config=configs/nope.py"],
+            "meljax train: error: --config: config file not found: configs/nope.py",
+        ),
+        (
+            ["train", "--config=configs/tiny.py", "--config.rollout.group_size=abc"],
+            "meljax train: error: config key rollout.group_size expects int, got 'abc'",
+        ),
+        (
+            ["train", "--config.group_size=8"],
+            "meljax train: error: unknown config key group_size (did you mean rollout.group_size?)",
+        ),
+    ],
+)
+def test_bad_config_arguments_are_one_line_and_exit_2(args, line):
+    """A missing config file, a misspelt key, a value of the wrong type: one line naming the
+    culprit and exit code 2, before the command runs (was a traceback, or exit code 1)."""
+    proc = _meljax(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [line]
+
+
+def test_did_you_mean_hints():
+    from meljax.cli import config_arg_error, did_you_mean
+
+    assert did_you_mean("rollout.group_sise", ["rollout.group_size", "seed"]).endswith(
+        "rollout.group_size?)"
+    )
+    assert did_you_mean("zzz", ["rollout.group_size"]) == ""
+    assert config_arg_error(["--config.rollout.group_size=8", "--noconfig.mel.enabled"]) is None
+    assert "model.random.hidden_sise" in config_arg_error(["--config.model.random.hidden_sise=4"])
 
 
 def test_shipped_configs_validate():
