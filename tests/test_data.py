@@ -331,6 +331,51 @@ def test_bad_rows_skip_mode_counts_and_reports_them():
     assert "invalid JSON" in result.bad_rows[2].reason
 
 
+def _with_bad_byte(tmp_path, name: str) -> str:
+    """A file whose second row holds the byte 0xff (not UTF-8) in its question."""
+    if name.endswith(".jsonl"):
+        rows = [b'{"question": "1+1", "answer": "2"}', b'{"question": "caf\xff", "answer": "3"}']
+        data = b"\n".join([*rows, b'{"question": "2+2", "answer": "4"}']) + b"\n"
+    else:
+        data = b'[{"question": "1+1", "answer": "2"}, {"question": "caf\xff", "answer": "3"}]'
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [("bad.jsonl", "byte 0xff at line 2, column 18"), ("bad.json", "byte 0xff")],
+)
+def test_bytes_that_are_not_utf8_name_file_and_row_and_obey_on_bad_row(tmp_path, name, where):
+    """A non-UTF-8 byte was a bare ``UnicodeDecodeError`` (no file, no row) and
+    ``on_bad_row="skip"`` did not skip it."""
+    path = _with_bad_byte(tmp_path, name)
+    with pytest.raises(BadRowError, match=rf"{re.escape(path)}: row 1: not valid UTF-8: {where}"):
+        load_problems(path)
+    result = load_problems(path, on_bad_row="skip")
+    assert [p.question for p in result][0] == "1+1" and len(result) == len(result.problems)
+    assert result.num_skipped == 1 and result.bad_rows[0].index == 1
+    assert "not valid UTF-8" in result.bad_rows[0].reason
+
+
+def test_eval_with_a_non_utf8_benchmark_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    path = _with_bad_byte(tmp_path, "bad.jsonl")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "meljax", "eval", "--model=demo", f"--benchmarks={path}"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"meljax eval: error: {path}: row 1: not valid UTF-8" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_aime_rejects_non_integer_answers(tmp_path):
     path = tmp_path / "aime24" / "test.jsonl"
     path.parent.mkdir()

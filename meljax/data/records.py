@@ -13,13 +13,12 @@ Entry point: :func:`load_problems`.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
+from meljax.data.readers import READERS, Row
 from meljax.rewards.extract import match_braces
 
 __all__ = [
@@ -518,26 +517,6 @@ class LoadResult(Sequence[Problem]):
         return iter(self.problems)
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
-    """Opens a local or remote (``gs://``, ``s3://``, ``hf://``...) file for reading."""
-    if "://" not in path:
-        return open(path, "rb")  # noqa: SIM115 - the caller closes it
-    try:
-        from etils import epath
-
-        return epath.Path(path).open("rb")
-    except Exception as epath_error:  # noqa: BLE001 - fall back to fsspec's own backends
-        try:
-            import fsspec
-
-            return fsspec.open(path, "rb").open()
-        except Exception as fsspec_error:
-            raise OSError(
-                f"Cannot open {path!r} with etils.epath ({epath_error}) "
-                f"nor fsspec ({fsspec_error}); is the filesystem's package installed?"
-            ) from fsspec_error
-
-
 def _is_dir(path: str) -> bool:
     if "://" not in path:
         import os
@@ -565,54 +544,6 @@ def _format_of(path: str, fields: FieldMap) -> FileFormat:
         f"Cannot tell the format of {path!r} from its suffix; use a .jsonl, .json or "
         f".parquet file or set FieldMap.file_format"
     )
-
-
-_Row = tuple[int, Any]  # (row index, decoded row or the exception that decoding raised)
-
-
-def _iter_jsonl(path: str) -> Iterator[_Row]:
-    with _open_binary(path) as f:
-        index = 0
-        for raw in f:
-            line = raw.decode("utf-8").strip()
-            if not line:
-                continue  # blank lines carry no row, so they do not count as rows either
-            try:
-                yield index, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield index, ValueError(f"invalid JSON: {e}")
-            index += 1
-
-
-def _iter_json(path: str) -> Iterator[_Row]:
-    with _open_binary(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON: {e}") from e
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-    yield from enumerate(data)
-
-
-def _iter_parquet(path: str) -> Iterator[_Row]:
-    import pyarrow.parquet as pq
-
-    with _open_binary(path) as f:
-        parquet = pq.ParquetFile(f)
-        index = 0
-        # Batches keep `limit=` cheap on large files: rows are decoded only when needed.
-        for batch in parquet.iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                yield index, row
-                index += 1
-
-
-_READERS: dict[str, Callable[[str], Iterator[_Row]]] = {
-    "jsonl": _iter_jsonl,
-    "json": _iter_json,
-    "parquet": _iter_parquet,
-}
 
 
 class _Filtered(Exception):
@@ -713,7 +644,7 @@ def generic_layout_hint() -> str:
     )
 
 
-def _first_row(reader: Callable[[str], Iterator[_Row]], path: str) -> Any:
+def _first_row(reader: Callable[[str], Iterator[Row]], path: str) -> Any:
     for _, row in reader(path):
         return row
     return None
@@ -780,7 +711,7 @@ def load_problems(
             raise ValueError(f"{path!r} is a folder and the layout names no default_file{hint}")
         path = path.rstrip("/") + "/" + field_map.default_file
 
-    reader = _READERS[_format_of(path, field_map)]
+    reader = READERS[_format_of(path, field_map)]
     if generic:
         field_map = layout_for_row(_first_row(reader, path))
     problems: list[Problem] = []
