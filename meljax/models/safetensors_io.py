@@ -8,6 +8,7 @@ weight's bytes are only touched when it is converted, one weight at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -33,16 +34,77 @@ SINGLE_FILE = "model.safetensors"
 
 
 def read_header(file: str) -> tuple[dict, int]:
-    """Returns (header dict, byte offset where tensor data starts)."""
+    """Returns (header dict, byte offset where tensor data starts).
+
+    Every tensor's dtype, shape and byte range is checked against the file's size, so a
+    truncated or corrupt file fails here with a ValueError naming the file and the tensor
+    (not later as a reshape error that names neither).
+    """
     with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{file}: not a safetensors file (too short)")
+            raise ValueError(f"{file}: not a safetensors file ({size} bytes; truncated?)")
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise ValueError(f"{file}: implausible safetensors header size {n}")
-        header = json.loads(f.read(n))
+        if 8 + n > size:
+            raise ValueError(
+                f"{file}: truncated safetensors file: its header needs {8 + n} bytes, the file "
+                f"has {size}"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{file}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: safetensors header is not a JSON object")
+    for key, meta in header.items():
+        if key != "__metadata__":
+            _check_entry(file, key, meta, size - 8 - n)
     return header, 8 + n
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entry(file: str, key: str, meta, data_bytes: int) -> None:
+    """Raises ValueError naming ``file`` and tensor ``key`` when its header entry is malformed,
+    its byte count is not shape x dtype size, or its bytes lie past the end of the file."""
+    where = f"{file}: tensor {key}"
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+        raise ValueError(f"{where}: header entry lacks dtype, shape or data_offsets")
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not isinstance(shape, list) or not all(map(_is_index, shape)):
+        raise ValueError(f"{where}: bad shape {shape!r}")
+    ok = isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_index, offsets))
+    if not ok or offsets[0] > offsets[1]:
+        raise ValueError(f"{where}: bad data_offsets {offsets!r}")
+    begin, end = offsets
+    dtype = _DTYPES.get(meta["dtype"])  # an unsupported dtype fails only if the tensor is read
+    if dtype is not None and end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(
+            f"{where}: {end - begin} bytes for shape {shape} of {meta['dtype']} "
+            f"({math.prod(shape) * dtype.itemsize} expected)"
+        )
+    if end > data_bytes:
+        raise ValueError(
+            f"{where}: its data ends at byte {end} of the data section, which has only "
+            f"{data_bytes} bytes (truncated file?)"
+        )
+
+
+def _read_weight_map(index: str) -> dict[str, str]:
+    """The ``weight_map`` of a sharded index; a ValueError naming the file if unreadable."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: unreadable safetensors index ({e!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: weight_map is not a map of tensor names to shard files")
+    return weight_map
 
 
 class SafetensorsFolder:
@@ -52,8 +114,7 @@ class SafetensorsFolder:
         index = os.path.join(path, INDEX_FILE)
         single = os.path.join(path, SINGLE_FILE)
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_weight_map(index)
             files = sorted(set(weight_map.values()))
         elif os.path.exists(single):
             files = [SINGLE_FILE]
