@@ -23,6 +23,14 @@ def is_user_error(e: BaseException) -> bool:
     return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE)
 
 
+def error_message(e: BaseException) -> str:
+    """The message as raised: quotes in it are its own (a path's ``'...'``). Only a
+    ``KeyError``, whose ``str`` is the repr of its key, is shown without that repr."""
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        return e.args[0]
+    return str(e) or type(e).__name__
+
+
 @contextlib.contextmanager
 def clean_errors(command: str):
     """Turns user errors (bad config, missing files, bad data) into one line and exit code 2;
@@ -32,7 +40,7 @@ def clean_errors(command: str):
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("MELJAX_TRACEBACK") or not is_user_error(e):
             raise
-        msg = str(e).strip("'\"") or type(e).__name__
+        msg = error_message(e)
         print(f"meljax {command}: error: {msg}", file=sys.stderr)
         print("(set MELJAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         sys.exit(2)
