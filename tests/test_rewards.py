@@ -410,3 +410,36 @@ def test_hang_hook_times_out_the_listed_rows(monkeypatch, workers):
     with Verifier(config, kill_grace_s=0.5) as verifier:
         results = verifier.score([f"\\boxed{{{i}}}" for i in range(5)], [str(i) for i in range(5)])
     assert [r.reason for r in results] == ["correct", "timeout", "correct", "timeout", "correct"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_batch_of_hanging_answers_costs_about_one_timeout(monkeypatch, workers):
+    """Six answers that hang in a batch of eight: one full timeout, then the shorter
+    ``timeout_after_first_s`` for the answers after it (was six full timeouts, 12 s here);
+    every hanging answer scores 0 and is counted, the others score as always."""
+    monkeypatch.setenv("MELJAX_TEST_VERIFIER_HANG_ROWS", "0,1,2,4,5,6")
+    config = RewardConfig(timeout_s=2.0, timeout_after_first_s=0.2, num_workers=workers)
+    completions = [f"\\boxed{{{i}}}" for i in range(8)]
+    with Verifier(config, kill_grace_s=1.0) as verifier:
+        t0 = time.perf_counter()
+        results = verifier.score(completions, [str(i) for i in range(8)])
+        seconds = time.perf_counter() - t0
+        assert verifier.timeouts == 6
+        # The next batch starts with the full limit again: its hanging answer gets 2 s.
+        t1 = time.perf_counter()
+        assert [r.reason for r in verifier.score(completions[:1], ["0"])] == ["timeout"]
+        assert time.perf_counter() - t1 >= 1.9
+    reasons = [r.reason for r in results]
+    assert reasons == ["timeout"] * 3 + ["correct"] + ["timeout"] * 3 + ["correct"]
+    assert all(r.score == 0.0 for r in results if r.reason == "timeout")
+    assert seconds < 2.0 + 5 * 0.2 + 2.5, seconds  # one timeout, five short ones, slack
+
+
+def test_batch_limit_is_the_one_rule():
+    from meljax.rewards.guard import batch_limit
+
+    config = RewardConfig(timeout_s=5.0, timeout_after_first_s=0.5)
+    assert batch_limit(config, False) is config
+    assert batch_limit(config, True).timeout_s == 0.5
+    short = RewardConfig(timeout_s=0.3, timeout_after_first_s=0.5)
+    assert batch_limit(short, True) is short  # never longer than timeout_s

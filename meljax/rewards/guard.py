@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import signal
 import threading
@@ -9,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from meljax.rewards.verify import REASONS, RewardConfig, RewardResult
+from meljax.rewards.verify import REASONS, RewardConfig, RewardResult, score_one
 
 ScoreFn = Callable[[str, str, RewardConfig], RewardResult]
 
@@ -34,6 +35,26 @@ def resolve_function(ref: str) -> Callable:
     for part in name.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def batch_limit(config: RewardConfig, batch_timed_out: bool) -> RewardConfig:
+    """THE per-batch time budget of answer checks: an answer gets ``config.timeout_s``; once
+    an answer of its batch has timed out, answers that start later get
+    ``config.timeout_after_first_s`` (when smaller). Hanging answers then cost about one
+    timeout per batch instead of one each, while normal answers, which take milliseconds
+    (the first symbolic one is checked at warm-up, outside any limit), score the same."""
+    if not batch_timed_out or config.timeout_after_first_s >= config.timeout_s:
+        return config
+    return dataclasses.replace(config, timeout_s=config.timeout_after_first_s)
+
+
+def warm_up() -> None:
+    """Scores a number and a symbolic answer with ``score_one``, without a time limit:
+    sympy's first parse and first polynomial comparison (about 1 s) then never count
+    against an answer's limit."""
+    config = RewardConfig(timeout_s=60.0)
+    run_guarded(score_one, "\\boxed{1}", "1", config)
+    run_guarded(score_one, "\\boxed{x^2+2x+1}", "(x+1)^2", config)
 
 
 def hang_for_test(completion: str, answer: str, config: Any) -> Any:

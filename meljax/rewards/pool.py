@@ -15,6 +15,12 @@ Each item is scored under two time limits:
    place. A worker that dies mid-item (segfault, ``os._exit``, out of memory) gives "crash"
    and is replaced the same way.
 
+Per batch, once an answer has timed out, the answers that start after it get the shorter
+``timeout_after_first_s`` (:func:`~meljax.rewards.guard.batch_limit`): a batch of hanging
+answers (``10^{10^{10^{10}}}`` from a policy that learned to write them) costs about one
+timeout, not one per answer. Every timed-out answer scores 0, reason "timeout", and is counted
+in :attr:`Verifier.timeouts`.
+
 Several hosts. Timeouts depend on each host's load, so hosts would disagree if each scored
 the whole batch. With ``share_hosts`` (the default) host ``h`` of ``n`` scores items
 ``h::n`` and the results are all-gathered: every host gets the same rewards, and the work is
@@ -41,7 +47,14 @@ from typing import Any, Protocol
 
 from meljax import multihost
 from meljax.rewards.extract import clip_tail
-from meljax.rewards.guard import READY, function_ref, hang_for_test, run_guarded
+from meljax.rewards.guard import (
+    READY,
+    batch_limit,
+    function_ref,
+    hang_for_test,
+    run_guarded,
+    warm_up,
+)
 from meljax.rewards.verify import RewardConfig, RewardResult, score_one
 
 ScoreFn = Callable[[str, str, RewardConfig], RewardResult]
@@ -143,12 +156,12 @@ class Verifier:
         self._lock = threading.Lock()
         self._closed = False
         self.restarts = 0  # workers replaced after a timeout kill or a crash
+        self.timeouts = 0  # answers that scored 0 because they ran out of time
+        self._timed_out = False  # an answer of the current batch timed out (batch_limit)
         self._batch = 0  # tags tasks so that a late answer cannot land in another batch
         self._workers: list[_Worker] = [self._spawn() for _ in range(self.num_workers)]
         if not self._workers:
-            # The first parse imports sympy and builds the LaTeX parser (about 1 s): done here,
-            # outside any item's time limit, as the workers do before they report ready.
-            run_guarded(score_one, "\\boxed{1}", "1", RewardConfig(timeout_s=60.0))
+            warm_up()  # outside any item's time limit, as the workers do before "ready"
 
     # -- worker management ---------------------------------------------------------------
 
@@ -231,6 +244,7 @@ class Verifier:
         hosts = multihost.process_count() if self._share_hosts else 1
         mine = list(range(multihost.process_index() % hosts, len(texts), hosts))
         local = self._score_items(mine, texts, gold, config)
+        self.timeouts += sum(r.reason == "timeout" for r in local)
         if hosts == 1:
             return local
         gathered = multihost.allgather_objects([dataclasses.astuple(r) for r in local])
@@ -244,14 +258,15 @@ class Verifier:
         self, items: list[int], texts: list[str], gold: list[str], config: RewardConfig
     ) -> list[RewardResult]:
         if not self._workers:
-            return [
-                run_guarded(
-                    hang_for_test if i in self._hang else self._score_fn, texts[i], gold[i], config
-                )
-                for i in items
-            ]
+            self._timed_out, out = False, []
+            for i in items:
+                fn = hang_for_test if i in self._hang else self._score_fn
+                out.append(run_guarded(fn, texts[i], gold[i], batch_limit(config, self._timed_out)))
+                self._timed_out |= out[-1].reason == "timeout"
+            return out
         with self._lock:
             self._batch += 1
+            self._timed_out = False
             try:
                 return self._run(items, texts, gold, config)
             except BaseException:
@@ -267,9 +282,8 @@ class Verifier:
     ) -> list[RewardResult]:
         results: dict[int, RewardResult] = {}
         pending = collections.deque(items)
-        limit_s = config.timeout_s + self._kill_grace_s
         while pending or any(w.task is not None for w in self._workers):
-            self._dispatch(pending, texts, gold, config, limit_s)
+            self._dispatch(pending, texts, gold, batch_limit(config, self._timed_out))
             waiting = [w for w in self._workers if w.task is not None or not w.ready]
             now = time.monotonic()
             deadlines = [
@@ -289,8 +303,8 @@ class Verifier:
         texts: list[str],
         gold: list[str],
         config: RewardConfig,
-        limit_s: float,
     ) -> None:
+        limit_s = config.timeout_s + self._kill_grace_s
         for index, worker in enumerate(self._workers):
             if not pending:
                 return
@@ -326,12 +340,14 @@ class Verifier:
         if batch == self._batch and item == worker.task:
             results[item] = result
             worker.task = None
+            self._timed_out |= result.reason == "timeout"
 
     def _enforce_deadlines(self, results: dict[int, RewardResult]) -> None:
         now = time.monotonic()
         for index, worker in enumerate(self._workers):
             if worker.task is not None and now >= worker.task_deadline:
                 results[worker.task] = RewardResult(0.0, "timeout", None)
+                self._timed_out = True
                 self._replace(index)
             elif not worker.ready and now >= worker.start_deadline:
                 raise self._start_failed(worker, f"took over {self._start_timeout_s} s to start")

@@ -33,6 +33,13 @@ class RewardConfig:
     timeout_s: float = option(
         5.0, "per-answer time limit (s); a hung answer scores 0", minimum=1e-3
     )
+    timeout_after_first_s: float = option(
+        0.5,
+        "once an answer of a batch has timed out, the answers that start after it get this "
+        "limit (s; at most timeout_s): a batch of hanging answers costs about one timeout, not "
+        "one each",
+        minimum=1e-3,
+    )
     num_workers: int = option(2, "verifier processes (0 = in the calling process)", minimum=0)
     max_input_chars: int = option(
         20_000, "completions are clipped to their last this many characters first", minimum=1

@@ -12,7 +12,7 @@ Protocol (parent -> worker, then worker -> parent):
    from a test module or a user package imports the same way), the scoring function as
    ``"module:qualname"`` and the address-space limit in MiB (``None``: none).
 2. The worker imports, warms up (the first parse builds sympy's and the ANTLR parser's state,
-   about 1 s) and sends ``"ready"``.
+   the first symbolic comparison sympy's polynomials: about 1 s) and sends ``"ready"``.
 3. Then, per item: ``(task_id, completion, answer, config, hang)`` -> ``(task_id, result)``.
    ``hang`` is a test hook (``MELJAX_TEST_VERIFIER_HANG_ROWS``): the item sleeps until its
    time limit interrupts it, exercising the real timeout path.
@@ -48,8 +48,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def serve(conn: Any) -> None:
     """The worker loop (see the module docstring)."""
-    from meljax.rewards.guard import READY, hang_for_test, resolve_function, run_guarded
-    from meljax.rewards.verify import RewardConfig, score_one
+    from meljax.rewards.guard import READY, hang_for_test, resolve_function, run_guarded, warm_up
 
     # Ctrl-C in the trainer reaches the whole process group; the parent owns our lifetime.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -58,7 +57,7 @@ def serve(conn: Any) -> None:
     sys.path[:] = list(sys_path)
     score_fn = resolve_function(ref)
     _set_memory_limit(max_memory_mb)
-    run_guarded(score_one, "\\boxed{1}", "1", RewardConfig(timeout_s=60.0))
+    warm_up()
     conn.send(READY)
     while True:
         try:
