@@ -157,6 +157,10 @@ def run(argv: list[str] | None = None) -> None:
         from meljax import hostmem
 
         hostmem.keep_freed_memory()  # before JAX starts its threads
+    if name != "plan":  # plan compiles for other topologies: nothing a later run can reuse
+        from meljax.commands import compile_cache
+
+        compile_cache.enable()
     module = _import_command(name, argv[2:])
     if any(a in ("-h", "--help", "-help") for a in argv[2:]):
         # absl's own --help lists only the __main__ module's flags; show the command's.

@@ -10,6 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# commands started by tests compile afresh (no cache shared across tests or with the user)
+os.environ.setdefault("MELJAX_COMPILE_CACHE", "off")
 
 
 # -- shared fixtures
