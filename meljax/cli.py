@@ -144,6 +144,8 @@ def _import_command(name: str, args: list[str]):
 
 def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    # transformers' "PyTorch was not found" notice: meljax never needs torch, so it is no news.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
         sys.exit(0 if len(argv) >= 2 else 2)
@@ -153,6 +155,9 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(2)
     from absl import app, flags
 
+    from meljax.commands.config_files import resolve_argv
+
+    argv[2:] = resolve_argv(argv[2:])  # --config=demo: a config shipped in the package
     if name == "train":  # update-bound on CPU; sampling measured slower with it (hostmem)
         from meljax import hostmem
 
