@@ -41,3 +41,18 @@ def test_the_wheel_ships_every_file_a_shipped_config_reads():
     for name in os.listdir(config_files.SHIPPED_DIR):
         if name != "__pycache__":
             assert any(fnmatch.fnmatch(name, p) for p in patterns), name
+
+
+def test_the_cli_finds_a_shipped_config_by_name_from_another_folder(tmp_path):
+    """``meljax train --config=tiny`` outside a checkout: the name reaches the shipped file (a
+    misspelt override then fails on that config's keys, before any work)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "meljax", "train", "--config=tiny", "--config.rollout.group_sise=3"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "group_sise" in proc.stderr and "group_size" in proc.stderr  # did you mean ...
+    assert "not found" not in proc.stderr and "No such file" not in proc.stderr
