@@ -22,7 +22,7 @@ def _clean(value):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All metric records of a run, in order (a malformed trailing line is ignored)."""
+    """All metric records of a run, in order (unreadable lines are skipped with a warning)."""
     return files.read_jsonl(files.path(workdir, METRICS_FILE))
 
 
@@ -59,7 +59,8 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> None:
         """Drops records newer than ``step`` (written after the checkpoint a resume starts from),
-        so a resumed run's file reads as if it had never stopped."""
+        so a resumed run's file reads as if it had never stopped; unreadable lines are kept
+        (see :func:`meljax.files.truncate_jsonl`)."""
         if self.is_chief:
             files.truncate_jsonl(self.path, lambda r: r.get("step", 0) <= step)
 
