@@ -6,6 +6,11 @@ With no flags it runs the embedded CPU demo (``configs/demo.py``, shipped in the
 Rerunning the same command resumes from the latest checkpoint; a larger
 ``--config.total_steps`` continues a finished run. On SIGTERM (a preempted VM) the run stops at
 its next phase boundary, saves a checkpoint and exits with code 143; rerun to resume.
+
+One run per workdir: a second ``meljax train`` on a workdir in use stops with exit code 2,
+naming the first (host, pid, since when). A resume with a config that shapes the run
+differently (``--config.rollout.group_size=8`` after 4) is refused with exit code 2, listing
+the differing keys, unless ``--allow_config_change``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run folder (local or gs://); default: workdirs/<config name>."
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_boolean(
+    "allow_config_change",
+    False,
+    "Resume a run with a config that differs in what shapes the run (model, data, rollout, "
+    "algorithm, optim, mesh, seed, ...); without it such a resume is refused. Changes to "
+    "total_steps, logging, eval, checkpoint cadence and export are always allowed. Either way "
+    "the changes are recorded in WORKDIR/config_history.jsonl.",
 )
 
 
@@ -50,7 +63,7 @@ def main(argv):
             )[0]
             workdir = os.path.join("workdirs", name)
         try:
-            summary = train(cfg, workdir)
+            summary = train(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
         except Preempted as e:
             print(f"meljax train: {e}", file=sys.stderr, flush=True)
             sys.exit(PREEMPTED_EXIT_CODE)

@@ -3,22 +3,28 @@
 A checkpoint holds the whole train state (params, optimizer state, step, counters) as a flat
 dict of arrays keyed by their pytree paths, plus a JSON item with the data-iterator state, the
 config and run bookkeeping. Orbax writes each checkpoint into a temporary folder and renames it
-when complete, so a run killed while saving resumes from the last complete checkpoint.
+when complete, so a run killed while saving resumes from the last complete checkpoint. A
+checkpoint that is complete but does not restore (a truncated file, a deleted one) is reported
+and set aside as ``STEP.unrestorable``, never deleted, and the run resumes from the one before
+(:meth:`Checkpointer.restore_latest`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from meljax import files
+from meljax.trainer.workdir import CONFIG_FILE, on_process_0
 
 CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
+UNRESTORABLE_SUFFIX = ".unrestorable"
 
 
 def _key(path) -> str:
@@ -104,6 +110,58 @@ class Checkpointer:
         )
         return unflatten_like(template, dict(out["state"])), dict(out["extra"])
 
+    def restore_latest(self, template: Any) -> tuple[int, Any, dict]:
+        """``(step, state, extra)`` of the newest checkpoint that restores (``(0, template,
+        {})`` without any). A newer one that fails is reported in one warning line (step,
+        folder, reason) and renamed ``STEP.unrestorable``, never deleted: the resumed run
+        saves that step again. Raises ``ValueError`` when none restores.
+
+        Why: one corrupt file should cost the steps since the previous checkpoint, not the
+        run."""
+        failures: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, extra = self.restore(step, template)
+            except Exception as e:  # tensorstore, orbax, JSON, shape errors: all say "corrupt"
+                failures.append((step, _reason(e)))
+                continue
+            for bad, reason in failures:
+                kept = self._set_aside(bad)
+                logging.warning(
+                    "checkpoint step %d does not restore (%s); kept as %s, resuming from step %d",
+                    bad,
+                    reason,
+                    kept,
+                    step,
+                )
+            return step, state, extra
+        if failures:
+            listed = "; ".join(f"step {s}: {r}" for s, r in failures)
+            raise ValueError(f"no checkpoint in {self.directory} restores ({listed})")
+        return 0, template, {}
+
+    def _set_aside(self, step: int) -> str:
+        """Renames checkpoint ``step`` to ``STEP.unrestorable`` (a free name) on process 0;
+        every process then forgets the step. Returns the new path."""
+        source = self.directory / str(step)
+        name, i = f"{step}{UNRESTORABLE_SUFFIX}", 0
+        while (self.directory / name).exists():  # set aside before, e.g. after a restore
+            i += 1
+            name = f"{step}{UNRESTORABLE_SUFFIX}.{i}"
+
+        def rename() -> None:
+            try:
+                source.rename(self.directory / name)
+            except OSError as e:
+                raise ValueError(
+                    f"checkpoint step {step} ({source}) does not restore and cannot be moved "
+                    f"aside ({e}); move it out of {self.directory} and rerun"
+                ) from None
+
+        on_process_0(rename)
+        self.manager.reload()
+        return str(self.directory / name)
+
     def read_extra(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         if step is None:
@@ -114,6 +172,20 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an error's innermost cause (TensorStore names the file and array
+    there, its wrapper does not), without the spec dump, at most 600 characters."""
+    seen = [e]
+    while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
+        seen.append(nxt)
+    for err in reversed(seen):
+        text = re.sub(r"\s*\[tensorstore_spec.*$", "", (str(err).strip().splitlines() or [""])[0])
+        if text:
+            text = f"{type(err).__name__}: {text}"
+            return text if len(text) <= 600 else text[:597] + "..."
+    return type(e).__name__
 
 
 def has_checkpoint(workdir: str) -> bool:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import signal
 import tempfile
-import threading
 import time
 
 import jax
@@ -33,9 +31,11 @@ from meljax.train_step import (
     train_on_batch,
 )
 from meljax.trainer import setup
+from meljax.trainer import workdir as run_folder
 from meljax.trainer.checkpointing import CONFIG_FILE, Checkpointer, checkpoint_dir
 from meljax.trainer.metrics import MetricsWriter, Progress, read_metrics
 from meljax.trainer.rollout import run_rollouts
+from meljax.trainer.stop import Preempted, StopSignal
 from meljax.trainer.wandb_log import build_loggers
 
 EXPORT_DIR = "export"
@@ -130,43 +130,6 @@ class PeriodicEval:
         return out
 
 
-class Preempted(Exception):
-    """Training stopped on SIGTERM after saving a checkpoint; rerun the command to resume."""
-
-    def __init__(self, step: int, saved: int, workdir: str):
-        self.step, self.saved, self.workdir = step, saved, workdir
-        where = f"the checkpoint of step {saved} is in {workdir}" if saved else "no step finished"
-        super().__init__(
-            f"stopped by SIGTERM during step {step}; {where}; rerun the same command to resume"
-        )
-
-
-class StopSignal:
-    """SIGTERM asks the run to stop at its next phase boundary (a second one kills at once).
-
-    :meth:`requested` is a collective on several hosts: all hosts stop at the same boundary, so
-    they save the same step (orbax saves are collective too).
-    """
-
-    def __init__(self):
-        self._flag = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self._flag = True
-        logging.warning("SIGTERM: stopping at the next phase boundary, then saving")
-        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
-
-    def requested(self) -> bool:
-        return multihost.any_process(self._flag)
-
-    def close(self) -> None:
-        if self._previous is not None and not self._flag:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _scalars(metrics: list[dict]) -> dict[str, float]:
     """Update metrics (device scalars) of the step's last update, on the host."""
     last = shd.to_host(metrics[-1])
@@ -196,14 +159,32 @@ def _export(graphdef, params, tokenizer, workdir: str, dtype: str, is_chief: boo
     return str(target)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
-    """Runs (or resumes) training until ``cfg.total_steps``; returns a summary.
+def train(
+    cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> TrainSummary:
+    """Runs (or resumes) training until ``cfg.total_steps``; returns a summary. The workdir
+    is locked for the run; resuming with a config that shapes the run differently is refused
+    unless ``allow_config_change`` (see :mod:`meljax.trainer.workdir`).
 
     Raises:
       Preempted: on SIGTERM, after saving a checkpoint (see :class:`StopSignal`).
+      ValueError: the workdir is in use, or its run was made with another config.
     """
-    is_chief = jax.process_index() == 0
     files.path(workdir).mkdir(parents=True, exist_ok=True)
+    with run_folder.hold(workdir):
+        return _train(cfg, workdir, allow_config_change)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bool):
+    is_chief = jax.process_index() == 0
+    ckpt = Checkpointer(
+        checkpoint_dir(workdir, cfg.checkpoint.directory), max_to_keep=cfg.checkpoint.max_to_keep
+    )
+    changes = run_folder.on_process_0(  # before anything is built: a changed model fails late
+        lambda: run_folder.check_config_changes(
+            workdir, cfg, ckpt.latest_step(), allow_config_change
+        )
+    )
     mesh = setup.build_mesh(cfg)
     dp = shd.data_parallel_size(mesh)
     s = settings(cfg, data_parallel=dp)
@@ -232,26 +213,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSummary:
     source, skipped_rows = setup.build_problem_source(cfg)
     data_iter = setup.build_data_iterator(cfg, source)
 
-    ckpt = Checkpointer(
-        checkpoint_dir(workdir, s.checkpoint.directory), max_to_keep=s.checkpoint.max_to_keep
-    )
     writer = MetricsWriter(
         workdir,
         is_chief=is_chief,
         tensorboard=s.logging.tensorboard,
         loggers=build_loggers(cfg, workdir, is_chief=is_chief),
     )
-    start = ckpt.latest_step() or 0
+    start, state, extra = ckpt.restore_latest(state)  # a corrupt latest one: the one before
     if start:
-        state, extra = ckpt.restore(start, state)
         data_iter.set_state(extra["data_iterator"])
         logging.info("resumed from step %d in %s", start, workdir)
     # Records written after the checkpoint we resume from are redone: drop them (a step-0
     # evaluation too when nothing was saved yet: it is redone as well).
     writer.truncate_after(start if start else -1)
     if is_chief:
-        files.truncate_jsonl(files.path(workdir, META_LOG_FILE), lambda r: r["step"] <= start)
-        files.write_text(files.path(workdir, CONFIG_FILE), cfg.to_json(indent=2))
+        files.truncate_jsonl(
+            files.path(workdir, META_LOG_FILE), lambda r: r.get("step", 0) <= start
+        )
+        run_folder.record_config(workdir, cfg, changes, start)
         if skipped_rows:
             logging.warning("data: %d bad rows skipped", skipped_rows)
 
