@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -260,3 +261,72 @@ def test_eval_of_a_run_uses_the_run_s_prompts_stops_and_verifier(full_run, tmp_p
     assert [r["prompt_tokens"] for r in records] == [
         len(policy.encode(r["question"])) for r in records
     ]
+
+
+def _copy_run(full_run, tmp_path) -> str:
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(full_run, workdir)
+    return workdir
+
+
+def test_restarting_a_finished_run_keeps_its_logs_and_refuses_another_config(full_run, tmp_path):
+    """Issue 28, items 2 and 5: a bad line in metrics.jsonl erased every later record at the
+    next start; a resume with another group size went on silently and rewrote config.json."""
+    workdir = _copy_run(full_run, tmp_path)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    with open(metrics, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    damaged = b"".join(lines[:2] + [b"{half a line\n"] + lines[2:])
+    with open(metrics, "wb") as f:
+        f.write(damaged)
+    run = ("train", f"--config={TINY}", f"--workdir={workdir}", "--config.total_steps=4")
+    proc = meljax(*run)
+    assert "nothing to do: already at step 4" in proc.stdout
+    assert "1 unreadable line (line 3)" in proc.stderr
+    with open(metrics, "rb") as f:
+        assert f.read() == damaged  # nothing erased, nothing rewritten
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4]
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = f.read()
+    proc = meljax(*run, "--config.rollout.group_size=8", check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "rollout.group_size: 4 -> 8" in errors[0], proc.stderr[-3000:]
+    assert "--allow_config_change" in errors[0] and "Traceback" not in proc.stderr
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == saved
+
+
+def test_a_corrupt_latest_checkpoint_is_reported_and_the_one_before_resumes(full_run, tmp_path):
+    """Issue 28, item 7: checkpoint 4 without extra/metadata stopped with an orbax traceback."""
+    workdir = _copy_run(full_run, tmp_path)
+    os.remove(os.path.join(workdir, "checkpoints", "4", "extra", "metadata"))
+    proc = meljax("train", f"--config={TINY}", f"--workdir={workdir}", "--config.total_steps=4")
+    assert "checkpoint step 4 does not restore (FileNotFoundError: " in proc.stderr
+    assert "resuming from step 2" in proc.stderr
+    assert strip(read_metrics(workdir)) == strip(read_metrics(full_run))
+    assert meta_keys(workdir) == meta_keys(full_run)
+    assert {"4", "4.unrestorable"} <= set(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_a_second_run_on_a_workdir_in_use_stops_naming_the_first(tmp_path):
+    """Issue 28, item 4: two `meljax train` on one workdir both ran and wrote every record
+    twice."""
+    from test_workdir import hold_lock
+
+    holder = hold_lock(tmp_path)
+    try:
+        proc = meljax(
+            "train", f"--config={TINY}", f"--workdir={tmp_path}", check=False, timeout=300
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"is in use by another meljax train (host {socket.gethostname()}, pid {holder.pid}" in (
+        proc.stderr
+    )
+    assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
