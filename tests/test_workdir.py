@@ -280,3 +280,25 @@ def test_no_checkpoint_that_restores_is_one_clear_error(two_checkpoints):
         ckpt.restore_latest(state)
     assert sorted(os.listdir(directory)) == ["1", "2"]  # nothing moved when nothing restores
     ckpt.close()
+
+
+def test_a_reader_of_a_run_skips_a_corrupt_latest_checkpoint_and_renames_nothing(
+    two_checkpoints, caplog
+):
+    """``meljax eval --workdir`` / ``convert --source=WORKDIR`` read the newest checkpoint
+    that restores; a reader leaves the folder as it found it."""
+    import numpy as np
+
+    from meljax.trainer.checkpointing import Checkpointer, _restore_readonly
+
+    directory, state = two_checkpoints
+    _truncate_largest_data_file(os.path.join(directory, "2"))
+    ckpt = Checkpointer(directory, create=False)
+    with caplog.at_level(logging.WARNING):
+        flat = _restore_readonly(ckpt, None)
+    np.testing.assert_array_equal(np.asarray(flat["w"]), np.asarray(state["w"]))  # step 1
+    assert any("step 2 does not restore" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match=r"restores \(step 2: "):
+        _restore_readonly(ckpt, 2)  # the step asked for, named
+    assert sorted(os.listdir(directory)) == ["1", "2"]
+    ckpt.close()

@@ -188,6 +188,30 @@ def _reason(e: BaseException) -> str:
     return type(e).__name__
 
 
+def _restore_readonly(ckpt: Checkpointer, step: int | None) -> dict:
+    """The flat state of checkpoint ``step``, or of the newest one that restores when ``step``
+    is None (a newer one that fails is reported and skipped; a reader renames nothing).
+
+    Raises:
+      ValueError: the asked step, or every step, does not restore (step and reason named).
+    """
+    steps = [step] if step is not None else sorted(ckpt.all_steps(), reverse=True)
+    failures: list[tuple[int, str]] = []
+    for s in steps:
+        try:
+            out = ckpt.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        except Exception as e:  # tensorstore, orbax, JSON errors: all say "corrupt"
+            failures.append((s, _reason(e)))
+            continue
+        for bad, reason in failures:
+            logging.warning(
+                "checkpoint step %d does not restore (%s); using step %d", bad, reason, s
+            )
+        return dict(out["state"])
+    listed = "; ".join(f"step {s}: {r}" for s, r in failures)
+    raise ValueError(f"no checkpoint in {ckpt.directory} restores ({listed})")
+
+
 def has_checkpoint(workdir: str) -> bool:
     """True when ``workdir`` holds a run (its ``config.json``) with at least one checkpoint."""
     cfg_file = files.path(workdir, CONFIG_FILE)
@@ -225,10 +249,7 @@ def load_policy_from_workdir(workdir: str, step: int | None = None, *, mesh=None
         raise FileNotFoundError(f"no checkpoint under {where}")
     model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
     graphdef, params = nnx.split(model, nnx.Param)
-    flat = ckpt.manager.restore(
-        step or ckpt.latest_step(),
-        args=ocp.args.Composite(state=ocp.args.StandardRestore()),
-    )["state"]
+    flat = _restore_readonly(ckpt, step)
     prefix = "params."
     restored = {k[len(prefix) :]: v for k, v in dict(flat).items() if k.startswith(prefix)}
     params = unflatten_like(params, restored)
