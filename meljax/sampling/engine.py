@@ -12,9 +12,8 @@ caller: it encodes prompts, applies stop strings and decodes text on top of an e
   bucketed) is prefilled ONCE and its cache copied into its ``G`` slots inside ``jit``; on
   one data-parallel device a request whose samples do not all fit takes the free slots
   there are, and its other samples enter later from the same prompt cache, kept meanwhile
-  (host scheduling in :mod:`meljax.sampling.schedule`). Prompts then share prefill batches
-  differently, which can round a prompt cache differently and, on a real model, flip a
-  sampled token now and then (78,908 vs 79,150 tokens on ``benchmarks/rollout.py``'s workload);
+  (host scheduling in :mod:`meljax.sampling.schedule`). Prompts may then share prefill
+  batches differently, which can round a prompt cache differently (a rare flipped token);
 - decoding runs inside ``jit`` in segments of ``K`` steps (``lax.while_loop``, ends early when
   every slot is done); between segments the host reads three ``[S]`` arrays (done, step,
   stopped), fetches the rows of the finished slots only, and refills them;
@@ -26,47 +25,18 @@ caller: it encodes prompts, applies stop strings and decodes text on top of an e
   ``fold_in(fold_in(fold_in(key, r), g), j)``: never the slot or the segment, so a request's
   output does not depend on the pool size, the segment length or its neighbours.
 
-Attention over the filled part only: length-bucketed segments. A segment attends to the
-first ``kv_len`` cache slots, ``kv_len`` = the smallest bucket (``DEFAULT_LENGTH_BUCKETS``,
-capped at the cache length) holding the longest live slot's position at the segment start:
-one compiled decode program per bucket (a handful), each with dense XLA attention over
-``[S, kv_len]``. On TPU / GPU the segment's own tokens are in a small segment buffer next to
-the cache (the cache is read-only inside the decode loop and written once after it:
-``meljax.models.kv_cache``, "Decode segments"), which on TPU keeps the cache in place
-instead of copying it around every segment. A paged cache with the Pallas
-``ragged_paged_attention`` kernel would read each slot's own length instead of the bucket of
-the longest, but that kernel runs only on TPU and cannot be measured on this CPU-only
-machine; buckets are measurable here and need no page table.
-
-Buckets on CPU, measured (SmolLM2-135M shapes, random f32 weights, 64 slots, segments of 16
-steps, median of 3 alternating calls, idle 2-core machine): with the cache written in the
-loop (the CPU default, below), attending to the first 256 slots of a 640-slot cache takes
-216 ms per step against 251 for all 640 (``benchmarks/decode_cost.py``), but on the GSM8K
-workload of ``benchmarks/rollout.py`` (16 questions x 8, one run each) the engine made 198.2
-useful tokens/s without buckets, 179.5 with ``DEFAULT_LENGTH_BUCKETS`` (mean attended 493 of
-640) and 192.6 with buckets every 128 slots (469): the longest live slot is near the end of
-the cache most of the time, and each bucket is a program of its own. (With the read-only
-cache and segment buffer, 256 of 640 took 422 ms against 379 for all.) A pool whose whole
-cache is 256 (64) slots takes 170 (134) ms per step: reading only the filled part would pay
-on CPU, but per slot, which needs a ragged kernel (none for XLA:CPU). An XLA paged read
-(the cache as pages of 64 slots, each segment gathering the (slot, page) pairs that hold
-tokens, one softmax per slot) was tried with the segment buffer and not kept: against the
-dense read of the whole 640-slot cache it took 173 vs 258 ms per step at a mean fill of 128
-slots, 245 vs 259 at 280 (the mean of ``benchmarks/rollout.py``'s GSM8K workload) and 292 vs
-249 at 400; XLA:CPU's gathers cost about what they save. So on CPU the default is no buckets
-(``kv_buckets=()``: every segment attends to the whole cache, which is sized per call:
-longest prompt bucket + largest ``max_new_tokens``); on TPU / GPU segments use the length
-buckets (``meljax plan`` reports the compiled decode segment at the largest bucket).
-
-On CPU the decode loop writes each step's keys and values into the cache (a per-row scatter,
-in place) instead of a segment buffer (``segment_buffer``): XLA:CPU then fuses each layer's
-score matmul, mask, max and exp into one library kernel, which it cannot do for the two
-blocks of cache and buffer. Measured in one process (64 live slots, 640-slot cache,
-SmolLM2-135M shapes, random f32 weights, segments of 16 steps, median of 3 alternating
-calls): 266 ms per step writing the cache, 312 ms with the buffer; the static sampler's step
-over the same cache took 233 ms. Since the two blocks share a max and a sum (no concatenated
-scores), the buffer is still the slower on CPU: 276 / 297 vs 257 / 270 ms per step
-(``benchmarks/decode_cost.py --lengths 288,640 --segment_buffer 1`` / ``0``, alternating).
+Attention over the filled part: length-bucketed segments. A segment attends to the first
+``kv_len`` cache slots, ``kv_len`` = the smallest bucket (``DEFAULT_LENGTH_BUCKETS``, capped at
+the cache length) holding the longest live slot's position at the segment start: one compiled
+decode program per bucket, each with dense XLA attention over ``[S, kv_len]``. On TPU / GPU
+the segment's own tokens sit in a small segment buffer next to the cache (the cache is
+read-only inside the decode loop and written once after it: ``meljax.models.kv_cache``,
+"Decode segments"), which keeps the cache in place instead of copying it every segment. On
+CPU the defaults differ, each because it measured faster there (figures and commands in
+``docs/performance.md``, "Rollout engine"): no buckets (the longest live slot is near the end
+of the cache most of the time, and each bucket is a program of its own), and the decode loop
+writes each step's keys and values into the cache in place (XLA:CPU fuses one softmax block
+per layer; it cannot fuse the two blocks of cache and buffer).
 
 Weights: :meth:`ContinuousEngine.prepare` casts the policy's parameters to the compute dtype
 and lays them out once per update on the :func:`~meljax.sampling.weights.inference_mesh`
@@ -82,21 +52,12 @@ up to a batch bucket and the data-parallel size). The cache of a slot holds the 
 Tail (``shrink_tail``): once the queue is empty, slots only empty out, and a fixed pool would
 run its last segments mostly idle (a step costs what its pool size costs, live or not). So
 when the live slots fit in at most half the pool and one of them may run more than one more
-segment (its ``max_new_tokens`` allows it), they move into the smallest batch bucket that
-holds them (:func:`~meljax.sampling.slots.compact`: each data-parallel device keeps its
-own live slots, so nothing crosses devices; the new pool is sized by the device with the most).
-Outputs do not change (a sample's keys do not depend on its slot; the workload below made the
-same 79,150 tokens with and without the shrink). Each pool size is one more
-compiled decode program, and the move allocates the smaller pool next to the old one (peak KV
-memory up to 1.5x the pool), so it is on by default only on CPU, where it was measured:
-64 slots x 640 cache slots cost 204 ms per step, 32 cost 113 and 16 cost 77
-(``benchmarks/decode_cost.py --slots S --lengths 640``, idle 2-core machine). On the GSM8K
-workload of ``benchmarks/rollout.py`` (32 questions x 8, 64 slots) slot utilisation went from
-0.814 to 0.895 with the shrink, and to 0.944 with requests split over refills too; the
-engine made 278.0 useful tokens/s against 244.9 before both (consecutive single runs; the
-same work measured 248.6 in a later run, so runs vary by about 10% on that machine).
+segment, they move into the smallest batch bucket that holds them
+(:func:`~meljax.sampling.slots.compact`: each data-parallel device keeps its own live slots,
+so nothing crosses devices). Outputs do not change (a sample's keys do not depend on its
+slot). Each pool size is one more compiled program and the move briefly holds both pools
+(peak KV memory up to 1.5x), so it is on by default only on CPU, where it was measured to pay.
 """
-
 from __future__ import annotations
 
 import dataclasses
