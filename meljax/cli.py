@@ -158,7 +158,7 @@ def run(argv: list[str] | None = None) -> None:
     from meljax.commands.config_files import resolve_argv
 
     argv[2:] = resolve_argv(argv[2:])  # --config=demo: a config shipped in the package
-    if name == "train":  # update-bound on CPU; sampling measured slower with it (hostmem)
+    if name == "train":  # update-bound on CPU; sampling runs slower with it (hostmem)
         from meljax import hostmem
 
         hostmem.keep_freed_memory()  # before JAX starts its threads

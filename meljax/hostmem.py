@@ -3,15 +3,12 @@
 Every execution of a compiled XLA:CPU program allocates its temporaries as one block (8.7 GB
 for the update step of SmolLM2-135M at 16 x 192 tokens without remat). glibc serves a block
 that large from a fresh ``mmap`` and unmaps it when the program ends, so the kernel faults in
-and zeroes every page again at the next step: measured there, 8.1 million page faults and a
-fifth of the process's CPU time in the kernel. XLA's worker threads each use their own malloc
+and zeroes every page again at the next step. XLA's worker threads each use their own malloc
 arena, and an arena other than the main one falls back to ``mmap`` for any block over 64 MiB
 whatever ``M_MMAP_MAX`` says, so three settings together keep freed blocks for reuse: one
-arena, no ``mmap``'d chunks, no trimming of the heap. Same step: 2.9 million faults and
-1.19x faster (README, measured figures). Sampling gains nothing from it and runs 5-20% slower
-with one arena (``meljax sample``, 32 x 256 tokens: 92 / 78 s vs 76 / 74 s; the CPU demo:
-updates 12% faster, rollouts and analyses slower, the same total), so only ``meljax train``
-applies it.
+arena, no ``mmap``'d chunks, no trimming of the heap. The update step then runs faster;
+sampling gains nothing and runs slower with one arena, so only ``meljax train`` applies it
+(figures: ``docs/performance.md``, "Host memory").
 
 The price: memory freed by the process is kept by it (its peak resident size is unchanged).
 That is right for a CPU run, whose peak is reached at every step anyway, but not on a TPU or

@@ -51,12 +51,9 @@ from meljax import sharding as shd
 
 IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 NEG = -1e30  # finite: a fully masked row gives a uniform softmax, not NaN
-# CPU threshold (query x key slots per row) from dense to blockwise. Measured with XLA:CPU on
-# 2 shared cores, f32, SmolLM2-135M heads (9 q / 3 kv, hd 64), min of 5-7 interleaved runs,
-# dense / chunked ms: 16 rows forward T = S = 128: 12.8 / 18.4, 256: 317 / 276, 512: 1049 /
-# 1263, 1024: 6456 / 3072; forward + backward 128: 130 / 104, 512: 2386 / 2399, 1024: 8860 /
-# 5748; 1 row forward + backward 2048: 4142 / 1392, 4096: 19671 / 5820. A wash (+-30%) up to
-# 512 x 512, blockwise 1.5-3.4x faster from 1024 x 1024 on (and its memory stays flat).
+# CPU threshold (query x key slots per row) from dense to blockwise: below it the two are a
+# wash, above it blockwise is faster and its memory stays flat (docs/performance.md, "CPU
+# kernel choices").
 CPU_CHUNKED_MIN_TS = 1024 * 1024
 MIN_KERNEL_T = 128  # splash / cuDNN pay off from here; shorter calls use the XLA paths
 
@@ -132,8 +129,7 @@ def _dense(q, k, v, kv_valid, q_slots, extra=None):
     scores = jnp.einsum("bkqh,bkhs->bkqs", qg, k, preferred_element_type=jnp.float32)
     mask = kv_valid[:, None, :] & (jnp.arange(s)[None, None, :] <= q_slots[:, :, None])
     # the mask as an additive bias [B, 1, 1, T, S] (NEG swamps any score: the same values as a
-    # select); XLA:CPU keeps the matmuls as library calls then (measured 140 vs 240 ms for 30
-    # decode layers of SmolLM2 x 64 rows x 640 slots)
+    # select); XLA:CPU keeps the matmuls as library calls then (faster than a select)
     scores = scores.reshape(b, kv_heads, g, t, s) + jnp.where(mask, 0.0, NEG)[:, None, None]
     # softmax normalised after the value matmul: one pass over [.., S] fewer
     top = jnp.max(scores, axis=-1, keepdims=True)

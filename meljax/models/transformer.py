@@ -52,7 +52,7 @@ _INITS = {
     "zeros": nnx.initializers.zeros,
     "ones": nnx.initializers.ones,
 }
-# "auto" on CPU: measured on the update step (SmolLM2-135M, 16 x 256 tokens, f32, 2 cores).
+# "auto" on CPU: no remat, the fastest update step there (docs/performance.md).
 CPU_REMAT = "none"
 
 LayerWeights = dict[str, jax.Array] | tuple[dict[str, jax.Array], ...]
@@ -117,7 +117,7 @@ def resolve_remat(policy: str):
 def prefer_split_layers() -> bool:
     """Whether decoding should unroll the layers over separate arrays (``split_layers`` and a
     split cache): on CPU a stacked ``[L, ...]`` weight sliced per layer is copied before each
-    matmul (measured: 30 SmolLM2-sized MLPs at 16 rows, 44 ms scanned vs 35 ms split)."""
+    matmul, which a split layout avoids."""
     return shd.current_platform() == "cpu"
 
 
@@ -334,7 +334,7 @@ class Transformer(nnx.Module):
 
         Same values as ``project``. With tied embeddings the output matrix is the vocab-major
         embedding ``[V, D]``; computing ``(E @ hidden^T)^T`` streams it row by row as the left
-        operand, about 1.4x faster on CPU for 4-16 rows than ``hidden @ E^T``. The barrier
+        operand, faster on CPU for a few rows than ``hidden @ E^T``. The barrier
         keeps XLA from folding the small transpose back into the slower orientation. An
         untied ``[D, V]`` head is already in its fast orientation.
         """
