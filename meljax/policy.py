@@ -15,7 +15,11 @@ MEL analysis and replay passes, evaluation, :func:`meljax.sampling.generate` and
   token whose decoded prefix contains a stop string; tokens and log-probs are cut at the same
   place, so what is trained on is still exactly what the model produced (its log-probs still
   equal a recomputed forward pass), and its text ends before the stop string;
-* **pad id**: the tokenizer's, else the first stop id.
+* **pad id**: the tokenizer's, else the first stop id;
+* **prompt length** (:func:`prompt_limit`): a prompt keeps at most the model's context less the
+  answer budget, and a question prompt at most ``max_prompt_tokens``; longer ones are cut from
+  the left (BOS kept), the same way in training, evaluation and sampling, counted in
+  :attr:`Policy.prompts_cut` and warned about once per process.
 
 Exactly one place builds the sampling engine: :meth:`Policy.build` (a
 :class:`~meljax.sampling.engine.ContinuousEngine`: continuous batching over a pool of decode
@@ -32,12 +36,15 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from meljax.data.prompts import (
     DEFAULT_INSTRUCTION,
     DEFAULT_RAW_TEMPLATE,
     DEMO_INSTRUCTION,
+    cut_prompt,
     format_prompt,
+    prompt_limit,
 )
 from meljax.sampling.engine import ContinuousEngine, Engine, Request
 from meljax.sampling.select import SamplingParams
@@ -49,6 +56,7 @@ __all__ = [
     "PromptConfig",
     "Request",
     "pad_token_id",
+    "prompt_limit",
     "resolve_instruction",
     "stop_token_ids",
 ]
@@ -134,6 +142,32 @@ def stop_token_ids(tokenizer: Any, model_config: Any = None) -> list[int]:
     return [t for t in dict.fromkeys(ids) if size is None or 0 <= t < size]
 
 
+_warned_cut = False  # prompt cuts are warned about once per process, then only counted
+
+
+def _warn_cut(length: int, limit: int, context_len: int | None) -> None:
+    global _warned_cut
+    if not _warned_cut:
+        _warned_cut = True
+        logging.warning(
+            "a prompt of %d tokens was cut to its last %d (the smaller of data.max_prompt_tokens "
+            "and the model's context of %s tokens less max_new_tokens); later cuts are only "
+            "counted (training: data/prompts_cut, evaluation: the report's counts)",
+            length,
+            limit,
+            context_len,
+        )
+
+
+def _context_len(engine: Any) -> int | None:
+    """The model's context (``max_position_embeddings``) behind an engine, if it tells."""
+    for holder in (engine, getattr(engine, "sampler", None)):
+        n = getattr(getattr(holder, "config", None), "max_position_embeddings", None)
+        if isinstance(n, int):
+            return n
+    return None
+
+
 def pad_token_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
     """The tokenizer's pad id, else the first stop id, else 0."""
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -194,6 +228,8 @@ class Policy:
         self.pad_id = int(pad_id)
         self.instruction = resolve_instruction(prompt.instruction)
         self.params: Any = None
+        self.context_len = _context_len(engine)  # None: no context rule (test doubles)
+        self.prompts_cut = 0  # prompts cut by prompt_limit, over this policy's life
         bos = getattr(tokenizer, "bos_token_id", None)
         self._bos = None if bos is None else int(bos)
         default = list(tokenizer("a")["input_ids"]) if self._bos is not None else []
@@ -294,14 +330,21 @@ class Policy:
             ids = ids[1:]
         return ids
 
-    def encode(self, question: str) -> list[int]:
-        """Token ids of a question's prompt, cut from the left to ``max_prompt_tokens``."""
+    def encode(self, question: str, max_new_tokens: int = 0) -> list[int]:
+        """Token ids of a question's prompt, cut by :func:`prompt_limit` (``max_prompt_tokens``
+        and the context less ``max_new_tokens``, the answer budget of the call it is for)."""
         ids = self.encode_text(self.render(question))
-        limit = self.prompt.max_prompt_tokens
-        if limit and len(ids) > limit:
-            keep_bos = self._bos is not None and ids[0] == self._bos
-            ids = ([ids[0]] if keep_bos else []) + ids[len(ids) - limit + int(keep_bos) :]
-        return ids
+        limit = prompt_limit(self.prompt.max_prompt_tokens, self.context_len, max_new_tokens)
+        return self.cut(ids, limit)
+
+    def cut(self, ids: list[int], limit: int | None) -> list[int]:
+        """``ids`` cut from the left to ``limit`` tokens, BOS kept; a cut is counted and
+        warned about once per process (the question's end, which asks, is what stays)."""
+        if limit is None or len(ids) <= limit:
+            return ids
+        self.prompts_cut += 1
+        _warn_cut(len(ids), limit, self.context_len)
+        return cut_prompt(ids, limit, self._bos)
 
     def encode_message(self, message: str) -> list[int]:
         """Token ids of a user message's prompt (MEL analysis and replay)."""
@@ -336,11 +379,19 @@ class Policy:
                 if sampling is None:
                     raise ValueError("Policy.generate: plain prompt ids need `sampling`")
                 r = Request(tuple(int(t) for t in r), sampling)
-            reqs.append(r)
+            reqs.append(self._fit(r))
         if not reqs:
             return []
         out = self.engine.generate(self.params, reqs, key, progress)
         return [[self._finish(g) for g in group] for group in out]
+
+    def _fit(self, request: Request) -> Request:
+        """The request with its prompt cut to the context less its ``max_new_tokens``
+        (:func:`prompt_limit`): any prompt, MEL messages and plain ids included."""
+        limit = prompt_limit(0, self.context_len, request.sampling.max_new_tokens)
+        ids = list(request.prompt_ids)
+        cut = self.cut(ids, limit)
+        return request if cut is ids else dataclasses.replace(request, prompt_ids=tuple(cut))
 
     def _finish(self, gen) -> Completion:
         tokens, logprobs = gen.tokens, gen.logprobs

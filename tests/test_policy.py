@@ -246,3 +246,61 @@ def test_slots_are_padded_to_the_data_parallel_size():
     b = local.generate(ids, g4, jax.random.key(5))
     for x, y in zip(sum(a, []), sum(b, []), strict=True):
         np.testing.assert_array_equal(x.tokens, y.tokens)
+
+
+def test_prompt_limit_is_one_rule():
+    from meljax.policy import prompt_limit
+
+    assert prompt_limit(0, 2048, 1024) == 1024  # the model's context less the answer budget
+    assert prompt_limit(512, 2048, 256) == 512  # the configured limit when smaller
+    assert prompt_limit(0, None, 256) is None and prompt_limit(96, None, 256) == 96
+    with pytest.raises(ValueError, match="max_new_tokens=2048 leaves no room for a prompt"):
+        prompt_limit(0, 2048, 2048)
+
+
+def test_prompts_longer_than_the_context_are_cut_counted_and_warned_once(monkeypatch, caplog):
+    """A question far longer than the model's context: evaluation prefilled all of it (the
+    200,000-character question ran 10 minutes at 0/8) and training cut it silently. Now
+    training, evaluation and generate() cut it by one rule, count it and warn once."""
+    import logging
+
+    import meljax.policy as policy_module
+    from meljax.models import Transformer
+
+    monkeypatch.setattr(policy_module, "_warned_cut", False)
+    cfg = tiny_cfg("llama", "raw")
+    _, tok = setup.build_model_and_tokenizer(cfg)
+    arch = dataclasses.replace(setup.random_model_config(cfg, tok), max_position_embeddings=64)
+    graphdef, params = nnx.split(Transformer(arch, rngs=nnx.Rngs(0)))
+    policy = Policy.build(graphdef, tok, PromptConfig(prompt_template="raw", max_prompt_tokens=0))
+    policy.set_params(params)
+    assert policy.context_len == 64
+    question = "Add these numbers. " * 60 + "What is 1 plus 1?"
+    full = policy.encode_text(policy.render(question))
+    assert len(full) > 64
+    with caplog.at_level(logging.WARNING):
+        ids = policy.encode(question, max_new_tokens=16)  # 64 - 16 = 48 tokens kept: the end
+        assert ids == full[-48:] and policy.prompts_cut == 1
+        with Verifier(RewardConfig(num_workers=0, mode="last_number")) as verifier:
+            ro = run_rollouts(
+                policy=policy,
+                verifier=verifier,
+                problems=[Problem("q", question, "2")],
+                sampling=SamplingParams(max_new_tokens=8, temperature=1.0, num_samples=2),
+                key=jax.random.key(0),
+                advantage="grpo",
+            )
+            report = evaluate(
+                policy,
+                verifier,
+                {"b": [Problem("q", question, "2")]},
+                EvalConfig(num_samples=0, max_new_tokens=16),
+                progress=False,
+            )
+        (out,) = policy.generate([full], SamplingParams(max_new_tokens=32), jax.random.key(0))
+    assert len(ro.prompt_ids[0]) == 56 and ro.metrics()["data/prompts_cut"] == 1.0
+    assert report.counts["prompts_cut"] == 1 and report.records[0].prompt_tokens == 48
+    assert report.to_json()["counts"]["prompts_cut"] == 1
+    assert len(out) == 1 and policy.prompts_cut == 4  # generate() cut its plain ids too
+    warned = [r for r in caplog.records if "was cut to its last" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]

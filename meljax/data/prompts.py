@@ -1,4 +1,4 @@
-"""Prompt formatting: question -> model input text.
+"""Prompt formatting: question -> model input text; the prompt-length rule.
 
 Two templates:
 
@@ -19,8 +19,10 @@ __all__ = [
     "DEFAULT_INSTRUCTION",
     "DEFAULT_RAW_TEMPLATE",
     "DEMO_INSTRUCTION",
+    "cut_prompt",
     "format_prompt",
     "format_prompts",
+    "prompt_limit",
 ]
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -123,3 +125,35 @@ def format_prompt(
 def format_prompts(questions: Iterable[str], **kwargs: Any) -> list[str]:
     """:func:`format_prompt` applied to each question (same keyword arguments)."""
     return [format_prompt(q, **kwargs) for q in questions]
+
+
+def prompt_limit(
+    max_prompt_tokens: int, context_len: int | None, max_new_tokens: int
+) -> int | None:
+    """THE prompt-length rule of training, evaluation and sampling: the most tokens a prompt
+    keeps, the smaller of ``max_prompt_tokens`` (0: no limit) and the model's context less
+    the answer budget (``context_len - max_new_tokens``; ``None``: no context known).
+
+    Why: a prompt past the context makes the model read positions it was never trained on,
+    and a huge one (a 200,000-character question) stalls prefill for many minutes.
+
+    Raises:
+      ValueError: ``max_new_tokens`` leaves no room for a prompt in the context.
+    """
+    limits = [max_prompt_tokens] if max_prompt_tokens else []
+    if context_len is not None:
+        room = context_len - max_new_tokens
+        if room < 1:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                f"context of {context_len} tokens (max_position_embeddings)"
+            )
+        limits.append(room)
+    return min(limits) if limits else None
+
+
+def cut_prompt(ids: list[int], limit: int, bos: int | None) -> list[int]:
+    """The last ``limit`` tokens of ``ids``, its leading BOS (when ``bos``) kept in front:
+    the end of a question, which asks it, is what the model must see."""
+    keep_bos = bos is not None and bool(ids) and ids[0] == bos and limit > 1
+    return ([ids[0]] if keep_bos else []) + ids[len(ids) - limit + int(keep_bos) :]

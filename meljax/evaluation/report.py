@@ -114,6 +114,9 @@ class EvalReport:
         included), ``generated_tokens``, ``tokens_per_s``, ``slot_utilisation``; per pass
         (``greedy``, ``sampled``): ``generated_tokens``.
       meta: provenance (model, benchmark files, seed, prompt and verifier settings).
+      counts: what was cut or lost on the way: ``prompts_cut`` (prompts cut to the model's
+        context or ``max_prompt_tokens``, ``meljax.policy.prompt_limit``) and
+        ``verifier_timeouts`` (answers that scored 0 because their check timed out).
     """
 
     config: EvalConfig
@@ -122,10 +125,11 @@ class EvalReport:
     records: list[ProblemRecord]
     timing: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_json(self, *, include_records: bool = True) -> dict[str, Any]:
-        """JSON-ready dict: ``config``, ``benchmarks``, ``average``, ``timing``, ``meta`` and
-        (unless ``include_records=False``) ``records``."""
+        """JSON-ready dict: ``config``, ``benchmarks``, ``average``, ``timing``, ``meta``,
+        ``counts`` and (unless ``include_records=False``) ``records``."""
         out: dict[str, Any] = {
             "config": dataclasses.asdict(self.config)
             | {"pass_ks": list(self.config.resolved_pass_ks)},
@@ -133,6 +137,7 @@ class EvalReport:
             "average": self.average.to_json(),
             "timing": self.timing,
             "meta": self.meta,
+            "counts": self.counts,
         }
         if include_records:
             out["records"] = [r.to_json() for r in self.records]

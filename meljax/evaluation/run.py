@@ -61,15 +61,16 @@ def evaluate(
     from meljax.trainer.rollout import score_groups
 
     _check_benchmarks(benchmarks)
+    c = config
+    cut_before = getattr(policy, "prompts_cut", 0)
     records: list[ProblemRecord] = []
     prompts, answers = [], []
     for name, problems in benchmarks.items():
         for p in problems:
-            ids = policy.encode(p.question)
+            ids = policy.encode(p.question, c.max_new_tokens)
             prompts.append(ids)
             answers.append(p.answer)
             records.append(ProblemRecord(name, p.id, p.question, p.answer, len(ids)))
-    c = config
     passes = []
     if c.greedy:
         passes.append(("greedy", SamplingParams(c.max_new_tokens, temperature=0.0)))
@@ -97,9 +98,12 @@ def evaluate(
             "slot_utilisation": float(stats.slot_utilisation) if stats is not None else 0.0,
         }
     }
+    counts = {"prompts_cut": getattr(policy, "prompts_cut", 0) - cut_before}
+    counts["verifier_timeouts"] = 0
     for p, (name, _) in enumerate(passes):
         groups = out[p * len(prompts) : (p + 1) * len(prompts)]
         results_all, _ = score_groups(verifier, groups, answers)
+        counts["verifier_timeouts"] += sum(r.reason == "timeout" for rs in results_all for r in rs)
         generated = sum(x.num_tokens for group in groups for x in group)
         timing[name] = {"generated_tokens": float(generated)}
         for rec, comps, results in zip(records, groups, results_all, strict=True):
@@ -142,4 +146,5 @@ def evaluate(
         records=records,
         timing=timing,
         meta=provenance | dict(meta or {}),
+        counts=counts,
     )

@@ -91,6 +91,7 @@ class Rollouts:
       groups: the completions and their verdicts (rows ``i*G + g`` in :meth:`Groups.flat`).
       advantages: float32 ``[N, G]``.
       batch: the policy-gradient batch built from all of the above.
+      prompts_cut: prompts the policy cut to its limit (``meljax.policy.prompt_limit``).
     """
 
     problems: list[Problem]
@@ -98,6 +99,7 @@ class Rollouts:
     groups: Groups
     advantages: np.ndarray
     batch: PolicyBatch
+    prompts_cut: int = 0
 
     @property
     def rewards(self) -> np.ndarray:
@@ -135,6 +137,7 @@ class Rollouts:
             "verifier_timeout_rate": float(np.mean([x == "timeout" for x in reasons])),
             "advantage_abs_mean": float(np.abs(self.advantages).mean()),
             "rollout_tokens": float(lengths.sum()),
+            "data/prompts_cut": float(self.prompts_cut),
         }
 
 
@@ -149,7 +152,8 @@ def run_rollouts(
     batch_multiple: int = 1,
 ) -> Rollouts:
     """Samples G answers per question with the current policy, scores them, builds the batch."""
-    prompt_ids = [policy.encode(p.question) for p in problems]
+    cut_before = policy.prompts_cut
+    prompt_ids = [policy.encode(p.question, sampling.max_new_tokens) for p in problems]
     groups = sample_and_score(
         policy, verifier, prompt_ids, [p.answer for p in problems], sampling, key
     )
@@ -169,4 +173,4 @@ def run_rollouts(
         batch_multiple=batch_multiple,
         max_len=max_len,
     )
-    return Rollouts(list(problems), prompt_ids, groups, adv, batch)
+    return Rollouts(list(problems), prompt_ids, groups, adv, batch, policy.prompts_cut - cut_before)
