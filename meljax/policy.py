@@ -94,7 +94,10 @@ class PromptConfig:
     )
     system_prompt: str = option("", "optional system message (chat) or first paragraph (raw)")
     max_prompt_tokens: int = option(
-        512, "longer question prompts are cut from the left, BOS kept (0 = no limit)", minimum=0
+        512,
+        "longer question prompts are cut from the left, BOS kept, counted (data/prompts_cut); "
+        "0 = only the model's context less max_new_tokens, which always applies",
+        minimum=0,
     )
     bos: str = option(
         "auto",
