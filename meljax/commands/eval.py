@@ -71,7 +71,9 @@ _STOP_STRINGS = flags.DEFINE_multi_string(
     "stop_string", [], "Completions end at this string (repeat for several), e.g. '\nQuestion:'."
 )
 _MAX_PROMPT_TOKENS = flags.DEFINE_integer(
-    "max_prompt_tokens", 0, "Cut longer prompts from the left (0 = no limit)."
+    "max_prompt_tokens",
+    0,
+    "Cut longer prompts from the left (0: the model's context less max_new_tokens).",
 )
 _MAX_SLOTS = flags.DEFINE_integer(
     "max_slots",

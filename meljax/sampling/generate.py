@@ -57,7 +57,8 @@ def generate(
     policy = Policy.build(graphdef, tokenizer, prompt or PromptConfig.plain(chat))
     policy.set_params(params)
     sampling = SamplingParams(max_new_tokens, temperature, top_p, top_k, num_samples)
-    out = policy.generate([policy.encode(p) for p in prompts], sampling, jax.random.key(seed))
+    ids = [policy.encode(p, max_new_tokens) for p in prompts]  # cut once, by the one rule
+    out = policy.generate(ids, sampling, jax.random.key(seed))
     return [[c.text for c in group] for group in out]
 
 
@@ -105,7 +106,7 @@ def sample_model(
         graphdef, tokenizer, prompt or PromptConfig.plain(chat), cache_dtype=cache_dtype
     )
     policy.set_params(params)
-    prompt_ids = [policy.encode(p) for p in prompts]
+    prompt_ids = [policy.encode(p, sampling.max_new_tokens) for p in prompts]
     pool = policy.engine.describe(
         len(prompt_ids) * sampling.num_samples,
         max(len(p) for p in prompt_ids),
