@@ -158,7 +158,16 @@ def test_shipped_configs_validate():
         spec = importlib.util.spec_from_file_location("c", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        validate(module.get_config())
+        variants = getattr(module, "SIZES", None)  # qwen3_paper.py: every SIZE,ARM[,v6e]
+        if variants is None:
+            validate(module.get_config())
+            continue
+        for size in variants:
+            for arm in module.ARMS:
+                for slice_ in module.SLICES:
+                    validate(module.get_config(f"{size},{arm},{slice_}"))
+        with pytest.raises(ValueError, match="expected SIZE,ARM"):
+            module.get_config("8b")
 
 
 def test_demo_heldout_set_is_fixed_large_and_never_trained_on():

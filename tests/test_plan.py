@@ -245,9 +245,9 @@ def test_slot_copy_at_paper_scale_stays_per_device():
     own 32 slots. A scatter into the row-sharded pool, the first implementation, replicated
     every update (167 GiB of temporaries per chip); a gather of prompt rows all-gathered
     every prompt's cache to every chip (19.3 GB here, 232 GB per MEL analysis refill)."""
-    from configs.qwen3_8b_mel import get_config
+    from configs.qwen3_paper import get_config
 
-    report = plan(get_config(), "v5p-64", programs=["rollout_insert"])
+    report = plan(get_config("8b,mel"), "v5p-64", programs=["rollout_insert"])
     (insert,) = report.programs
     pool = insert.outputs  # the donated slot state, almost all of it the KV cache
     assert insert.fits and insert.aliased >= 0.99 * pool
@@ -288,12 +288,14 @@ def test_decode_segment_uses_the_cache_in_place(tmp_path):
     and out of the TPU compiler's preferred layout around the loop and re-laid out per layer
     at every step: 1.4 GiB of temporaries. Read-only in the loop (new tokens in the segment
     buffer, merged once after it) and stored hd-minor, it is used in place."""
-    from configs.qwen3_8b_mel import get_config
+    from configs.qwen3_paper import get_config
 
     hf = dict(BUILTIN["qwen3-8b"], num_hidden_layers=2)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(hf))
-    report = plan(get_config(), "v5p-64", programs=["rollout_decode"], model_config=str(path))
+    report = plan(
+        get_config("8b,mel"), "v5p-64", programs=["rollout_decode"], model_config=str(path)
+    )
     (decode,) = report.programs
     cache = 2 * 2 * (1024 // 32) * 8 * 5120 * 128 * 2  # k and v, 2 layers, one chip's rows
     assert decode.fits and decode.aliased >= cache

@@ -386,7 +386,7 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
 
 
 TRICKY_ARGS = [
-    "--config=configs/qwen3_8b_mel.py",
+    "--config=configs/qwen3_paper.py:8b,mel",
     "--workdir=gs://bucket/runs/qwen3-8b-mel",
     "--config.run.note=hello world",
     '--config.tag=it\'s "quoted" $HOME `x`',

@@ -33,7 +33,7 @@ Settings for this script:
   REMOTE_DIR / REMOTE_VENV   as in tpu/setup.sh (defaults meljax, meljax-venv)
 
 Example:
-  tpu/run.sh --name qwen3-8b-mel -- meljax train --config=configs/qwen3_8b_mel.py \
+  tpu/run.sh --name qwen3-8b-mel -- meljax train --config=configs/qwen3_paper.py:8b,mel \
       --workdir=gs://BUCKET/runs/qwen3-8b-mel
 EOF
   print_settings_help

@@ -16,13 +16,16 @@ def test_shipped_names_resolve_from_any_folder(tmp_path, monkeypatch):
     assert config_files.resolve("demo") == demo
     assert config_files.resolve("demo.py") == demo
     assert config_files.resolve("configs/demo.py") == demo  # the README's spelling
-    assert config_files.resolve("qwen3_8b_mel:x") == config_files.shipped("qwen3_8b_mel") + ":x"
+    assert (
+        config_files.resolve("qwen3_paper:8b,mel")
+        == config_files.shipped("qwen3_paper") + ":8b,mel"
+    )
     assert config_files.resolve_argv(["--config", "tiny", "--config.seed=3"]) == [
         "--config",
         config_files.shipped("tiny"),
         "--config.seed=3",
     ]
-    assert {"demo", "tiny", "qwen3_8b_mel"} <= set(config_files.shipped_names())
+    assert {"demo", "tiny", "qwen3_paper"} <= set(config_files.shipped_names())
 
 
 def test_existing_paths_and_unknown_names_are_left_alone(tmp_path, monkeypatch):
