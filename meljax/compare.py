@@ -23,6 +23,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from meljax.evaluation.stats import finite_mean
 from meljax.heldout import AVERAGE, HeldOut, before_after, draw_heldout, gain_for, read_heldout
 from meljax.report import load_records, retention_series, series, summarize
 
@@ -61,11 +62,6 @@ def load_run(workdir: str, label: str | None = None) -> Run:
     return Run(label, workdir, records, read_heldout(workdir, records), config)
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    xs = [x for x in xs if not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else None
-
-
 def run_row(run: Run) -> dict[str, Any]:
     """The table row of a run (JSON-ready; ``None`` where the run has no such value)."""
     s = summarize(run.records)
@@ -78,8 +74,8 @@ def run_row(run: Run) -> dict[str, Any]:
         "algorithm": run.algorithm,
         "seed": run.config.get("seed"),
         "steps": s.last_step,
-        "reward_mean": _mean(reward),
-        "reward_mean_last_quarter": _mean(reward[-quarter:]),
+        "reward_mean": finite_mean(reward),
+        "reward_mean_last_quarter": finite_mean(reward[-quarter:]),
         "reward_first": s.reward_first,
         "reward_last": s.reward_last,
         "retention_mean": s.retention_mean,
@@ -142,8 +138,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def _rolling(xs: Sequence[float], window: int) -> list[float]:
     out = []
     for i in range(len(xs)):
-        vals = [x for x in xs[max(0, i - window + 1) : i + 1] if not math.isnan(x)]
-        out.append(sum(vals) / len(vals) if vals else math.nan)
+        m = finite_mean(xs[max(0, i - window + 1) : i + 1])
+        out.append(math.nan if m is None else m)
     return out
 
 

@@ -8,14 +8,14 @@ accuracy (Pass@1) and the sampled accuracy at the evaluation temperature (Avg@k)
 
 * read from the report when it stores one (keys ``<metric>_ci95`` / ``<metric>_ci`` as
   ``[low, high]`` or ``{"low", "high"}``, or a ``ci95`` / ``ci`` dict by metric);
-* otherwise computed from the records: a Wilson score interval for the greedy accuracy (one
-  Bernoulli outcome per problem) and a normal interval over problems for Avg@k (each problem's
-  fraction of correct samples); the macro average over benchmarks gets a normal interval from
-  the benchmarks' standard errors.
+* otherwise computed from the records by :mod:`meljax.evaluation.stats`, as ``meljax eval``
+  computes the ones it stores (so both agree): a Wilson interval for the greedy accuracy (one
+  Bernoulli outcome per problem), a mean interval over problems for Avg@k (each problem's
+  fraction of correct samples), and for the macro average over benchmarks the interval of a
+  mean of independent estimates.
 
 The gain between two evaluations of the same problems (:func:`paired_gain`) is the mean of the
-per-problem differences with a normal interval: pairing removes the between-problem variance
-that two separate intervals would count twice. Without report files, the ``eval/...`` metrics
+per-problem differences with a paired interval (``stats.paired_difference_interval``). Without report files, the ``eval/...`` metrics
 of ``metrics.jsonl`` give the curves (without intervals).
 """
 
@@ -24,11 +24,19 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from meljax.evaluation.stats import (
+    Z95,
+    combined_interval,
+    mean,
+    mean_interval,
+    paired_difference_interval,
+    proportion_interval,
+)
 
 __all__ = [
     "AVERAGE",
@@ -38,13 +46,10 @@ __all__ = [
     "before_after_text",
     "draw_heldout",
     "gain_for",
-    "mean_interval",
     "paired_gain",
     "read_heldout",
-    "wilson_interval",
 ]
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 AVERAGE = "average"  # the macro average over benchmarks, as in the eval reports
 _STEP_FILE = re.compile(r"step_(\d+)\.json$")
 
@@ -54,12 +59,23 @@ class Estimate:
     """A fraction in ``[0, 1]`` (or a difference of two) with its 95% interval.
 
     ``low`` / ``high`` are ``None`` when nothing gives an interval (a metrics-only value).
+    ``se`` is the standard error when computed here; for a stored interval, its half-width over
+    ``Z95`` stands in (:meth:`standard_error`).
     """
 
     value: float
     low: float | None = None
     high: float | None = None
     n: int = 0  # problems behind it
+    se: float | None = None
+
+    def standard_error(self) -> float | None:
+        """``se``, else the interval's half-width over ``Z95``; None without an interval."""
+        if self.se is not None:
+            return self.se
+        if self.low is None or self.high is None:
+            return None
+        return (self.high - self.low) / (2 * Z95)
 
     def text(self, signed: bool = False) -> str:
         """``"41.0% [34.5, 47.8]"`` (percent points; ``signed``: ``"+14.0 [...]"``)."""
@@ -69,32 +85,8 @@ class Estimate:
         return f"{head} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion ``successes / n`` (``n >= 1``)."""
-    if n < 1:
-        raise ValueError("wilson_interval needs n >= 1")
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # The interval contains p exactly (rounding would leave 0 of n a hair above 0).
-    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
-
-
-def mean_interval(values: Sequence[float], z: float = Z95, bounds=(0.0, 1.0)) -> Estimate:
-    """Mean of ``values`` with a normal interval (sample standard deviation / sqrt(n)),
-    clipped to ``bounds``; a single value gets a zero-width interval."""
-    n = len(values)
-    if n == 0:
-        raise ValueError("mean_interval needs at least one value")
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    half = z * math.sqrt(var / n)
-    lo, hi = bounds
-    return Estimate(mean, max(lo, mean - half), min(hi, mean + half), n)
+        """``value``, ``low``, ``high``, ``n`` (the standard error is internal)."""
+        return {"value": self.value, "low": self.low, "high": self.high, "n": self.n}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,10 +181,10 @@ def _estimate(
     if not values:
         return Estimate(float(value), None, None, n)
     if binary:
-        lo, hi = wilson_interval(int(round(sum(values))), len(values))
-        return Estimate(float(value), lo, hi, len(values))
-    computed = mean_interval(values)
-    return Estimate(float(value), computed.low, computed.high, len(values))
+        lo, hi, se = proportion_interval(int(round(sum(values))), len(values))
+    else:
+        lo, hi, se = mean_interval(values)
+    return Estimate(float(value), lo, hi, len(values), se)
 
 
 def _average(step: int, parts: Sequence[HeldOut], metrics: Mapping[str, Any]) -> HeldOut:
@@ -209,10 +201,11 @@ def _average(step: int, parts: Sequence[HeldOut], metrics: Mapping[str, Any]) ->
             return Estimate(float(value), stored[0], stored[1], n)
         if len(ests) == 1:
             return dataclasses.replace(ests[0], value=float(value))
-        if any(e.low is None or e.high is None for e in ests):
+        ses = [e.standard_error() for e in ests]
+        if any(s is None for s in ses):
             return Estimate(float(value), None, None, n)
-        se = math.sqrt(sum(((e.high - e.low) / (2 * Z95)) ** 2 for e in ests)) / len(ests)
-        return Estimate(float(value), max(0.0, value - Z95 * se), min(1.0, value + Z95 * se), n)
+        lo, hi, se = combined_interval(float(value), ses)
+        return Estimate(float(value), lo, hi, n, se)
 
     k = parts[0].num_samples if parts else 0
     return HeldOut(
@@ -322,7 +315,8 @@ def paired_gain(before: HeldOut, after: HeldOut, kind: str) -> Estimate | None:
     ]
     if not shared:
         return None
-    return mean_interval(shared, bounds=(-1.0, 1.0))
+    value, lo, hi, se = paired_difference_interval(shared)
+    return Estimate(value, lo, hi, len(shared), se)
 
 
 def gain_for(results: Mapping[int, Mapping[str, HeldOut]], kind: str) -> Estimate | None:
@@ -338,9 +332,9 @@ def gain_for(results: Mapping[int, Mapping[str, HeldOut]], kind: str) -> Estimat
     gains = [paired_gain(first[n], last[n], kind) for n in names]
     if not gains or any(g is None for g in gains):
         return None
-    value = sum(g.value for g in gains) / len(gains)
-    se = math.sqrt(sum(((g.high - g.low) / (2 * Z95)) ** 2 for g in gains)) / len(gains)
-    return Estimate(value, value - Z95 * se, value + Z95 * se, sum(g.n for g in gains))
+    value = mean([g.value for g in gains])
+    lo, hi, se = combined_interval(value, [g.standard_error() for g in gains], bounds=(-1.0, 1.0))
+    return Estimate(value, lo, hi, sum(g.n for g in gains), se)
 
 
 # -- the panel

@@ -26,6 +26,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from meljax.evaluation.stats import finite_mean
 from meljax.heldout import HeldOut, before_after_text, read_heldout
 from meljax.trainer.metrics import METRICS_FILE, read_metrics
 
@@ -122,11 +123,6 @@ def _zeros_for_nan(xs: Sequence[float]) -> list[float]:
 
 def _finite(xs: Sequence[float]) -> list[float]:
     return [x for x in xs if not math.isnan(x)]
-
-
-def _mean(xs: Sequence[float]) -> float | None:
-    xs = _finite(xs)
-    return sum(xs) / len(xs) if xs else None
 
 
 # -- summary
@@ -250,11 +246,11 @@ def summarize(records: Sequence[dict]) -> RunSummary:
         reward_best=best[1] if best else None,
         best_step=best[0] if best else None,
         accuracy_start=accuracy[0] if accuracy else None,
-        retention_mean=_mean(retention_series(records)),
+        retention_mean=finite_mean(retention_series(records)),
         kept_total=_total(records, "mel/kept"),
         generated_total=_total(records, "mel/generated"),
-        step_time_mean=_mean(step_times),
-        step_time_steady=_mean(step_times[1:]) if len(step_times) >= 2 else None,
+        step_time_mean=finite_mean(step_times),
+        step_time_steady=finite_mean(step_times[1:]) if len(step_times) >= 2 else None,
         phase_shares=_phase_shares(records),
     )
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from meljax import heldout
+from meljax.evaluation import stats
 from meljax.compare import compare, markdown_table, run_row
 from meljax.compare import load_run as load_compared_run
 
@@ -30,20 +31,21 @@ def png_size(path) -> tuple[int, int]:
 
 def test_wilson_interval_matches_published_values():
     # 5 of 10: the textbook Wilson 95% interval [0.2366, 0.7634]; 0 of 6: [0, 0.3903]
-    lo, hi = heldout.wilson_interval(5, 10)
+    lo, hi = stats.wilson_interval(5, 10)
     assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    lo, hi = heldout.wilson_interval(0, 6)
+    lo, hi = stats.wilson_interval(0, 6)
     assert lo == 0.0 and hi == pytest.approx(0.3903, abs=1e-4)
-    assert heldout.wilson_interval(6, 6)[1] == pytest.approx(1.0)
+    assert stats.wilson_interval(6, 6)[1] == 1.0
 
 
 def test_mean_interval_and_paired_gain_by_hand():
     # values 0.25, 0.5, 0.75: mean 0.5, sample sd 0.25, se 0.25/sqrt(3)
-    e = heldout.mean_interval([0.25, 0.5, 0.75])
+    low, high, se = stats.mean_interval([0.25, 0.5, 0.75])
     half = 1.959963984540054 * 0.25 / math.sqrt(3)
-    assert (e.value, e.low, e.high, e.n) == pytest.approx((0.5, 0.5 - half, 0.5 + half, 3))
-    assert heldout.mean_interval([0.0, 0.5, 1.0]).low == 0.0  # clipped to [0, 1]
-    assert heldout.mean_interval([0.25]).low == 0.25  # one value: no spread
+    assert (low, high, se) == pytest.approx((0.5 - half, 0.5 + half, 0.25 / math.sqrt(3)))
+    assert stats.mean_interval([0.0, 0.5, 1.0])[0] == 0.0  # clipped to [0, 1]
+    # one value: no spread, so the Wilson interval of one problem (as meljax eval stores)
+    assert stats.mean_interval([0.25])[:2] == stats.wilson_interval(0.25, 1)
     before = heldout.HeldOut(
         0,
         "b",
@@ -99,10 +101,8 @@ def test_intervals_from_records_or_from_the_report(tmp_path):
     b0 = results[0]["b"]
     assert (b0.greedy.low, b0.greedy.high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     fractions = [(i % 5) / 4 for i in range(10)]
-    expect = heldout.mean_interval(fractions)
-    assert (b0.sampled.value, b0.sampled.low, b0.sampled.high) == pytest.approx(
-        (0.5, expect.low, expect.high)
-    )
+    low, high, _ = stats.mean_interval(fractions)
+    assert (b0.sampled.value, b0.sampled.low, b0.sampled.high) == (0.5, low, high)
     b7 = results[7]["b"]
     assert (b7.greedy.low, b7.greedy.high, b7.sampled.low, b7.sampled.high) == (
         0.5, 0.9, 0.9, 1.0)  # fmt: skip
@@ -126,9 +126,10 @@ def test_average_of_two_benchmarks_combines_their_errors(tmp_path):
     write_eval(workdir, 3, {"a": ma, "b": mb}, recs, average={"pass@1": 0.25, "num_samples": 0})
     res = heldout.read_heldout(workdir)[3]
     a, b, avg = res["a"].greedy, res["b"].greedy, res[heldout.AVERAGE].greedy
-    se = math.hypot((a.high - a.low) / (2 * heldout.Z95), (b.high - b.low) / (2 * heldout.Z95)) / 2
+    z = stats.Z95
+    se = math.hypot((a.high - a.low) / (2 * z), (b.high - b.low) / (2 * z)) / 2
     assert avg.value == 0.25 and avg.n == 16
-    assert (avg.low, avg.high) == pytest.approx((0.25 - heldout.Z95 * se, 0.25 + heldout.Z95 * se))
+    assert (avg.low, avg.high) == pytest.approx((0.25 - z * se, 0.25 + z * se))
     assert res[heldout.AVERAGE].sampled is None
 
 

@@ -20,15 +20,13 @@ from typing import Any
 
 import numpy as np
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
+from meljax.evaluation.stats import combined_interval, mean, mean_interval, proportion_interval
 
 __all__ = [
     "BenchmarkMetrics",
     "benchmark_metrics",
     "macro_average",
-    "mean_interval",
     "pass_at_k",
-    "wilson_interval",
 ]
 
 
@@ -71,35 +69,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         miss *= 1.0 - k / i
     return 1.0 - miss
-
-
-def wilson_interval(correct: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion ``correct / n`` (``n >= 1``)."""
-    if n < 1 or not 0 <= correct <= n:
-        raise ValueError(f"wilson_interval: need 0 <= correct <= n and n >= 1, got {correct}, {n}")
-    p = correct / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
-    """``(low, high, standard error)`` of the mean of per-problem values in ``[0, 1]``.
-
-    A normal interval, clipped to ``[0, 1]``. When every value is the same (e.g. no problem
-    solved at all), the sample spread says nothing, and the Wilson interval of the mean over
-    the problems (as if each were one coin flip, the widest case) is returned instead.
-    """
-    x = np.asarray(values, np.float64)
-    if x.size == 0:
-        raise ValueError("mean_interval: no values")
-    m = float(x.mean())
-    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
-    if se == 0.0:
-        lo, hi = wilson_interval(m * x.size, x.size, z)
-        return lo, hi, (hi - lo) / (2 * z)
-    return max(0.0, m - z * se), min(1.0, m + z * se), se
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +120,6 @@ class BenchmarkMetrics:
         return out
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    return float(np.mean(xs)) if len(xs) else None
-
-
 def benchmark_metrics(
     records: Sequence[Any], num_samples: int, pass_ks: Sequence[int]
 ) -> BenchmarkMetrics:
@@ -166,12 +131,12 @@ def benchmark_metrics(
     if not records:
         raise ValueError("benchmark_metrics: no records")
     greedy = [r for r in records if r.greedy_correct is not None]
-    pass1 = _mean([float(r.greedy_correct) for r in greedy])
+    pass1 = mean([float(r.greedy_correct) for r in greedy])
     ci: dict[str, tuple[float, float]] = {}
     se: dict[str, float] = {}
     if greedy:
-        lo, hi = wilson_interval(sum(bool(r.greedy_correct) for r in greedy), len(greedy))
-        ci["pass@1"], se["pass@1"] = (lo, hi), (hi - lo) / (2 * Z95)
+        lo, hi, s = proportion_interval(sum(bool(r.greedy_correct) for r in greedy), len(greedy))
+        ci["pass@1"], se["pass@1"] = (lo, hi), s
     avg, pass_at = None, {}
     if num_samples:
         for r in records:
@@ -183,8 +148,8 @@ def benchmark_metrics(
         per_problem = {"avg": [r.num_correct / num_samples for r in records]}
         for k in pass_ks:
             per_problem[k] = [pass_at_k(num_samples, r.num_correct, k) for r in records]
-        avg = _mean(per_problem["avg"])
-        pass_at = {k: float(np.mean(per_problem[k])) for k in pass_ks}
+        avg = mean(per_problem["avg"])
+        pass_at = {k: mean(per_problem[k]) for k in pass_ks}
         for key, values in per_problem.items():
             name = (
                 f"avg@{num_samples}"
@@ -201,8 +166,8 @@ def benchmark_metrics(
         avg=avg,
         pass_at=pass_at,
         num_samples=num_samples,
-        greedy_truncated=_mean([float(bool(r.greedy_truncated)) for r in greedy]),
-        mean_greedy_tokens=_mean([float(r.greedy_tokens or 0) for r in greedy]),
+        greedy_truncated=mean([float(bool(r.greedy_truncated)) for r in greedy]),
+        mean_greedy_tokens=mean([float(r.greedy_tokens or 0) for r in greedy]),
         ci=ci,
         se=se,
     )
@@ -215,14 +180,14 @@ def macro_average(metrics: Sequence[BenchmarkMetrics]) -> BenchmarkMetrics:
 
     def avg_of(get: Callable[[BenchmarkMetrics], float | None]) -> float | None:
         values = [get(m) for m in metrics]
-        return None if any(v is None for v in values) else float(np.mean(values))
+        return None if any(v is None for v in values) else mean(values)
 
     ks = sorted(set.intersection(*(set(m.pass_at) for m in metrics)))
     out = BenchmarkMetrics(
         num_problems=sum(m.num_problems for m in metrics),
         pass1=avg_of(lambda m: m.pass1),
         avg=avg_of(lambda m: m.avg),
-        pass_at={k: float(np.mean([m.pass_at[k] for m in metrics])) for k in ks},
+        pass_at={k: mean([m.pass_at[k] for m in metrics]) for k in ks},
         num_samples=metrics[0].num_samples,
         greedy_truncated=avg_of(lambda m: m.greedy_truncated),
         mean_greedy_tokens=avg_of(lambda m: m.mean_greedy_tokens),
@@ -232,6 +197,6 @@ def macro_average(metrics: Sequence[BenchmarkMetrics]) -> BenchmarkMetrics:
         parts = [m.se.get(name) for m in metrics]
         if value is None or any(p is None or math.isnan(p) for p in parts):
             continue
-        s = math.sqrt(sum(p * p for p in parts)) / len(metrics)
-        ci[name], se[name] = (max(0.0, value - Z95 * s), min(1.0, value + Z95 * s)), s
+        lo, hi, s = combined_interval(value, parts)
+        ci[name], se[name] = (lo, hi), s
     return dataclasses.replace(out, ci=ci, se=se)
