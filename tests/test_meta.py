@@ -14,11 +14,10 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from meljax.data import last_boxed_answer
 from meljax.meta import filters, pairs, parse, templates
 from meljax.meta.pipeline import MetaConfig, MetaExperiencePipeline
 from meljax.policy import Policy, PromptConfig
-from meljax.rewards import RewardResult
+from meljax.rewards import RewardResult, last_boxed
 from meljax.sampling import SamplerEngine, SampleResult, SamplingParams
 
 # ----------------------------------------------------------------------------- fixtures
@@ -76,7 +75,7 @@ class BoxedVerifier:
     def score(self, completions, answers):
         out = []
         for c, a in zip(completions, answers, strict=True):
-            got = last_boxed_answer(c)
+            got = last_boxed(c)
             out.append(RewardResult(float(got == a), "correct" if got == a else "mismatch", got))
         return out
 

@@ -61,6 +61,25 @@ def pool():
         ("\\boxed{}", None),
         ("no box at all 5", None),
         ("\\boxed{\\boxed{9}}", "9"),
+        # The brace-less argument LaTeX also accepts (MATH solutions use it): to the next
+        # space, `$` or unmatched `}`, brace groups kept whole.
+        ("space form \\boxed 7$ end", "7"),
+        ("$\\boxed 2$.", "2"),
+        ("\\boxed 42", "42"),
+        ("\\boxed5", "5"),
+        ("\\boxed x^{2}$", "x^{2}"),
+        ("{\\boxed 5}", "5"),
+        ("\\boxed \\pi$", "\\pi"),
+        ("\\boxed $5$", None),  # no argument before the math delimiter
+        ("\\boxed\n{7}", "7"),
+        ("\\boxed{ 5 }", "5"),
+        ("\\boxed{5} then \\fboxsep", "5"),  # \fboxsep is a length, not a box
+        ("\\boxedx{3}", None),  # another control word
+        ("\\boxed{5} \\boxed", None),  # the last box (cut off) is the answer, not an earlier one
+        (
+            "nested \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.",
+            "\\left( 3, \\frac{\\pi}{2} \\right)",
+        ),
     ],
 )
 def test_last_boxed(text, expected):

@@ -27,7 +27,6 @@ from meljax.data.records import (
     LoadResult,
     Problem,
     infer_preset,
-    last_boxed_answer,
     load_problems,
 )
 
@@ -46,7 +45,6 @@ __all__ = [
     "format_prompt",
     "format_prompts",
     "infer_preset",
-    "last_boxed_answer",
     "load_problems",
     "make_problem_dataset",
     "make_problem_iterator",

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
 from meljax.data.readers import READERS, Row
-from meljax.rewards.extract import match_braces
+from meljax.rewards.extract import last_boxed
 
 __all__ = [
     "PRESETS",
@@ -33,7 +33,6 @@ __all__ = [
     "get_path",
     "infer_preset",
     "layout_for_row",
-    "last_boxed_answer",
     "load_problems",
     "parse_path",
     "problem_from_row",
@@ -179,33 +178,6 @@ def get_path(row: Any, path: str | Sequence[str | int]) -> Any:
 # Answer / question normalisers.
 # ---------------------------------------------------------------------------------------
 
-_BOXED_COMMANDS = ("\\boxed", "\\fbox")
-
-
-def last_boxed_answer(text: str) -> str | None:
-    """Returns the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
-
-    Braces are matched, so nested groups survive: ``"\\boxed{\\frac{1}{2}}"`` ->
-    ``"\\frac{1}{2}"``. The brace-less form ``"\\boxed 5"`` gives ``"5"``. Returns ``None``
-    when there is no box or its braces are unbalanced. An escaped brace (``\\{``) does not
-    count as a group delimiter.
-    """
-    start = max(text.rfind(cmd) for cmd in _BOXED_COMMANDS)
-    if start < 0:
-        return None
-    cmd = next(c for c in _BOXED_COMMANDS if text.startswith(c, start))
-    pos = start + len(cmd)
-    if pos < len(text) and text[pos] == " ":
-        # "\boxed 5" form: the argument runs to the next space or math delimiter.
-        m = re.match(r" +([^\s$]+)", text[pos:])
-        return m.group(1) if m else None
-    while pos < len(text) and text[pos] in " \t\n":
-        pos += 1
-    if pos >= len(text) or text[pos] != "{":
-        return None
-    end = match_braces(text, pos + 1)
-    return None if end is None else text[pos + 1 : end - 1]
-
 
 def _number_to_str(value: int | float) -> str:
     """``27.0`` -> ``"27"``, ``-1.0`` -> ``"-1"``, ``0.5`` -> ``"0.5"``, ``7`` -> ``"7"``."""
@@ -273,13 +245,15 @@ def answer_without_dollars(value: Any) -> str:
 
 
 def answer_from_boxed(value: Any) -> str:
-    """MATH / Minerva: the last ``\\boxed{}`` of a worked solution."""
+    """MATH / Minerva: the last ``\\boxed{}`` of a worked solution, read by the verifier's
+    extractor (:func:`meljax.rewards.extract.last_boxed`) so that the ground truth and the
+    model's answer are taken from a box the same way."""
     if not isinstance(value, str):
         raise ValueError(f"solution must be a string, got {type(value).__name__}")
-    boxed = last_boxed_answer(value)
+    boxed = last_boxed(value)
     if boxed is None:
-        raise ValueError("solution has no complete \\boxed{...} answer")
-    return boxed.strip()
+        raise ValueError("solution has no complete, non-empty \\boxed{...} answer")
+    return boxed
 
 
 _TRAILING_INSTRUCTION = re.compile(r"\n[^\n]*(?:please reason|\\boxed\{\})[^\n]*\s*$", re.I)

@@ -13,9 +13,9 @@ from typing import Literal
 ExtractMode = Literal["boxed", "last_number", "boxed_or_last_number"]
 MODES: tuple[str, ...] = ("boxed", "last_number", "boxed_or_last_number")
 
-# `\boxed{`, `\boxed {` and `\fbox{` all open a box; the brace is part of the match so that
-# the content starts right after it.
-_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# A box command: `\boxed` or `\fbox` as a whole control word (not `\fboxsep`), then any
+# whitespace; its argument starts where the match ends.
+_BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
 
 # A number as written in prose. Alternatives, tried left to right at each position:
 #   1,000 / -12,345.5  (thousands commas: groups of exactly three digits)
@@ -64,29 +64,59 @@ def match_braces(text: str, start: int) -> int | None:
     return None
 
 
-def last_boxed_span(text: str) -> tuple[int, int] | None:
-    """`(start, end)` of the content of the last `\\boxed{...}` / `\\fbox{...}` in `text`.
+def _bare_argument_end(text: str, start: int) -> int | None:
+    """End of a brace-less box argument (`\\boxed 5`) starting at `text[start]`.
 
-    `text[start:end]` is the content without the outer braces. None when there is no box or
-    the last box is never closed.
+    It runs to the next whitespace, `$` or unmatched `}`; brace groups inside it are skipped
+    whole (`\\boxed x^{2}` gives `x^{2}`). TeX would take a single token, but `\\boxed 42`
+    means 42 wherever it is written (the MATH convention). None when a group never closes.
+    """
+    i, n = start, len(text)
+    while i < n:
+        ch = text[i]
+        if ch.isspace() or ch in "$}":
+            break
+        if ch == "\\":
+            i += 2
+        elif ch == "{":
+            end = match_braces(text, i + 1)
+            if end is None:
+                return None
+            i = end
+        else:
+            i += 1
+    return min(i, n)
+
+
+def last_boxed_span(text: str) -> tuple[int, int] | None:
+    """`(start, end)` of the argument of the last `\\boxed` / `\\fbox` command in `text`.
+
+    The argument is a brace group (`\\boxed{...}`, `\\boxed {...}`; `text[start:end]` is its
+    content without the outer braces) or, as LaTeX also accepts, a brace-less word
+    (`\\boxed 5`, see `_bare_argument_end`). None when there is no box or the last one has no
+    complete argument (a truncated completion): the last box is the answer, never an earlier one.
     """
     last = None
-    for last in _BOX_OPEN.finditer(text):  # noqa: B007 - only the last match is needed
+    for last in _BOX_COMMAND.finditer(text):  # noqa: B007 - only the last match is needed
         pass
     if last is None:
         return None
-    end = match_braces(text, last.end())
-    if end is None:
-        return None
-    return last.end(), end - 1
+    start = last.end()
+    if text.startswith("{", start):
+        end = match_braces(text, start + 1)
+        return None if end is None else (start + 1, end - 1)
+    end = _bare_argument_end(text, start)
+    return None if end is None or end == start else (start, end)
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` / `\\fbox{...}` in `text`, brace-matched.
+    """The final answer in the last box of `text`: the content of its argument, stripped.
 
+    The one boxed-answer extractor: the verifier reads completions with it and the data
+    readers read worked solutions (MATH, Minerva) with it, so both agree on what a box holds.
     Nested braces are kept (`\\boxed{\\frac{a}{b^{2}}}` gives `\\frac{a}{b^{2}}`). Returns None
     when there is no box, when the last box is never closed (a truncated completion), or when
-    the box is empty.
+    it is empty.
     """
     span = last_boxed_span(text)
     if span is None:
