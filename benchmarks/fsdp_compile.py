@@ -113,7 +113,7 @@ def main() -> None:
     if args.what == "update":
         # the jit that make_train_step builds, spelled out (so this also runs on older trees)
         batch = TrainBatch(policy, mel)
-        s_state = ts.state_shardings(state, mesh)
+        s_state = ts.train_state_shardings(state, mesh)
         step = jax.jit(
             functools.partial(
                 ts.train_step_fn,

@@ -368,7 +368,7 @@ def chunked_logprobs(
     return logp[:, :t], jax.lax.stop_gradient(ent[:, :t])
 
 
-def token_logprobs(
+def sequence_logprobs(
     model: nnx.Module | tuple[Any, Any],
     seq: SequenceBatch,
     *,
@@ -580,7 +580,7 @@ def grpo_loss(
     """Clipped policy-gradient loss (+ ``kl_beta`` * KL to the reference).
 
     Args:
-      logp, entropy: float32 ``[B, T]`` from ``token_logprobs`` under the current parameters.
+      logp, entropy: float32 ``[B, T]`` from ``sequence_logprobs`` under the current parameters.
       policy: the rollouts (``advantages [B]``, ``old_logprobs``/``ref_logprobs [B, T]``).
       den: global denominators of the whole batch.
 

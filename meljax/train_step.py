@@ -102,7 +102,7 @@ class TrainState:
 # --------------------------------------------------------------------------------------------
 
 
-def state_shardings(state_or_abstract, mesh: Mesh):
+def train_state_shardings(state_or_abstract, mesh: Mesh):
     """``NamedSharding``s for a ``TrainState`` (or any tree of params / optimizer state): each
     ``nnx.Param`` (also inside the optimizer state) by its ``logical_axes``, the rest replicated."""
     return shd.param_shardings(state_or_abstract, mesh)
@@ -188,7 +188,7 @@ def init_train_state(
     Args:
       model_or_params: a ``Transformer`` or its ``nnx.State`` of params (``split_params``).
       optimizer: e.g. from ``meljax.optim.make_optimizer``.
-      mesh: place params and optimizer state by their logical axes (``state_shardings``).
+      mesh: place params and optimizer state by their logical axes (``train_state_shardings``).
       master_dtype: floating params are cast to this (default float32, so bf16 checkpoints train
         with f32 master weights and f32 Adam moments); ``None`` keeps them as they are.
     """
@@ -204,7 +204,7 @@ def init_train_state(
 
     if mesh is None:
         return jax.jit(init)(params)
-    shardings = state_shardings(jax.eval_shape(init, params), mesh)
+    shardings = train_state_shardings(jax.eval_shape(init, params), mesh)
     return jax.jit(init, out_shardings=shardings)(params)
 
 
@@ -227,7 +227,7 @@ def _objective_fn(graphdef, cfg: LossConfig, kind: str) -> Callable:
 
     def fn(params, part, den):
         seq = part.seq if kind == "policy" else part
-        logp, ent = losses.token_logprobs(
+        logp, ent = losses.sequence_logprobs(
             (graphdef, params),
             seq,
             chunk_size=cfg.logprob_chunk_size,
@@ -290,7 +290,7 @@ def _train_step_body(state, batch, graphdef, optimizer, loss_cfg, num_microbatch
     dp = shd.data_parallel_size(mesh) if mesh is not None else 1
     grad_shardings = None
     if mesh is not None:
-        grad_shardings = state_shardings(state.params, mesh)
+        grad_shardings = train_state_shardings(state.params, mesh)
     den = losses.compute_denominators(batch, loss_cfg)
 
     loss, metrics, grads = _accumulate(
@@ -362,7 +362,7 @@ def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch
     def jitted(first, batch):
         key = (jax.tree_util.tree_structure(first), jax.tree_util.tree_structure(batch))
         if key not in cache:
-            s_first = state_shardings(first, mesh)
+            s_first = train_state_shardings(first, mesh)
             s_batch = batch_shardings(batch, mesh)
             out = shd.batch_sharding(mesh, 2) if out_batch else (s_first, shd.replicated(mesh))
             fn = jax.jit(
@@ -398,7 +398,7 @@ def make_train_step(
       graphdef: the model's graph definition (``split_params(model)[0]``).
       optimizer: the optax optimizer that made ``state.opt_state``.
       loss_cfg: the objective.
-      mesh: shard the step: state by ``state_shardings``, every batch array ``[B, ...]`` over
+      mesh: shard the step: state by ``train_state_shardings``, every batch array ``[B, ...]`` over
         the data axes (``B`` must be a multiple of the data-parallel size), metrics replicated.
       num_microbatches: gradient accumulation; the policy batch rows must be divisible by it
         (the MEL batch uses the largest divisor of its rows not above it).
@@ -439,7 +439,7 @@ def make_compute_logprobs(
     ``num_microbatches`` sequential chunks to bound memory."""
 
     def one(params, s):
-        logp, _ = losses.token_logprobs(
+        logp, _ = losses.sequence_logprobs(
             (graphdef, params), s, chunk_size=chunk_size, with_entropy=False
         )
         return jnp.where(jnp.asarray(s.loss_mask) > 0, logp, 0.0)
@@ -558,7 +558,7 @@ __all__ = [
     "merge_microbatches",
     "split_microbatches",
     "split_params",
-    "state_shardings",
+    "train_state_shardings",
     "train_on_batch",
     "train_step_fn",
 ]

@@ -132,7 +132,7 @@ def test_chunked_logprobs_match_full_log_softmax(tiny_model, chunk):
     seq = _seq()
     split = nnx.split(tiny_model, nnx.Param)
     want_lp, want_ent = jax.jit(_reference_logprobs)(split, seq)
-    lp, ent = jax.jit(lambda m, s: losses.token_logprobs(m, s, chunk_size=chunk))(split, seq)
+    lp, ent = jax.jit(lambda m, s: losses.sequence_logprobs(m, s, chunk_size=chunk))(split, seq)
     assert lp.shape == seq.tokens.shape == ent.shape
     np.testing.assert_allclose(lp, want_lp, atol=1e-5)
     np.testing.assert_allclose(ent, want_ent, atol=1e-5)
@@ -163,7 +163,7 @@ def test_chunked_logprobs_gradient_matches_unchunked(tiny_model, chunk):
     w = jnp.asarray(np.random.default_rng(0).normal(size=seq.tokens.shape), jnp.float32)
 
     def chunked(p):
-        lp, _ = losses.token_logprobs((graphdef, p), seq, chunk_size=chunk)
+        lp, _ = losses.sequence_logprobs((graphdef, p), seq, chunk_size=chunk)
         return jnp.sum(lp * w)
 
     def full(p):

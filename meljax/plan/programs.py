@@ -46,7 +46,7 @@ from meljax.meta import templates
 from meljax.models import ModelConfig, abstract_model
 from meljax.optim import make_optimizer
 from meljax.policy import resolve_instruction
-from meljax.train_step import make_compute_logprobs, make_train_step, state_shardings
+from meljax.train_step import make_compute_logprobs, make_train_step, train_state_shardings
 
 
 @dataclasses.dataclass
@@ -89,7 +89,7 @@ class RunModel:
 
 def attach_shardings(tree, shardings):
     """``tree`` with every leaf a ``jax.ShapeDtypeStruct`` carrying its ``NamedSharding``
-    (``shardings`` may be a prefix tree, as ``state_shardings`` returns)."""
+    (``shardings`` may be a prefix tree, as ``train_state_shardings`` returns)."""
 
     def one(sharding, sub):
         return jax.tree.map(
@@ -119,7 +119,7 @@ def build_run_model(cfg: ml_collections.ConfigDict, mesh, model_config: ModelCon
     graphdef, params = nnx.split(nnx.merge(graphdef, params), nnx.Param)
     optimizer, _ = make_optimizer(settings(cfg).optim)
     state = jax.eval_shape(lambda p: setup.init_state(cfg, p, optimizer, mesh), params)
-    state = attach_shardings(state, state_shardings(state, mesh))
+    state = attach_shardings(state, train_state_shardings(state, mesh))
     ref = state.params if cfg.algorithm.kl_beta > 0 else None
     resident = {
         "state.params": bytes_per_device(state.params),
