@@ -160,6 +160,7 @@ def main(argv=None) -> dict:
             sampling=s.rollout.sampling(),
             key=key,
             advantage=s.loss.advantage,
+            adv_eps=s.loss.adv_eps,
             batch_multiple=dp,
         )
 

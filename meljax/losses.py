@@ -64,7 +64,12 @@ def _all_equal(r: jax.Array, axis=-1) -> jax.Array:
     return jnp.all(r == first, axis=axis, keepdims=axis is not None)
 
 
-def grpo_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:
+# Added to the std of normalised advantages (config ``algorithm.adv_eps``); one value for the
+# estimators' defaults and the config's, so an unset key changes nothing.
+ADV_EPS = 1e-6
+
+
+def grpo_advantages(rewards: jax.Array, eps: float = ADV_EPS) -> jax.Array:
     """GRPO: ``(r - mean_group(r)) / (std_group(r) + eps)``, float32 ``[Q, G]``.
 
     ``std`` is the population std (ddof=0), as in the MEL spec's ``std(r) + eps``. A group whose
@@ -98,7 +103,7 @@ def rloo_advantages(rewards: jax.Array) -> jax.Array:
 
 
 def reinforce_pp_advantages(
-    rewards: jax.Array, eps: float = 1e-6, group_baseline: bool = False
+    rewards: jax.Array, eps: float = ADV_EPS, group_baseline: bool = False
 ) -> jax.Array:
     """REINFORCE++: rewards normalised over the whole batch, float32 ``[Q, G]``.
 
@@ -157,7 +162,9 @@ class LossConfig:
         key="name",
     )
     advantage: str = option("grpo", "advantage estimator", choices=tuple(ADVANTAGES))
-    adv_eps: float = option(1e-6, "epsilon added to the std of normalised advantages", minimum=0)
+    adv_eps: float = option(
+        ADV_EPS, "epsilon added to the std of normalised advantages (grpo, reinforce_pp)", minimum=0
+    )
     eps_low: float = option(0.2, "lower clip range of the ratio (1 - eps_low)", minimum=0)
     eps_high: float = option(0.2, "upper clip range of the ratio (1 + eps_high)", minimum=0)
     aggregation: str = option(
@@ -205,11 +212,20 @@ class LossConfig:
         return _from_mapping(cls, mapping)
 
 
+# The estimators that divide by a std and so take ``eps``.
+_NORMALISED = ("grpo", "reinforce_pp")
+
+
+def advantages_with_eps(name: str, rewards: jax.Array, eps: float = ADV_EPS) -> jax.Array:
+    """``compute_advantages(name, rewards)`` with ``eps`` where the estimator normalises by a
+    std (ignored by the others, so every estimator takes the config's value); ``[Q, G]``."""
+    kw = {"eps": eps} if name in _NORMALISED else {}
+    return compute_advantages(name, rewards, **kw)
+
+
 def advantages_from_config(cfg: LossConfig, rewards: jax.Array) -> jax.Array:
-    """``compute_advantages(cfg.advantage, rewards)`` with ``cfg.adv_eps`` where the estimator
-    normalises by a std; rewards and result ``[Q, G]``."""
-    kw = {"eps": cfg.adv_eps} if cfg.advantage in ("grpo", "reinforce_pp") else {}
-    return compute_advantages(cfg.advantage, rewards, **kw)
+    """:func:`advantages_with_eps` with ``cfg.advantage`` and ``cfg.adv_eps``."""
+    return advantages_with_eps(cfg.advantage, rewards, cfg.adv_eps)
 
 
 # --------------------------------------------------------------------------------------------

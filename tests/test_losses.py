@@ -81,6 +81,17 @@ def test_advantages_from_config_passes_eps_only_where_used():
     np.testing.assert_allclose(losses.advantages_from_config(cfg, r), [[1.0, -1.0]])
 
 
+@pytest.mark.parametrize("name", ["grpo", "reinforce_pp", "drgrpo", "rloo", "raw"])
+def test_default_adv_eps_gives_the_estimators_own_default_bit_for_bit(name):
+    # algorithm.adv_eps now reaches the rollout's advantages: its default must change nothing.
+    r = np.random.default_rng(0).integers(0, 3, (5, 4)).astype(np.float32) / 2
+    assert losses.LossConfig().adv_eps == losses.ADV_EPS
+    own = np.asarray(losses.compute_advantages(name, r))
+    np.testing.assert_array_equal(
+        losses.advantages_with_eps(name, r, losses.LossConfig().adv_eps), own
+    )
+
+
 def test_compute_advantages_errors():
     with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
         losses.compute_advantages("ppo", np.zeros((2, 2)))

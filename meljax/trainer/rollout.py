@@ -149,16 +149,20 @@ def run_rollouts(
     sampling: SamplingParams,
     key: jax.Array,
     advantage: str,
+    adv_eps: float = losses.ADV_EPS,
     batch_multiple: int = 1,
 ) -> Rollouts:
-    """Samples G answers per question with the current policy, scores them, builds the batch."""
+    """Samples G answers per question with the current policy, scores them, builds the batch.
+
+    ``advantage`` / ``adv_eps``: the estimator and its std epsilon (``algorithm.advantage``,
+    ``algorithm.adv_eps``)."""
     cut_before = policy.prompts_cut
     prompt_ids = [policy.encode(p.question, sampling.max_new_tokens) for p in problems]
     groups = sample_and_score(
         policy, verifier, prompt_ids, [p.answer for p in problems], sampling, key
     )
     g = sampling.num_samples
-    adv = np.asarray(losses.compute_advantages(advantage, groups.rewards), np.float32)
+    adv = np.asarray(losses.advantages_with_eps(advantage, groups.rewards, adv_eps), np.float32)
     flat = groups.flat()
     # Fixed T per (prompt bucket, max_new_tokens): the update step then compiles rarely.
     max_len = bucket(max(len(p) for p in prompt_ids)) + sampling.max_new_tokens
