@@ -10,6 +10,7 @@ update: a decode step never gathers FSDP shards.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -108,6 +109,12 @@ def weights_program(graphdef, params, mesh: Mesh | None = None, split: bool = Fa
     return jax.jit(build, out_shardings=out_shardings)
 
 
+# the jitted weights programs of this process, newest last: shared by every engine, so a fresh
+# Policy (``generate()`` builds one per call) does not trace and compile the program again
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_KEEP = 4  # layouts kept (models or meshes used in one process)
+
+
 def prepare_weights(
     graphdef, params, mesh: Mesh | None = None, split: bool = False, cache: dict | None = None
 ) -> InferenceWeights:
@@ -116,9 +123,10 @@ def prepare_weights(
     The state is cast to the model's compute dtype (floating leaves) and laid out on ``mesh``
     (the :func:`inference_mesh`); with ``split`` (CPU) ``layers`` holds per-layer weight dicts
     in the compute dtype and the state's stacked layer weights are left as they are (unused).
-    One copy per policy update, never per decode step. ``cache`` (a dict the caller keeps)
-    holds the jitted program between updates, keyed by the weights' layout: a fresh
-    ``jax.jit`` per update would trace and compile it again every step.
+    One copy per policy update, never per decode step. ``cache`` (default: this process's
+    shared cache, the last few layouts) holds the jitted program between updates and engines,
+    keyed by the graph and the weights' layout: a fresh ``jax.jit`` per update or per engine
+    would trace and compile it again.
     """
     cfg = config_from_graphdef(graphdef)
     if (
@@ -132,8 +140,9 @@ def prepare_weights(
         return InferenceWeights(params, None)  # already what decoding reads: no copy
     layout = jax.tree.map(lambda x: (x.shape, x.dtype, getattr(x, "sharding", None)), params)
     key = (graphdef, mesh, split, str(jax.tree.structure(params)), str(jax.tree.leaves(layout)))
-    cache = {} if cache is None else cache
+    cache = _PROGRAMS if cache is None else cache
     if key not in cache:
-        cache.clear()  # one layout per run: keep only the latest program
+        while len(cache) >= _KEEP:
+            cache.pop(next(iter(cache)))  # the oldest layout
         cache[key] = weights_program(graphdef, params, mesh, split)
     return cache[key](params)
