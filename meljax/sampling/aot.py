@@ -88,7 +88,7 @@ def lower_engine_programs(
     )
     if mesh is not None:
         prompt_cache = _attach(prompt_cache, slots.state_shardings(prompt_cache, mesh))
-    width = bucket(min(n_slots, prompts * g), engine.batch_buckets)
+    width = n_slots  # the slot copy's columns: one per slot (``schedule.insert_columns``)
     ints, floats = rows((width,), jnp.int32), rows((width,), jnp.float32)
     insert_args = dict(
         src=ints,

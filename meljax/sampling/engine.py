@@ -52,15 +52,25 @@ up to a batch bucket and the data-parallel size). The cache of a slot holds the 
 Tail (``shrink_tail``): once the queue is empty, slots only empty out, and a fixed pool would
 run its last segments mostly idle (a step costs what its pool size costs, live or not). So
 when the live slots fit in at most half the pool and one of them may run more than one more
-segment, they move into the smallest batch bucket that holds them
-(:func:`~meljax.sampling.slots.compact`: each data-parallel device keeps its own live slots,
+segment, they move into the smallest of a few pool sizes that holds them (batch buckets from a
+quarter to half of the call's pool: :func:`~meljax.sampling.schedule.tail_sizes`;
+:func:`~meljax.sampling.slots.compact`: each data-parallel device keeps its own live slots,
 so nothing crosses devices). Outputs do not change (a sample's keys do not depend on its
 slot). Each pool size is one more compiled program and the move briefly holds both pools
 (peak KV memory up to 1.5x), so it is on by default only on CPU, where it was measured to pay.
+
+Compiled programs: every program is jitted at module level and keyed by static shapes, so
+engines and policies built later in the process (``generate()`` builds one per call) reuse
+them, the weights program included (:func:`~meljax.sampling.weights.prepare_weights`). The
+shapes come from the call's pool (slots, cache length, output columns), the prompt and batch
+buckets of its prefills, and the tail's sizes, whose programs are all compiled the first time
+a pool shrinks (:func:`~meljax.sampling.warm.warm_tail`): a second call of the same workload,
+other prompts of the same buckets, other seeds, compiles nothing.
 """
+
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,32 +82,10 @@ from meljax import sharding as shd
 from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
 from meljax.models.config import resolve_dtype
 from meljax.models.kv_cache import cache_bytes
-from meljax.sampling import schedule, slots
-from meljax.sampling.protocol import Engine, Generation, Request, checked_prompts
+from meljax.sampling import schedule, slots, warm
+from meljax.sampling.protocol import Engine, EngineStats, Generation, Request, checked_prompts
 from meljax.sampling.select import config_from_graphdef, format_bytes
 from meljax.sampling.weights import InferenceWeights, inference_mesh, prepare_weights
-
-
-@dataclasses.dataclass
-class EngineStats:
-    """Counters of one :meth:`ContinuousEngine.generate` run.
-
-    ``slot_utilisation`` = useful tokens / slot-steps: generated tokens (stop tokens included)
-    over ``slots x`` decode steps run (a step advances every slot, finished or not).
-    """
-
-    slots: int = 0
-    cache_len: int = 0
-    useful_tokens: int = 0
-    slot_steps: int = 0
-    segments: int = 0
-    prefills: int = 0
-    kv_lens: dict[int, int] = dataclasses.field(default_factory=dict)  # bucket -> segments
-    pools: dict[int, int] = dataclasses.field(default_factory=dict)  # pool size -> segments
-
-    @property
-    def slot_utilisation(self) -> float:
-        return self.useful_tokens / self.slot_steps if self.slot_steps else 0.0
 
 
 class ContinuousEngine:
@@ -179,7 +167,6 @@ class ContinuousEngine:
         self.shrink_tail = platform == "cpu" if shrink_tail is None else shrink_tail
         self.num_truncated_prompts = 0
         self.last_stats = EngineStats()
-        self._programs: dict = {}  # the jitted weights program, reused across updates
         vocab = self.config.vocab_size
         for t in (*self.stop_token_ids, self.pad_id):
             if not 0 <= t < vocab:
@@ -194,7 +181,7 @@ class ContinuousEngine:
         update; :meth:`generate` takes the result (or prepares raw params itself)."""
         if isinstance(params, InferenceWeights):
             return params
-        return prepare_weights(self.graphdef, params, self.mesh, self.split, self._programs)
+        return prepare_weights(self.graphdef, params, self.mesh, self.split)
 
     # -- shapes
 
@@ -295,6 +282,20 @@ class ContinuousEngine:
         out: list[list[Generation | None]] = [[None] * r.sampling.num_samples for r in requests]
         pending = [r.sampling.num_samples for r in requests]
         occupant: list[tuple[int, int] | None] = [None] * n_slots
+        sizes = schedule.tail_sizes(n_slots, self._dp(), self.batch_buckets)
+        pool_key = (n_slots, cache_len, max_new, self.segment_steps, sizes)
+
+        decode = functools.partial(  # decode(state, kv_len): one segment
+            slots.decode_segment,
+            weights,
+            stop_ids=stop_ids,
+            pad_id=pad_id,
+            num_steps=self.segment_steps,
+            split=self.split,
+            segment_buffer=self.segment_buffer,
+            **static,
+        )
+
         kept = None  # the prompt cache of a split part's rest (``_refill``)
         steps_done = np.zeros(n_slots, np.int64)  # tokens each slot has produced
 
@@ -321,37 +322,28 @@ class ContinuousEngine:
                 requests[occupant[s][0]].sampling.max_new_tokens - steps_done[s] for s in live
             )
             if self.shrink_tail and not queue and left > self.segment_steps:
-                plan = schedule.shrink_plan(live, n_slots, self._dp(), self.batch_buckets)
-            if plan is not None:  # the tail: the live samples move into a smaller pool
-                src, keep = plan
-                state = slots.compact(state, self._put(src), self._put(keep), mesh=self.mesh)
-                occupant = [occupant[s] if on else None for s, on in zip(src, keep, strict=True)]
-                steps_done, n_slots = steps_done[src], len(src)
-                live = [s for s in range(n_slots) if occupant[s] is not None]
+                plan = schedule.shrink_plan(live, n_slots, self._dp(), sizes)
             # a slot's first unfed token sits at its prompt length - 1
             longest = max(len(prompts[occupant[s][0]]) - 1 + int(steps_done[s]) for s in live)
             kv_len = self._kv_len(longest, cache_len)
-            state, ran = slots.decode_segment(
-                weights,
-                state,
-                stop_ids,
-                pad_id,
-                kv_len=kv_len,
-                num_steps=self.segment_steps,
-                split=self.split,
-                segment_buffer=self.segment_buffer,
-                **static,
-            )
+            if plan is not None:  # the tail: the live samples move into a smaller pool
+                state = self._shrink(state, plan, sizes, (*pool_key, kv_len), decode)
+                src, keep = plan
+                occupant = [occupant[s] if on else None for s, on in zip(src, keep, strict=True)]
+                steps_done, n_slots = steps_done[src], len(src)
+                live = [s for s in range(n_slots) if occupant[s] is not None]
+            state, ran = decode(state, kv_len=kv_len)
             done, steps, stopped, ran = shd.to_host((*slots.peek(state), ran))
             steps_done = np.array(steps, np.int64)
             stats.segments += 1
             stats.slot_steps += int(ran) * n_slots
+            stats.steps += int(ran)
             stats.pools[n_slots] = stats.pools.get(n_slots, 0) + 1
             stats.kv_lens[kv_len] = stats.kv_lens.get(kv_len, 0) + 1
             finished = [s for s in live if done[s]]
             if not finished:
                 continue
-            idx = np.zeros(bucket(len(finished), self.batch_buckets), np.int32)
+            idx = np.zeros(n_slots, np.int32)  # one width per pool: one program
             idx[: len(finished)] = finished
             tokens, logprobs = shd.to_host(slots.take_rows(state, self._put(idx)))
             completed = 0
@@ -370,6 +362,22 @@ class ContinuousEngine:
             if progress is not None and completed:
                 progress(completed)
         return out  # type: ignore[return-value]
+
+    def _shrink(self, state, plan, sizes, key, decode):
+        """``state`` moved by ``plan`` (``(src, keep)``) into its smaller pool. The first time
+        a pool of this shape (``key``) shrinks, the programs of every tail size are compiled
+        first (:func:`~meljax.sampling.warm.warm_tail`), so later calls compile none."""
+        kv_len = key[-1]
+        key = (*key, self.graphdef, self.cache_dtype, self.mesh, self.split, self.segment_buffer)
+        if key not in warm.WARMED:  # once per process: the programs are module-level
+            warm.WARMED.add(key)
+
+            def run(pool):
+                return decode(pool, kv_len=kv_len)[0]
+
+            warm.warm_tail(state, sizes, self._dp(), put=self._put, decode=run, mesh=self.mesh)
+        src, keep = plan
+        return slots.compact(state, self._put(src), self._put(keep), mesh=self.mesh)
 
     def _refill(self, weights, state, admitted, slots_of, requests, prompts, key, kept, queue):
         """Puts the ``admitted`` parts into their slots ``slots_of``; returns the state and

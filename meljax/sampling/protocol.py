@@ -18,6 +18,29 @@ from absl import logging
 from meljax.sampling.select import SamplingParams
 
 
+@dataclasses.dataclass
+class EngineStats:
+    """Counters of one :meth:`~meljax.sampling.engine.ContinuousEngine.generate` run.
+
+    ``slot_utilisation`` = useful tokens / slot-steps: generated tokens (stop tokens included)
+    over ``slots x`` decode steps run (a step advances every slot, finished or not).
+    """
+
+    slots: int = 0
+    cache_len: int = 0
+    useful_tokens: int = 0
+    slot_steps: int = 0
+    steps: int = 0  # decode steps run (each advances the whole pool)
+    segments: int = 0
+    prefills: int = 0
+    kv_lens: dict[int, int] = dataclasses.field(default_factory=dict)  # bucket -> segments
+    pools: dict[int, int] = dataclasses.field(default_factory=dict)  # pool size -> segments
+
+    @property
+    def slot_utilisation(self) -> float:
+        return self.useful_tokens / self.slot_steps if self.slot_steps else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One prompt to complete ``sampling.num_samples`` (G) times.

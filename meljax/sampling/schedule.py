@@ -3,8 +3,14 @@
 :class:`~meljax.sampling.engine.ContinuousEngine` runs these between decode segments:
 which waiting parts of requests enter the free slots (:func:`admit`), the prompt rows of a
 refill's prefill (:func:`prefill_rows`) and the columns of its slot copy
-(:func:`insert_columns`), and the tail's move into a smaller pool (:func:`shrink_plan`).
-Slots and prefill rows are split over ``dp`` data-parallel devices in equal contiguous blocks.
+(:func:`insert_columns`), and the tail's move into a smaller pool (:func:`tail_sizes`,
+:func:`shrink_plan`). Slots and prefill rows are split over ``dp`` data-parallel devices in
+equal contiguous blocks.
+
+Shapes: every array these functions size for a jitted program takes its shape from the pool
+(the slot copy's columns: ``n_slots``) or from a short fixed list (the tail's pool sizes), not
+from how many samples happen to finish or enter at one point, so a second call of the same
+workload runs the programs the first one compiled.
 """
 
 from __future__ import annotations
@@ -93,11 +99,13 @@ def insert_columns(
     dp: int,
     batch_buckets: Sequence[int],
 ) -> dict[str, np.ndarray]:
-    """The arguments of :func:`meljax.sampling.slots.insert` (``[n]`` each, ``n`` a batch
-    bucket; padding entries have ``dst == n_slots``) that put sample ``g`` of each part into
-    its slot, copied from prompt row ``row_of[device of the slot, request]``."""
+    """The arguments of :func:`meljax.sampling.slots.insert` (``[n_slots]`` each; padding
+    entries have ``dst == n_slots``) that put sample ``g`` of each part into its slot, copied
+    from prompt row ``row_of[device of the slot, request]``. One width per pool: the copy
+    reads every slot anyway, and a width per refill size was one more compiled program."""
+    del batch_buckets  # the width is the pool's
     per_device = n_slots // dp
-    width = bucket(sum(p.count for p in parts), batch_buckets)
+    width = n_slots
     dtypes = dict(
         src=np.int32,
         dst=np.int32,
@@ -134,20 +142,32 @@ def insert_columns(
     return cols
 
 
+def tail_sizes(n_slots: int, dp: int, batch_buckets: Sequence[int]) -> tuple[int, ...]:
+    """The pool sizes the tail of a pool of ``n_slots`` may move into, largest first: batch
+    buckets (multiples of ``dp``) from a quarter of the pool up to half of it. Each is one
+    more decode program, compiled once; below a quarter a step saves little (the per-step
+    cost that does not scale with the slots dominates there)."""
+    floor = bucket(-(-n_slots // 4), batch_buckets, multiple=dp)
+    sizes = {b for b in batch_buckets if b % dp == 0 and floor <= b <= n_slots // 2}
+    return tuple(sorted(sizes, reverse=True))
+
+
 def shrink_plan(
-    live: Sequence[int], n_slots: int, dp: int, batch_buckets: Sequence[int]
+    live: Sequence[int], n_slots: int, dp: int, sizes: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(src, keep)`` of :func:`meljax.sampling.slots.compact` into the smallest batch
-    bucket that holds the ``live`` slots, or ``None`` unless that halves the pool at least.
-    Each device keeps its own live slots (the new pool's equal blocks are sized by the
-    device with the most), so the move stays on the device."""
+    """``(src, keep)`` of :func:`meljax.sampling.slots.compact` into the smallest of
+    ``sizes`` (:func:`tail_sizes`) that holds the ``live`` slots, or ``None`` unless that
+    halves the pool at least. Each device keeps its own live slots (the new pool's equal
+    blocks are sized by the device with the most), so the move stays on the device."""
     old_block = n_slots // dp
     by_device: list[list[int]] = [[] for _ in range(dp)]
     for s in live:
         by_device[s // old_block].append(s)
-    new = bucket(dp * max(len(x) for x in by_device), batch_buckets, multiple=dp)
-    if new > n_slots // 2:
+    need = dp * max(len(x) for x in by_device)
+    fits = [b for b in sizes if b % dp == 0 and need <= b <= n_slots // 2]
+    if not fits:
         return None
+    new = min(fits)
     block = new // dp
     src = np.repeat(np.arange(dp, dtype=np.int32) * old_block, block)  # padding: any own slot
     keep = np.zeros(new, bool)
@@ -155,3 +175,12 @@ def shrink_plan(
         src[d * block : d * block + len(own)] = own
         keep[d * block : d * block + len(own)] = True
     return src, keep
+
+
+def empty_plan(n_slots: int, new: int, dp: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(src, keep)`` of :func:`meljax.sampling.slots.compact` into an empty pool of ``new``
+    slots (every entry names a slot of its own device; nothing kept): the shapes of a move
+    from ``n_slots`` to ``new``, for compiling its programs before the tail needs them."""
+    block = new // dp
+    src = np.repeat(np.arange(dp, dtype=np.int32) * (n_slots // dp), block)
+    return src, np.zeros(new, bool)
