@@ -24,6 +24,7 @@ def generate(
     seed: int = 0,
     chat: bool | None = None,
     prompt: Any = None,
+    max_slots: int = 0,
 ) -> list[list[str]]:
     """Samples ``num_samples`` completions for each prompt string.
 
@@ -38,6 +39,8 @@ def generate(
         (``False``); ``None``: the chat template when the tokenizer has one (base models: raw).
       prompt: a :class:`meljax.policy.PromptConfig` (e.g. a training run's ``data`` settings),
         so the prompts, BOS and stops are exactly those of training.
+      max_slots: most decode slots (0: one per sample; fewer bound the KV cache, and the
+        samples that do not fit wait for free slots).
 
     Returns:
       One list of ``num_samples`` completion texts per prompt (special tokens stripped, cut
@@ -53,8 +56,11 @@ def generate(
     elif chat and prompt is None and not has_template:
         raise ValueError("generate(chat=True): the tokenizer has no chat template; use chat=False")
     graphdef, params = nnx.split(model)
-    # The jitted core is cached on the graph definition, so a fresh policy per call is cheap.
-    policy = Policy.build(graphdef, tokenizer, prompt or PromptConfig.plain(chat))
+    # every engine program, the weights' re-layout included, is cached on the graph definition
+    # and the shapes, so a fresh policy per call compiles nothing a previous call compiled
+    policy = Policy.build(
+        graphdef, tokenizer, prompt or PromptConfig.plain(chat), max_slots=max_slots
+    )
     policy.set_params(params)
     sampling = SamplingParams(max_new_tokens, temperature, top_p, top_k, num_samples)
     ids = [policy.encode(p, max_new_tokens) for p in prompts]  # cut once, by the one rule
