@@ -54,9 +54,17 @@ def test_means():
 
 
 def _records(name: str, greedy: list[bool], correct: list[int], k: int) -> list[ProblemRecord]:
+    fixed = {"question": "q", "answer": "a", "prompt_tokens": 3, "greedy_tokens": 5}
     return [
-        ProblemRecord(name, f"{name}{i}", "q", "a", 3, greedy_correct=g, greedy_tokens=5,
-                      greedy_truncated=False, num_samples=k, num_correct=c)  # fmt: skip
+        ProblemRecord(
+            name,
+            f"{name}{i}",
+            greedy_correct=g,
+            greedy_truncated=False,
+            num_samples=k,
+            num_correct=c,
+            **fixed,
+        )  # fmt: skip
         for i, (g, c) in enumerate(zip(greedy, correct, strict=True))
     ]
 
