@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from meljax import heldout
-from meljax.evaluation import stats
 from meljax.compare import compare, markdown_table, run_row
 from meljax.compare import load_run as load_compared_run
+from meljax.evaluation import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
