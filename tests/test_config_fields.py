@@ -28,11 +28,7 @@ CONSUMED_BY_NAME: dict[str, str] = {}
 
 # Fields read nowhere yet, each with its reason. Keep this empty: wire the field up, or remove
 # it from the schema (saying so in the CHANGELOG).
-KNOWN_DEAD: dict[str, str] = {
-    # run_rollouts(adv_eps=...) takes it (benchmarks/mel_step.py passes it); the trainer's call
-    # in trainer/loop.py must pass adv_eps=s.loss.adv_eps, then this entry goes.
-    "algorithm.adv_eps": "trainer/loop.py does not pass it to run_rollouts yet",
-}
+KNOWN_DEAD: dict[str, str] = {}
 
 _SKIPPED_FUNCTIONS = {"__post_init__"}  # validation only: a check is not a use
 
