@@ -284,6 +284,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
                 sampling=s.rollout.sampling(),
                 key=k_rollout,
                 advantage=s.loss.advantage,
+                adv_eps=s.loss.adv_eps,
                 batch_multiple=dp,
             )
             if stop.requested():
