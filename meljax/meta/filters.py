@@ -1,8 +1,9 @@
 """Filters for generated meta-experiences (MEL.md step 6): empty, truncated, malformed,
 answer leak.
 
-A *malformed* analysis lacks one of the four required sections or has an empty heuristics
-section (see :mod:`meljax.meta.parse`): a greeting or a bare list of the headings teaches
+A *malformed* analysis lacks one of its format's sections or its rule (the four paper sections
+with a non-empty heuristics section, or the compact contrast and rule; see
+:mod:`meljax.meta.parse`): a greeting or a bare list of the headings teaches
 nothing, and replaying it would only measure the policy without a lesson.
 
 An *answer leak* is the ground truth appearing in the analysis as a standalone number or
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import re
 
-from meljax.meta.parse import parse_analysis
+from meljax.meta.formats import get_format
 
 __all__ = ["FILTER_REASONS", "contains_answer", "filter_reason", "normalize_latex"]
 
@@ -147,19 +148,20 @@ def filter_reason(
     answer: str,
     check_leaks: bool = True,
     check_malformed: bool = True,
+    analysis_format: str = "paper",
 ) -> str:
     """Why a meta-experience is dropped before replay, or ``"ok"``.
 
     Checked in order (:data:`FILTER_REASONS`): ``"empty"`` (nothing but whitespace),
     ``"truncated"`` (cut off by the length limit), ``"malformed"`` (a section missing or no
-    heuristic; only with ``check_malformed``), ``"leak"`` (contains the ground truth; only with
-    ``check_leaks``).
+    heuristic, as ``analysis_format``'s parser judges it; only with ``check_malformed``),
+    ``"leak"`` (contains the ground truth; only with ``check_leaks``).
     """
     if not text.strip():
         return "empty"
     if truncated:
         return "truncated"
-    if check_malformed and parse_analysis(text).malformed:
+    if check_malformed and get_format(analysis_format).parse(text).malformed:
         return "malformed"
     if check_leaks and contains_answer(text, answer):
         return "leak"

@@ -6,14 +6,16 @@
 2. fills the analysis instruction for every pair (incorrect answer first, answers shortened in
    the middle to fit ``analysis_max_prompt_tokens``) and samples ONE analysis per pair from the
    current policy, in one batched sampler call (the "analysis pass");
-3. parses each analysis into its sections (for the log and the quality filter);
-4. drops empty, truncated, malformed (a section missing or no heuristic) and answer-leaking
+3. parses each analysis into its sections with the parser of ``mel.analysis_format``
+   (:mod:`meljax.meta.formats`; for the log and the quality filter);
+4. drops empty, truncated, malformed (a section or the rule missing) and answer-leaking
    analyses (:mod:`meljax.meta.filters`);
 5. replays the survivors: one batched sampler call with the replay prompt, one answer each,
    verified against the ground truth; an analysis is *kept* when its replay answer is correct;
 6. builds the NLL :class:`~meljax.batch.SequenceBatch`: context = the analysis prompt token ids
    exactly as the sampler saw them (no loss), target = the analysis token ids as sampled,
-   stop token included (loss). Its shape is fixed by the config, so the update step compiles
+   stop token included (loss; a compact analysis through its lesson, then a stop token, see
+   :mod:`meljax.meta.trim`). Its shape is fixed by the config, so the update step compiles
    once; a step with nothing kept gives an all-padding batch (weight 0, loss term 0);
 7. appends one JSON record per generated analysis to ``meta_experiences.jsonl`` (chief only).
 
@@ -43,11 +45,12 @@ import numpy as np
 from meljax import files
 from meljax.batch import SequenceBatch, build_sequence_batch
 from meljax.buckets import DEFAULT_LENGTH_BUCKETS
-from meljax.meta import filters, pairs, parse, templates
+from meljax.meta import filters, pairs, templates, trim
+from meljax.meta import records as meta_records
+from meljax.meta.formats import get_format
+from meljax.meta.settings import MetaConfig
 from meljax.rewards.pool import Scorer
 from meljax.rewards.verify import is_correct
-from meljax.sampling import SamplingParams
-from meljax.schema import option, validate_fields
 
 __all__ = [
     "META_LOG_FILE",
@@ -70,105 +73,6 @@ class ProblemLike(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class MetaConfig:
-    """Every knob of the meta-experience pipeline (config section ``mel``; see ``meljax.schema``).
-
-    An answer is correct as :func:`meljax.rewards.is_correct` says (rollouts and replay alike).
-    """
-
-    max_pairs_per_query: int = option(2, "contrastive pairs per mixed question", minimum=1)
-    analysis_template: str = option(
-        "",
-        '"" = built-in; else template text or a path to a file ({question}, '
-        "{incorrect_answer}, {correct_answer})",
-    )
-    replay_template: str = option(
-        "",
-        '"" = built-in; else template text or a path to a file ({experience}, {question}, '
-        "optionally {instruction})",
-    )
-    replay_instruction: str = option(
-        templates.DEFAULT_REPLAY_INSTRUCTION,
-        "text at the replay template's {instruction}",
-        derived="data.instruction",
-    )
-    analysis_max_prompt_tokens: int = option(
-        1024,
-        "filled analysis prompt limit (answers shortened in the middle; pairs whose "
-        "question alone does not fit are skipped as too_long)",
-        minimum=1,
-    )
-    min_answer_tokens: int = option(16, "an answer is never shortened below this", minimum=0)
-    analysis_max_new_tokens: int = option(1024, "meta-experience length limit", minimum=1)
-    analysis_temperature: float = option(
-        1.0, "sampling temperature of the analysis pass", minimum=0
-    )
-    analysis_top_p: float = option(1.0, "nucleus sampling of the analysis pass", minimum=1e-9)
-    analysis_top_k: int = option(0, "top-k sampling of the analysis pass (0 = off)", minimum=0)
-    replay_max_new_tokens: int = option(256, "replay answer length limit", minimum=1)
-    replay_temperature: float = option(1.0, "sampling temperature of the replay pass", minimum=0)
-    replay_top_p: float = option(1.0, "nucleus sampling of the replay pass", minimum=1e-9)
-    replay_top_k: int = option(0, "top-k sampling of the replay pass (0 = off)", minimum=0)
-    filter_leaks: bool = option(True, "drop meta-experiences that contain the ground-truth answer")
-    filter_malformed: bool = option(
-        True,
-        "drop analyses missing a section or with an empty heuristics section (counted as "
-        "malformed); False keeps them, flagged in the log only",
-    )
-    nll_max_len: int = option(
-        0,
-        "tokens per NLL row (0 = analysis_max_prompt_tokens + analysis_max_new_tokens)",
-        minimum=0,
-    )
-    nll_rows: int = option(0, "minimum NLL rows (0 = max_pairs_per_query x questions)", minimum=0)
-    nll_batch_multiple: int = option(
-        1, "NLL rows are a multiple of this", minimum=1, derived="the data-parallel size"
-    )
-    nll_bucketed: bool = option(
-        False,
-        "True: NLL batch sized to the kept rows (more compiles, less memory); False: "
-        "one fixed shape, one compile",
-    )
-    seed: int = option(0, "pairs of step s come from default_rng([seed, s])", derived="seed")
-
-    def __post_init__(self):
-        validate_fields(self)
-        if self.nll_max_len and self.nll_max_len < self.max_nll_row:
-            raise ValueError(
-                f"MetaConfig.nll_max_len={self.nll_max_len} is shorter than "
-                f"analysis_max_prompt_tokens + analysis_max_new_tokens = {self.max_nll_row}"
-            )
-
-    @property
-    def max_nll_row(self) -> int:
-        """Longest possible NLL row: a full analysis prompt plus a full analysis."""
-        return self.analysis_max_prompt_tokens + self.analysis_max_new_tokens
-
-    @property
-    def nll_length(self) -> int:
-        """T of the NLL batch."""
-        return self.nll_max_len or self.max_nll_row
-
-    def analysis_sampling(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.analysis_max_new_tokens,
-            temperature=self.analysis_temperature,
-            top_p=self.analysis_top_p,
-            top_k=self.analysis_top_k,
-            num_samples=1,
-        )
-
-    def replay_sampling(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.replay_max_new_tokens,
-            temperature=self.replay_temperature,
-            top_p=self.replay_top_p,
-            top_k=self.replay_top_k,
-            num_samples=1,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
 class MetaCounts:
     """What happened in one step (every count is a number of analyses unless said otherwise).
 
@@ -181,6 +85,8 @@ class MetaCounts:
         when ``filter_malformed`` is on).
       replayed: analyses that passed the filters; kept: replay answer correct.
       shortened: analysis prompts whose answers were shortened.
+      analysis_tokens, kept_tokens: analysis tokens sampled, and those of kept analyses (what
+        the analysis pass spent, and what of it reached the NLL term).
     """
 
     questions: int = 0
@@ -195,6 +101,8 @@ class MetaCounts:
     replayed: int = 0
     kept: int = 0
     shortened: int = 0
+    analysis_tokens: int = 0
+    kept_tokens: int = 0
 
     @property
     def replay_failed(self) -> int:
@@ -268,15 +176,16 @@ class MetaExperiencePipeline:
         self.verifier = verifier
         self.config = config
         self.cutter = templates.TokenCutter(policy.tokenizer)
+        self.format = get_format(config.analysis_format)
         self.analysis_template = templates.load_template(
             config.analysis_template or None,
-            default=templates.DEFAULT_ANALYSIS_TEMPLATE,
+            default=self.format.analysis_template,
             required=templates.ANALYSIS_FIELDS,
             what="analysis_template",
         )
         self.replay_template = templates.load_template(
             config.replay_template or None,
-            default=templates.DEFAULT_REPLAY_TEMPLATE,
+            default=self.format.replay_template,
             required=templates.REPLAY_FIELDS,
             what="replay_template",
         )
@@ -290,6 +199,27 @@ class MetaExperiencePipeline:
         self.pad_id = policy.pad_id
 
     # -- helpers
+
+    def _render_analysis(self, message: str) -> str:
+        """The analysis prompt: the chat-rendered instruction, then the format's reply prefix."""
+        return self.policy.render_message(message) + self.format.reply_prefix
+
+    def _analysis(self, completion: Any) -> trim.Analysis:
+        """A sampled analysis as the filters see it: the reply prefix and the sampled text
+        (compact ones cut to their lesson); the NLL target is the sampled tokens only."""
+        ids = [int(t) for t in completion.tokens]
+        prefix = self.format.reply_prefix
+        text = prefix + completion.text
+        if self.format.name != "compact":
+            return trim.Analysis(ids, text, completion.truncated, len(ids))
+        stops = self.policy.stop_ids or (self.policy.tokenizer.eos_token_id,)
+        return trim.trim_compact(
+            ids,
+            text,
+            completion.truncated,
+            decode=lambda t: prefix + self.policy.decode(t),
+            stop_id=stops[0],
+        )
 
     def nll_rows(self, num_questions: int) -> int:
         """Minimum rows of the NLL batch for a step of ``num_questions`` questions."""
@@ -375,7 +305,7 @@ class MetaExperiencePipeline:
                 completions[inc_row],
                 completions[cor_row],
                 template=self.analysis_template,
-                render=self.policy.render_message,
+                render=self._render_analysis,
                 encode=self.policy.encode_text,
                 cutter=self.cutter,
                 max_prompt_tokens=cfg.analysis_max_prompt_tokens,
@@ -387,54 +317,42 @@ class MetaExperiencePipeline:
         counts["generated"] = len(filled)
         counts["shortened"] = sum(1 for _, p in filled if any(p.omitted))
         key_analysis, key_replay = jax.random.split(key)
-        analyses: list[tuple[list[int], str, bool]] = []  # (ids incl. stop, text, truncated)
+        analyses: list[trim.Analysis] = []
         if filled:
             out = self.policy.generate(
                 [p.ids for _, p in filled], cfg.analysis_sampling(), key_analysis
             )
-            for (c,) in out:
-                analyses.append(([int(t) for t in c.tokens], c.text, c.truncated))
+            analyses = [self._analysis(c) for (c,) in out]
         analysis_s = time.perf_counter() - t0
 
         # Steps 3-4 of the brief: parse for the log, then filter (the record's "malformed" is
         # the quality flag whatever the analysis's fate; its "status" says why it was dropped).
         records: list[dict[str, Any]] = []
         survivors: list[int] = []
-        for k, ((pair, prompt), (ids, text, truncated)) in enumerate(
-            zip(filled, analyses, strict=True)
-        ):
+        for k, ((pair, prompt), a) in enumerate(zip(filled, analyses, strict=True)):
             prob = problems[pair.question]
-            parsed = parse.parse_analysis(text)
             reason = filters.filter_reason(
-                text,
-                truncated=truncated,
+                a.text,
+                truncated=a.truncated,
                 answer=prob.answer,
                 check_leaks=cfg.filter_leaks,
                 check_malformed=cfg.filter_malformed,
+                analysis_format=cfg.analysis_format,
             )
+            inc_row, cor_row = pair.rows(group_size)
             records.append(
-                {
-                    "step": int(step),
-                    "question_id": str(prob.id),
-                    "question": prob.question,
-                    "answer": prob.answer,
-                    "pair": {"incorrect": pair.incorrect, "correct": pair.correct},
-                    "text": text,
-                    "sections": parsed.as_dict(),
-                    "malformed": parsed.malformed,
-                    "prompt_tokens": len(prompt.ids),
-                    "omitted_tokens": list(prompt.omitted),
-                    "num_tokens": len(ids),
-                    "empty": reason == "empty",
-                    "truncated": reason == "truncated",
-                    "leak": reason == "leak",
-                    "replay_failed": False,
-                    "replay_text": None,
-                    "replay_extracted": None,
-                    "replay_score": None,
-                    "status": reason,
-                    "kept": False,
-                }
+                meta_records.analysis_record(
+                    step=step,
+                    problem=prob,
+                    pair=pair,
+                    answers=(completions[inc_row], completions[cor_row]),
+                    analysis=a,
+                    parsed=self.format.parse(a.text),
+                    analysis_format=cfg.analysis_format,
+                    prompt=prompt,
+                    reason=reason,
+                    template=self.analysis_template,
+                )
             )
             if reason == "ok":
                 survivors.append(k)
@@ -449,7 +367,7 @@ class MetaExperiencePipeline:
             for k in survivors:
                 question = problems[filled[k][0].question].question
                 user = templates.fill_replay_prompt(
-                    analyses[k][1],
+                    analyses[k].text,
                     question,
                     template=self.replay_template,
                     instruction=cfg.replay_instruction,
@@ -477,7 +395,9 @@ class MetaExperiencePipeline:
 
         kept = [k for k in survivors if records[k]["kept"]]
         counts["kept"] = len(kept)
-        batch = self._batch([filled[k][1].ids for k in kept], [analyses[k][0] for k in kept], n)
+        counts["analysis_tokens"] = sum(a.sampled_tokens for a in analyses)
+        counts["kept_tokens"] = sum(len(analyses[k].ids) for k in kept)
+        batch = self._batch([filled[k][1].ids for k in kept], [analyses[k].ids for k in kept], n)
         if self.writer is not None:
             self.writer(records)
         c = MetaCounts(**counts)
