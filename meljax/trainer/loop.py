@@ -23,6 +23,7 @@ from meljax.batch import TrainBatch, build_sequence_batch
 from meljax.buckets import bucket
 from meljax.config import config_from_json, settings
 from meljax.meta import META_LOG_FILE, MetaExperiencePipeline
+from meljax.meta.lessons import overhead_line
 from meljax.models import save_pretrained
 from meljax.optim import make_optimizer
 from meljax.train_step import (
@@ -65,6 +66,9 @@ class TrainSummary:
                     f"meta-experiences kept / generated: {kept} / {made} "
                     f"(retention ratio {kept / made:.3f})"
                 )
+            overhead = overhead_line(rows)
+            if overhead:
+                lines.append(overhead)
         w = self.workdir
         lines += [
             f"metrics:          {files.path(w, 'metrics.jsonl')}",
