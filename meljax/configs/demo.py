@@ -13,8 +13,8 @@ step, greedily and with 2 samples each at the training temperature, with the sam
 limit as the rollouts; ``meljax report`` prints both with 95% intervals and the paired gain.
 Training never draws those questions (``data.arithmetic_exclude``).
 
-MEL writes its lessons in the compact format (``mel.analysis_format=compact``: one contrast and
-one "When ..., I ..." rule); the paper's four-section analysis is beyond this model's reach.
+MEL writes its lessons in the compact format (``mel.analysis_format=compact``: one "When ...,
+I ..." rule and a short contrast); the paper's four-section analysis is beyond this model.
 ``meljax lessons WORKDIR`` lists them, kept and dropped.
 
 ``meljax train`` (no flags) or ``make demo``.
@@ -46,9 +46,9 @@ def get_config():
     c.rollout.max_new_tokens = 32  # a sum takes about 10 tokens; rambling is cut (and wrong)
     c.rollout.temperature = 0.6
     c.rollout.max_slots = 100  # decode slots: bounds the KV cache when evaluation queues 600 rows
-    c.mel.analysis_format = "compact"  # one contrast and one rule: what a 135M model can write
+    c.mel.analysis_format = "compact"  # one rule and a contrast: what a 135M model can write
     c.mel.analysis_max_prompt_tokens = 640
-    c.mel.analysis_max_new_tokens = 64  # two short lines; text after the rule line is trimmed
+    c.mel.analysis_max_new_tokens = 64  # two short lines; what follows them is trimmed
     c.mel.analysis_temperature = 0.6
     c.mel.replay_max_new_tokens = 32
     c.mel.replay_temperature = 0.6
