@@ -2,7 +2,7 @@
 answer leak.
 
 A *malformed* analysis lacks one of its format's sections or its rule (the four paper sections
-with a non-empty heuristics section, or the compact contrast and rule; see
+with a non-empty heuristics section, or the compact rule; see
 :mod:`meljax.meta.parse`): a greeting or a bare list of the headings teaches
 nothing, and replaying it would only measure the policy without a lesson.
 

@@ -12,8 +12,9 @@ section holds no words (a bare list of the headings, a greeting, "I'm ready to h
 no lesson to replay or train on. The pipeline drops malformed analyses (``mel.filter_malformed``)
 and counts them; parsing itself never raises.
 
-The compact format (:func:`parse_compact`) is two labelled lines, ``Mistake: ...`` and
-``Rule: ...``; it is malformed when either is missing, out of order or too short to teach.
+The compact format (:func:`parse_compact`) is a ``Rule: ...`` line with an optional
+``Mistake: ...`` contrast next to it; it is malformed when the rule is missing or too short to
+teach.
 """
 
 from __future__ import annotations
