@@ -26,8 +26,9 @@ class MetaConfig:
     max_pairs_per_query: int = option(2, "contrastive pairs per mixed question", minimum=1)
     analysis_format: str = option(
         "paper",
-        "paper (MEL.md's four-section analysis) | compact (one contrast and one "
-        '"When ..., I ..." rule, for small models); picks the built-in instruction and the parser',
+        'paper (MEL.md\'s four-section analysis) | compact (one "When ..., I ..." rule '
+        "and a contrast, for small models); picks the built-in instruction, replay prompt and "
+        "parser",
         choices=ANALYSIS_FORMATS,
     )
     analysis_template: str = option(
