@@ -85,7 +85,7 @@ class LastWord:
 ANSWERS = ["It is 8", "It is 7", "It is 8", "It is 9"]
 
 
-def run_step(analysis: str, replay: str, workdir=None):
+def run_step(analysis: str, replay: str, workdir=None, filter_copies: bool = True):
     engine = Scripted(analysis.removeprefix(formats.COMPACT_PREFIX), replay)  # prompt has it
     policy = Policy(
         TOK,
@@ -103,6 +103,7 @@ def run_step(analysis: str, replay: str, workdir=None):
             analysis_max_new_tokens=160,  # characters: the compact lesson and its stop token
             replay_max_new_tokens=16,
             max_pairs_per_query=1,
+            filter_copies=filter_copies,
         ),
         workdir=None if workdir is None else str(workdir),
     )
@@ -257,10 +258,14 @@ def test_kept_compact_lesson_rises_in_likelihood():
 # ----------------------------------------------------------------------------- meljax lessons
 
 
-def test_lesson_copied_from_the_example_is_flagged():
+def test_lesson_copied_from_the_example_is_dropped_or_flagged():
     example = "Rule: When I add two numbers, I add them again in the other order to check the sum."
     assert example in formats.COMPACT_ANALYSIS_TEMPLATE
-    meta, _ = run_step(example, "So 8.")
+    meta, engine = run_step(example, "So 8.")  # mel.filter_copies is on by default
+    assert meta.counts.copied == 1 and meta.counts.kept == 0 and engine.replays == 0
+    assert meta.records[0]["status"] == "copied" and meta.records[0]["copied_example"] is True
+    assert float(meta.batch.weight.sum()) == 0.0  # a copy never reaches the NLL term
+    meta, _ = run_step(example, "So 8.", filter_copies=False)
     assert meta.counts.kept == 1 and meta.records[0]["copied_example"] is True
     assert "copied verbatim from the instruction's example: 1 / 1" in "\n".join(
         meta_lessons.yield_lines(meta.records)

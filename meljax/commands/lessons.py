@@ -1,7 +1,7 @@
 """``meljax lessons WORKDIR [--show=all|kept|dropped] [--max_chars=N]``.
 
 Lists the run's meta-experiences by step, kept and dropped, each with its fate (kept, or why
-it was dropped: replay_failed, empty, truncated, malformed, leak), the question and its ground
+it was dropped: replay_failed, empty, truncated, malformed, leak, copied), the question and its ground
 truth, the pair of answers it contrasted, the lesson (the compact rule or the paper heuristics)
 and the replay answer; then the yield per reason, the share of analysis tokens that reached the
 NLL term and the MEL time per step. Reads ``meta_experiences.jsonl`` and ``metrics.jsonl``;

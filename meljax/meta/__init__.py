@@ -1,4 +1,4 @@
-"""Meta-experience generation for MEL (MEL.md steps 4 to 7).
+"""Meta-experience generation for MEL (docs/mel.md, steps 4 to 7).
 
 * :mod:`~meljax.meta.pairs`: mixed groups and contrastive pair selection.
 * :mod:`~meljax.meta.templates`: the analysis instruction and replay prompt, prompt filling.

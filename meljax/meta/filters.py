@@ -1,4 +1,4 @@
-"""Filters for generated meta-experiences (MEL.md step 6): empty, truncated, malformed,
+"""Filters for generated meta-experiences (docs/mel.md, "Filters"): empty, truncated, malformed,
 answer leak.
 
 A *malformed* analysis lacks one of its format's sections or its rule (the four paper sections
@@ -31,11 +31,17 @@ from __future__ import annotations
 
 import re
 
-from meljax.meta.formats import get_format
+from meljax.meta.formats import get_format, lesson_text
 
-__all__ = ["FILTER_REASONS", "contains_answer", "filter_reason", "normalize_latex"]
+__all__ = [
+    "FILTER_REASONS",
+    "contains_answer",
+    "copies_instruction",
+    "filter_reason",
+    "normalize_latex",
+]
 
-FILTER_REASONS: tuple[str, ...] = ("empty", "truncated", "malformed", "leak")
+FILTER_REASONS: tuple[str, ...] = ("empty", "truncated", "malformed", "leak", "copied")
 
 _NUMBER = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
 _UNIT_SUFFIX = re.compile(r"(?:\\?%|\^\s*\{?\\circ\}?|\\text\{[^{}]*\}|\\mbox\{[^{}]*\})\s*$")
@@ -149,13 +155,17 @@ def filter_reason(
     check_leaks: bool = True,
     check_malformed: bool = True,
     analysis_format: str = "paper",
+    instruction: str = "",
+    check_copies: bool = True,
 ) -> str:
     """Why a meta-experience is dropped before replay, or ``"ok"``.
 
     Checked in order (:data:`FILTER_REASONS`): ``"empty"`` (nothing but whitespace),
     ``"truncated"`` (cut off by the length limit), ``"malformed"`` (a section missing or no
     heuristic, as ``analysis_format``'s parser judges it; only with ``check_malformed``),
-    ``"leak"`` (contains the ground truth; only with ``check_leaks``).
+    ``"leak"`` (contains the ground truth; only with ``check_leaks``), ``"copied"`` (its lesson
+    stands verbatim in the analysis ``instruction``, e.g. the worked example; only with
+    ``check_copies``).
     """
     if not text.strip():
         return "empty"
@@ -165,4 +175,14 @@ def filter_reason(
         return "malformed"
     if check_leaks and contains_answer(text, answer):
         return "leak"
+    if check_copies and copies_instruction(text, instruction, analysis_format):
+        return "copied"
     return "ok"
+
+
+def copies_instruction(text: str, instruction: str, analysis_format: str = "paper") -> bool:
+    """Whether the analysis's lesson (its rule or heuristics) stands verbatim in the analysis
+    instruction: a copied example is not a lesson drawn from the pair, and replaying it only
+    tests the example."""
+    lesson = lesson_text(get_format(analysis_format).parse(text).as_dict())
+    return bool(lesson and lesson.strip()) and lesson.strip() in instruction

@@ -1,6 +1,6 @@
 """Analysis formats (``mel.analysis_format``): what the analysis pass asks for and how it is read.
 
-* ``paper``: the four-section analysis of MEL.md (failure point, success factors, reflective
+* ``paper``: the four-section analysis of the paper (docs/mel.md) (failure point, success factors, reflective
   summary, heuristics), parsed by :func:`meljax.meta.parse.parse_analysis`. The default, for
   the paper-scale configs.
 * ``compact``: one "When ..., I ..." rule and a short contrast, with a worked example in the
@@ -51,8 +51,8 @@ Question: {question}
 Wrong answer: {incorrect_answer}
 Right answer: {correct_answer}"""
 """Compact analysis instruction: one contrast, one rule, a worked example (this project's
-wording). A small model may copy the example's rule; it is a checking habit that holds for
-any arithmetic, so a copy misleads no replay (``meljax lessons`` shows how often it happens)."""
+wording). A small model may copy the example's rule verbatim; such a copy is not drawn from
+the pair, so ``mel.filter_copies`` drops it (``meljax lessons`` counts them)."""
 
 
 COMPACT_REPLAY_TEMPLATE = """\

@@ -23,7 +23,15 @@ __all__ = [
     "yield_lines",
 ]
 
-STATUSES: tuple[str, ...] = ("kept", "replay_failed", "empty", "truncated", "malformed", "leak")
+STATUSES: tuple[str, ...] = (
+    "kept",
+    "replay_failed",
+    "empty",
+    "truncated",
+    "malformed",
+    "leak",
+    "copied",
+)
 """Every fate of an analysis: kept, or the first reason it was dropped."""
 
 

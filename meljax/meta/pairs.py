@@ -1,4 +1,4 @@
-"""Mixed groups and contrastive (incorrect, correct) pair selection (MEL.md step 4).
+"""Mixed groups and contrastive (incorrect, correct) pair selection (docs/mel.md, step 4).
 
 A *group* is the G answers sampled for one question. It is *mixed* when it holds at least one
 correct and one incorrect answer; only mixed groups yield pairs. Pairs are drawn at random

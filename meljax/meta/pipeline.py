@@ -1,4 +1,4 @@
-"""One step of meta-experience generation (MEL.md steps 4 to 7) and its NLL batch.
+"""One step of meta-experience generation (docs/mel.md, steps 4 to 7) and its NLL batch.
 
 :meth:`MetaExperiencePipeline.run` takes a step's rollouts and rewards and
 
@@ -24,7 +24,7 @@ and stop strings as the rollouts) and all scoring through its :class:`meljax.rew
 (the same on every host). Pairs, filters and survivors are pure functions of values every host
 shares, so the jitted calls they shape agree across hosts by construction.
 
-Retention ratio (the quantity MEL.md asks to log): ``kept / generated``, where *generated*
+Retention ratio (the quantity the paper plots): ``kept / generated``, where *generated*
 counts every analysis the policy produced this step (empty, truncated and leaking ones
 included). ``replay_pass_ratio = kept / replayed`` is logged too: the share of analyses that
 survived the filters and then helped the replay. Both are 0 in a step without analyses.
@@ -80,9 +80,9 @@ class MetaCounts:
       questions: questions in the step; mixed_groups: those with a mixed group.
       pairs: contrastive pairs drawn; too_long: pairs skipped because the question alone
         overflows the analysis prompt limit; generated: analyses sampled (pairs - too_long).
-      empty, truncated, malformed, leak: dropped by that filter (each analysis counts once,
-        first reason in this order; malformed: a section missing or no heuristic, counted only
-        when ``filter_malformed`` is on).
+      empty, truncated, malformed, leak, copied: dropped by that filter (each analysis counts
+        once, first reason in this order; malformed: a section missing or no heuristic, counted
+        only when ``filter_malformed`` is on; copied: the lesson copies the instruction).
       replayed: analyses that passed the filters; kept: replay answer correct.
       shortened: analysis prompts whose answers were shortened.
       analysis_tokens, kept_tokens: analysis tokens sampled, and those of kept analyses (what
@@ -98,6 +98,7 @@ class MetaCounts:
     truncated: int = 0
     malformed: int = 0
     leak: int = 0
+    copied: int = 0
     replayed: int = 0
     kept: int = 0
     shortened: int = 0
@@ -265,7 +266,7 @@ class MetaExperiencePipeline:
         group_size: int,
         key: jax.Array,
     ) -> MetaResult:
-        """Runs steps 4 to 7 of MEL.md for one training step.
+        """Runs steps 4 to 7 of docs/mel.md for one training step.
 
         Args:
           step: the training step (seeds pair selection; written to the log).
@@ -325,7 +326,7 @@ class MetaExperiencePipeline:
             analyses = [self._analysis(c) for (c,) in out]
         analysis_s = time.perf_counter() - t0
 
-        # Steps 3-4 of the brief: parse for the log, then filter (the record's "malformed" is
+        # Parse for the log, then filter (docs/mel.md, "Filters") (the record's "malformed" is
         # the quality flag whatever the analysis's fate; its "status" says why it was dropped).
         records: list[dict[str, Any]] = []
         survivors: list[int] = []
@@ -338,6 +339,8 @@ class MetaExperiencePipeline:
                 check_leaks=cfg.filter_leaks,
                 check_malformed=cfg.filter_malformed,
                 analysis_format=cfg.analysis_format,
+                instruction=self.analysis_template,
+                check_copies=cfg.filter_copies,
             )
             inc_row, cor_row = pair.rows(group_size)
             records.append(
@@ -360,7 +363,7 @@ class MetaExperiencePipeline:
             counts[reason] = sum(1 for rec in records if rec["status"] == reason)
         counts["replayed"] = len(survivors)
 
-        # Step 7 of MEL.md: replay validation, one batched sampler call.
+        # Replay validation (docs/mel.md, "Replay"), one batched sampler call.
         t0 = time.perf_counter()
         if survivors:
             replay_prompts = []

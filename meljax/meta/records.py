@@ -74,7 +74,8 @@ def analysis_record(
         "trimmed": analysis.trimmed,
         "sections": sections,
         "lesson": lesson,
-        "copied_example": bool(lesson) and lesson.strip() in template,
+        "copied_example": bool(lesson)
+        and lesson.strip() in template,  # status "copied" if filtered
         "malformed": parsed.malformed,
         "prompt_tokens": len(prompt.ids),
         "omitted_tokens": list(prompt.omitted),

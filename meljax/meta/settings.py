@@ -26,7 +26,8 @@ class MetaConfig:
     max_pairs_per_query: int = option(2, "contrastive pairs per mixed question", minimum=1)
     analysis_format: str = option(
         "paper",
-        'paper (MEL.md\'s four-section analysis) | compact (one "When ..., I ..." rule '
+        "paper (the paper's four-section analysis, docs/mel.md) | compact (one "
+        '"When ..., I ..." rule '
         "and a contrast, for small models); picks the built-in instruction, replay prompt and "
         "parser",
         choices=ANALYSIS_FORMATS,
@@ -64,6 +65,11 @@ class MetaConfig:
     replay_top_p: float = option(1.0, "nucleus sampling of the replay pass", minimum=1e-9)
     replay_top_k: int = option(0, "top-k sampling of the replay pass (0 = off)", minimum=0)
     filter_leaks: bool = option(True, "drop meta-experiences that contain the ground-truth answer")
+    filter_copies: bool = option(
+        True,
+        "drop analyses whose lesson stands verbatim in the analysis instruction (a copied "
+        "worked example is not the policy's own lesson); False keeps them, flagged in the log",
+    )
     filter_malformed: bool = option(
         True,
         "drop analyses missing a section or the rule of their analysis_format (counted as "

@@ -1,4 +1,4 @@
-"""The analysis instruction and the replay prompt (MEL.md steps 5 and 7), and prompt filling.
+"""The analysis instruction and the replay prompt (docs/mel.md, steps 5 and 7), and prompt filling.
 
 Templates are plain text with named placeholders in braces. Only the known placeholders are
 replaced, in a single pass, so LaTeX braces such as ``\\boxed{}`` need no escaping and text that
@@ -74,7 +74,7 @@ Solution 2:
 {correct_answer}
 </answer>
 <judge>Correct</judge>"""
-"""Default analysis instruction (MEL.md structure, this project's wording)."""
+"""Default analysis instruction (the paper's structure, this project's wording)."""
 
 DEFAULT_REPLAY_INSTRUCTION = (
     "Please reason step by step, and put your final answer within \\boxed{}."
@@ -95,7 +95,7 @@ Take these notes in as your own experience, then solve the problem below yoursel
 <question>
 {question}
 </question>"""
-"""Default replay prompt (MEL.md structure, this project's wording)."""
+"""Default replay prompt (the paper's structure, this project's wording)."""
 
 ANALYSIS_FIELDS: tuple[str, ...] = ("question", "incorrect_answer", "correct_answer")
 REPLAY_FIELDS: tuple[str, ...] = ("experience", "question")
