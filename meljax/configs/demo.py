@@ -1,11 +1,10 @@
 """The CPU demo: MEL on the embedded SmolLM2-135M-Instruct, sums of two numbers from 0 to 20.
 
 Task and answer format: "What is 14 plus 7?" + "Answer with a number.", the last number of the
-answer taken as its final answer (the model rarely writes \\boxed{}). SmolLM2-135M gets 44.5%
-of the held-out sums right greedily (32.2% sampled at T=0.6), so groups are mixed and MEL runs
-for real. Its errors are wrong sums ("20 + 3 = 51") and answers that run on past the sum
-("19 + 14 = 22\\n\\nThis is a classic example of ...", 27% of greedy answers) until the
-32-token limit cuts them off.
+answer taken as its final answer (the model rarely writes \\boxed{}). The untrained model gets
+a bit under half of the sums right, so groups are mixed and MEL has pairs to contrast. Its
+errors are wrong sums ("20 + 3 = 51") and answers that run on past the sum until the 32-token
+limit cuts them off. Measured figures: docs/performance.md.
 
 Held-out evaluation: 200 fixed problems (``configs/demo_heldout.jsonl``, written by
 ``experiments/make_demo_heldout.py``), evaluated before training (step 0) and after the last
