@@ -12,7 +12,18 @@ Engines (each in its own child process, so each one's peak RSS is its own; round
   --group`` questions each, longest prompts first, as its engine adapter batched them): the
   same KV-cache rows as the engine;
 - ``hf``: transformers ``generate`` (torch, ``--torch_threads`` threads), one question x G per
-  call, on the first ``--hf_questions`` questions (it is slow).
+  call, on the first ``--hf_questions`` questions (it is slow);
+- ``api``: what a user calls: :func:`meljax.sampling.generate` on the model
+  ``meljax.models.from_pretrained(resolve_model_path("demo"))``, ``--runs`` calls in one
+  process (seeds 0, 1, ...; ``--api_slots`` decode slots, 0: one per sample), each call timed
+  with its compile time apart (the first call compiles; later calls of the same workload should
+  not).
+
+Workload: ``--data`` is a folder holding ``gsm8k/test.jsonl`` or any problems file
+``meljax.data.load_problems`` reads (e.g. ``math500/test.jsonl``); ``--prompt instruction``
+renders the chat template with the default instruction (the training prompt), ``plain`` the
+bare question in the chat template (``generate()``'s default). Every engine gets the same
+prompt ids.
 
 Figure: useful new tokens/s = generated tokens up to and including each sample's stop token,
 over the wall time of the run minus the time JAX spent compiling in it (traced, lowered and
@@ -22,12 +33,15 @@ tokens / slot-steps; for the static sampler rows x decode steps of each call) an
 
   python benchmarks/rollout.py                       # all engines
   python benchmarks/rollout.py --engines=engine,static --runs=1
+  python benchmarks/rollout.py --engines=api,hf --runs=3 --api_slots=0 --prompt=plain \
+      --data=../shared/data/math500/test.jsonl --questions=8 --max_new=256
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -68,23 +82,36 @@ def timed(fn, *args):
     return wall - compiled, compiled, out
 
 
-def load_policy(args):
-    """The demo model's policy and the GSM8K prompts (token ids) it renders."""
-    from flax import nnx
-
+def load_questions(args) -> list[str]:
+    """The first ``--questions`` questions of ``--data`` (a folder: its GSM8K test file)."""
     from meljax.data import load_problems
-    from meljax.models import demo_model_dir, from_pretrained, load_tokenizer
-    from meljax.policy import Policy, PromptConfig
 
     path = Path(args.data)
     if path.is_dir():
         path = path / GSM8K_FILE
-    questions = [p.question for p in load_problems(str(path), "gsm8k", limit=args.questions)]
+    return [p.question for p in load_problems(str(path), limit=args.questions)]
+
+
+def prompt_config(args):
+    """The prompt rendering of ``--prompt`` (the same for every engine)."""
+    from meljax.policy import PromptConfig
+
+    return PromptConfig() if args.prompt == "instruction" else PromptConfig.plain(chat=True)
+
+
+def load_policy(args):
+    """The demo model's policy and the prompts (token ids) it renders."""
+    from flax import nnx
+
+    from meljax.models import demo_model_dir, from_pretrained, load_tokenizer
+    from meljax.policy import Policy
+
+    questions = load_questions(args)
     model_dir = demo_model_dir()
     model = from_pretrained(model_dir, dtype="float32")
     tok = load_tokenizer(model_dir)
     graphdef, params = nnx.split(model)
-    policy = Policy.build(graphdef, tok, PromptConfig(), max_slots=args.slots)
+    policy = Policy.build(graphdef, tok, prompt_config(args), max_slots=args.slots)
     policy.engine.segment_steps = args.segment_steps
     if args.kv_buckets:  # attended-length buckets of the engine's segments
         policy.engine.kv_buckets = tuple(int(x) for x in args.kv_buckets.split(","))
@@ -179,7 +206,7 @@ def run_hf(args) -> dict:
     with torch.no_grad():  # warm-up call (first-call set-up is not throughput)
         model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=8)
     runs = []
-    for r in range(args.runs):
+    for r in range(args.hf_runs):
         torch.manual_seed(r)
         t = time.perf_counter()
         made = 0
@@ -205,7 +232,71 @@ def run_hf(args) -> dict:
     return {"runs": runs, "questions": args.hf_questions, "peak_rss_mib": peak_rss_mib()}
 
 
-RUNNERS = {"engine": run_engine, "static": run_static, "hf": run_hf}
+def engine_stats() -> list:
+    """Each ``ContinuousEngine.generate`` call's ``last_stats``, appended as calls end (the
+    public API builds its engine inside the call)."""
+    from meljax.sampling.engine import ContinuousEngine
+
+    seen, real = [], ContinuousEngine.generate
+
+    def generate(self, *args, **kw):
+        out = real(self, *args, **kw)
+        seen.append(self.last_stats)
+        return out
+
+    ContinuousEngine.generate = generate
+    return seen
+
+
+def run_api(args) -> dict:
+    from meljax.models import from_pretrained, load_tokenizer, resolve_model_path
+    from meljax.sampling import generate
+
+    path = resolve_model_path("demo")
+    model = from_pretrained(path, dtype="float32")
+    tok = load_tokenizer(path)
+    questions, prompt, seen = load_questions(args), prompt_config(args), engine_stats()
+
+    def call(seed):
+        return generate(
+            model,
+            tok,
+            questions,
+            num_samples=args.group,
+            max_new_tokens=args.max_new,
+            temperature=1.0,
+            seed=seed,
+            prompt=prompt,
+            max_slots=args.api_slots,
+        )
+
+    runs = []
+    for i in range(args.runs):
+        dt, compiled, _ = timed(call, i)
+        s = seen[-1]
+        runs.append(
+            {
+                "seconds": dt,
+                "compile_s": compiled,
+                "tokens": s.useful_tokens,
+                "steps": s.steps,
+                "ms_per_step": 1000 * dt / max(s.steps, 1),
+                "slots": s.slots,
+                "cache_len": s.cache_len,
+                "pools": s.pools,
+                "slot_utilisation": s.slot_utilisation,
+                "load": os.getloadavg()[0],
+            }
+        )
+        print(f"[api call {i}] {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
+    return {
+        "runs": runs,
+        "slot_utilisation": runs[-1]["slot_utilisation"],
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+RUNNERS = {"engine": run_engine, "static": run_static, "hf": run_hf, "api": run_api}
 
 
 def main() -> None:
@@ -226,6 +317,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=0, help="1: one untimed run first (JAX)")
     ap.add_argument("--rounds", type=int, default=1, help="child processes per engine")
     ap.add_argument("--hf_questions", type=int, default=4)
+    ap.add_argument("--hf_runs", type=int, default=1, help="timed runs of the hf child")
+    ap.add_argument("--api_slots", type=int, default=64, help="api: max_slots (0: one a sample)")
+    ap.add_argument(
+        "--prompt", default="instruction", choices=("instruction", "plain"), help="see above"
+    )
     ap.add_argument("--torch_threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--data", default=str(DEFAULT_DATA))
@@ -244,7 +340,8 @@ def main() -> None:
     raw, loads = run_children_alternating(__file__, args.engines.split(","), passed, args.rounds)
 
     print(
-        f"\nSmolLM2-135M f32 CPU: {args.questions} GSM8K questions x G={args.group}, T=1.0, "
+        f"\nSmolLM2-135M f32 CPU: {args.questions} questions of {args.data} ({args.prompt} "
+        f"prompts) x G={args.group}, T=1.0, "
         f"<= {args.max_new} new tokens, real stop tokens; {args.slots} slots / rows per call; "
         f"1-min load avg after each child: {', '.join(f'{x:.1f}' for x in loads)}"
     )
@@ -270,11 +367,31 @@ def main() -> None:
             f"filled part per useful token {last['mean_filled']:.0f} (what a per-slot ragged "
             f"attention would read); segments per pool size {last['pools']}"
         )
-    for a, b in (("engine", "static"), ("engine", "hf"), ("static", "hf")):
+    if "api" in raw:
+        print_api_calls(raw["api"])
+    for a, b in (("engine", "static"), ("engine", "hf"), ("static", "hf"), ("api", "hf")):
         if a in rates and b in rates:
             print(f"{a}/{b}: {rates[a] / rates[b]:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=2))
+
+
+def print_api_calls(rounds: list[dict]) -> None:
+    """One line per ``generate()`` call: wall, compile and decode time, tokens/s."""
+    print(
+        f"{'api call':<9} {'wall s':>7} {'compile s':>9} {'decode s':>8} {'tokens':>7} "
+        f"{'tok/s decode':>12} {'tok/s wall':>10} {'ms/step':>8} {'slots x cache':>13} "
+        f"{'load':>5}  pools"
+    )
+    for rd in rounds:
+        for i, r in enumerate(rd["runs"]):
+            wall = r["seconds"] + r["compile_s"]
+            print(
+                f"{i:<9} {wall:7.1f} {r['compile_s']:9.1f} {r['seconds']:8.1f} {r['tokens']:7d} "
+                f"{r['tokens'] / r['seconds']:12.1f} {r['tokens'] / wall:10.1f} "
+                f"{r['ms_per_step']:8.0f} {r['slots']:>6} x {r['cache_len']:<4} {r['load']:5.1f}"
+                f"  {r['pools']}"
+            )
 
 
 if __name__ == "__main__":
