@@ -64,8 +64,10 @@ engines and policies built later in the process (``generate()`` builds one per c
 them, the weights program included (:func:`~meljax.sampling.weights.prepare_weights`). The
 shapes come from the call's pool (slots, cache length, output columns), the prompt and batch
 buckets of its prefills, and the tail's sizes, whose programs are all compiled the first time
-a pool shrinks (:func:`~meljax.sampling.warm.warm_tail`): a second call of the same workload,
-other prompts of the same buckets, other seeds, compiles nothing.
+a pool shrinks (:func:`~meljax.sampling.warm.warm_tail`): a second call of the same workload
+whose samples all fit the pool (other prompts of the same buckets, other seeds) compiles
+nothing. With more samples than slots, a refill prefills the requests that enter at once, and
+a later call may meet a batch or prompt bucket the earlier ones did not.
 """
 
 from __future__ import annotations
