@@ -83,3 +83,23 @@ def fake_gcs():
     yield FakeGCS
     FakeGCS.store.clear()
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def scripted_result(rows: list[list[int]], max_new_tokens: int):
+    """A ``SampleResult`` holding the given token rows (padded to ``max_new_tokens``; zero
+    log-probs, nothing truncated): what a scripted sampler double returns."""
+    import numpy as np
+
+    from meljax.sampling import SampleResult
+
+    tokens = np.zeros((len(rows), max_new_tokens), np.int32)
+    mask = np.zeros((len(rows), max_new_tokens), bool)
+    for i, ids in enumerate(rows):
+        tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
+    return SampleResult(
+        tokens,
+        mask,
+        np.zeros(tokens.shape, np.float32),
+        mask.sum(1).astype(np.int32),
+        np.zeros(len(rows), bool),
+    )

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+from conftest import scripted_result
 from flax import nnx
 
 from meljax.batch import TrainBatch, build_policy_batch
@@ -12,7 +13,7 @@ from meljax.models.tokenizer import make_tiny_tokenizer
 from meljax.optim import make_optimizer
 from meljax.policy import Policy, PromptConfig
 from meljax.rewards import RewardResult
-from meljax.sampling import SamplerEngine, SampleResult
+from meljax.sampling import SamplerEngine
 from meljax.train_step import init_train_state, make_train_step
 
 TOK = make_tiny_tokenizer()
@@ -33,17 +34,7 @@ class ScriptedPolicy:
             reply = "So 8." if "<experience>" in text else LESSON
             ids = (TOK.encode(reply, add_special_tokens=False) + [TOK.eos_token_id])[:m]
             rows += [ids] * sampling.num_samples
-        tokens = np.zeros((len(rows), m), np.int32)
-        mask = np.zeros((len(rows), m), bool)
-        for i, ids in enumerate(rows):
-            tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
-        return SampleResult(
-            tokens,
-            mask,
-            np.zeros(tokens.shape, np.float32),
-            mask.sum(1).astype(np.int32),
-            np.zeros(len(rows), bool),
-        )
+        return scripted_result(rows, m)
 
 
 class Q:

@@ -9,6 +9,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import scripted_result
 from flax import nnx
 
 from meljax.batch import TrainBatch, build_policy_batch
@@ -29,7 +30,7 @@ from meljax.models.tokenizer import make_tiny_tokenizer
 from meljax.optim import make_optimizer
 from meljax.policy import Policy, PromptConfig
 from meljax.rewards import RewardResult
-from meljax.sampling import SamplerEngine, SampleResult
+from meljax.sampling import SamplerEngine
 from meljax.train_step import init_train_state, make_compute_logprobs, make_train_step
 
 TOK = make_tiny_tokenizer()
@@ -58,17 +59,7 @@ class Scripted:
             reply = self.replay if is_replay else self.analysis
             ids = (TOK.encode(reply, add_special_tokens=False) + [TOK.eos_token_id])[:m]
             rows += [ids] * sampling.num_samples
-        tokens = np.zeros((len(rows), m), np.int32)
-        mask = np.zeros((len(rows), m), bool)
-        for i, ids in enumerate(rows):
-            tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
-        return SampleResult(
-            tokens,
-            mask,
-            np.zeros(tokens.shape, np.float32),
-            mask.sum(1).astype(np.int32),
-            np.zeros(len(rows), bool),
-        )
+        return scripted_result(rows, m)
 
 
 class LastWord:
