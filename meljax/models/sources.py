@@ -76,6 +76,8 @@ def resolve(spec: str) -> str:
         return copy_remote(spec)
     if is_hub_id(spec):
         return hub_snapshot(spec)
+    if spec.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"model folder not found: {spec}")
     raise FileNotFoundError(
         f"model: {spec!r} is not a local folder or .gguf file, a remote folder (gs://...), a "
         f"Hugging Face hub id (org/name[@revision]) or 'demo'"

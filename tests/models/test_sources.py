@@ -108,6 +108,8 @@ def test_unknown_source_names_what_was_looked_for(tmp_path):
         sources.resolve("no such thing")
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         sources.resolve(str(tmp_path / "x.gguf"))
+    with pytest.raises(FileNotFoundError, match="model folder not found: /nope/model"):
+        sources.resolve("/nope/model")
     assert sources.resolve(str(tmp_path)) == str(tmp_path)
     assert not sources.is_hub_id(str(tmp_path)) and sources.is_hub_id("Qwen/Qwen3-8B@v1.0")
 
