@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from meljax.models import output_folder, safetensors_io
+from meljax.models import output_folder, safetensors_io, sources
 from meljax.models.config import ModelConfig
 from meljax.models.gguf_tokenizer import tokenizer_from_gguf
 
@@ -38,10 +38,6 @@ def demo_gguf_path() -> str:
         if str(f).endswith(".gguf"):
             return str(f.locate())
     raise FileNotFoundError(f"no .gguf file inside the installed package {DEMO_PACKAGE}")
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("MELJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "meljax"))
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -168,7 +164,7 @@ def convert_gguf(
 
 def demo_model_dir(cache_dir: str | None = None) -> str:
     """Hugging Face folder of the embedded SmolLM2-135M-Instruct demo model, converted once."""
-    out = os.path.join(cache_dir or default_cache_dir(), DEMO_NAME)
+    out = os.path.join(cache_dir or sources.cache_dir(), DEMO_NAME)
     if not os.path.exists(os.path.join(out, "config.json")):
         convert_gguf(demo_gguf_path(), out, overwrite=True, adopt=True)  # meljax's own cache
     return out
