@@ -162,7 +162,9 @@ def run(argv: list[str] | None = None) -> None:
         from meljax import hostmem
 
         hostmem.keep_freed_memory()  # before JAX starts its threads
-    if name != "plan":  # plan compiles for other topologies: nothing a later run can reuse
+    # Commands that run JAX programs here keep them on disk (plan compiles for other
+    # topologies; report, lessons and compare run none and need not import JAX).
+    if name in ("train", "eval", "sample", "convert"):
         from meljax.commands import compile_cache
 
         compile_cache.enable()
