@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``, so this
-folder is on ``sys.path``)."""
+folder is on ``sys.path``). Importing it also puts the repository root on ``sys.path``, for
+the reference sampler in ``tests/``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
 
 
 def matmul_flops_per_s(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:

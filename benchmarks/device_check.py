@@ -67,9 +67,10 @@ def model_config(args):
 
 
 def time_update(args, cfg, graphdef, params) -> dict:
-    from meljax import losses, optim
-    from meljax import train_step as ts
-    from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
+    from meljax.rl import objective as losses
+    from meljax.rl import optim
+    from meljax.rl import update as ts
+    from meljax.rl.batch import TrainBatch, build_policy_batch, build_sequence_batch
 
     opt, sched = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-6))
     state = ts.init_train_state(params, opt, master_dtype="float32")

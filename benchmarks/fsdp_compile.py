@@ -10,7 +10,7 @@ Qwen3-8B-shaped model (36 layers, bf16 compute, f32 master weights, AdamW), poli
       [--mesh 1,32,1] [--remat auto] [--attention auto] [--what update|logprobs]
 
 Prints per-chip argument / output / temporary bytes (``memory_analysis``) and the collectives
-of the compiled HLO by kind (``meljax.hlo``), with the largest all-reduces.
+of the compiled HLO by kind (``meljax.plan.hlo``), with the largest all-reduces.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import numpy as np
 from flax import nnx
 from jax.experimental import topologies
 
-from meljax import losses, optim
-from meljax import sharding as shd
-from meljax import train_step as ts
-from meljax.batch import PolicyBatch, SequenceBatch, TrainBatch
 from meljax.models import ModelConfig, Transformer
+from meljax.rl import objective as losses
+from meljax.rl import optim
+from meljax.rl import update as ts
+from meljax.rl.batch import PolicyBatch, SequenceBatch, TrainBatch
+from meljax.runtime import sharding as shd
 
 QWEN3_8B = dict(
     model_type="qwen3",
@@ -145,8 +146,8 @@ def main() -> None:
     )
     text = compiled.as_text()
     try:
-        from meljax import hlo
-    except ImportError:  # a tree from before meljax.hlo: memory only
+        from meljax.plan import hlo
+    except ImportError:  # a tree from before meljax.plan.hlo: memory only
         return
     if args.hlo:
         with open(args.hlo, "w") as f:

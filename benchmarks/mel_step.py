@@ -1,7 +1,7 @@
 """Wall time of one MEL step versus one plain GRPO step, broken down by phase.
 
-Both steps are built exactly as ``meljax.trainer.loop.train`` builds them (same sampler, prompt
-rendering, verifier, batches and jitted update), from a config file (default: the CPU demo,
+Both steps use the run ``meljax.trainer.run.build_run`` assembles for ``meljax train`` and
+its phases (``run.rollout``, ``run.meta``, ``run.update``), from a config file (default: the CPU demo,
 SmolLM2-135M-Instruct on single-digit additions, 4 questions x G=4):
 
 * GRPO step = rollout + reward + update (with the trainer's tiny all-padding NLL batch);
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import importlib.util
 import json
 import os
@@ -40,18 +39,9 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
-from meljax import sharding as shd
-from meljax.batch import TrainBatch, build_sequence_batch
-from meljax.buckets import bucket
-from meljax.config import settings
-from meljax.meta import MetaExperiencePipeline
-from meljax.optim import make_optimizer
 from meljax.rewards import is_correct
-from meljax.train_step import init_train_state, make_train_step, train_on_batch
-from meljax.trainer import setup
-from meljax.trainer.rollout import run_rollouts
+from meljax.trainer.run import build_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "..", "configs", "demo.py")
@@ -102,7 +92,7 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--nll_bucketed",
         action="store_true",
-        help="bucket the NLL batch to the kept rows (MetaConfig.nll_bucketed)",
+        help="bucket the NLL batch to the kept rows (default: the config's mel.nll_bucketed)",
     )
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args(argv)
@@ -110,59 +100,25 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, args.set)
     n_q, g = cfg.rollout.num_questions, cfg.rollout.group_size
     mixed = n_q // 2 if args.mixed is None else args.mixed
+    if args.nll_bucketed:
+        cfg.mel.nll_bucketed = True
     t0 = time.perf_counter()
-    mesh = setup.build_mesh(cfg)
-    dp = shd.data_parallel_size(mesh)
-    model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
-    graphdef, params = nnx.split(model, nnx.Param)
-    s = settings(cfg, data_parallel=dp)
-    optimizer, schedule = make_optimizer(s.optim)
-    state = init_train_state(params, optimizer, mesh)
-    del model, params
-    train_step = make_train_step(
-        graphdef, optimizer, s.loss, mesh=mesh, schedule=schedule, donate=False
-    )
-    policy = setup.build_policy(cfg, graphdef, tokenizer, mesh)
-    verifier = setup.build_verifier(cfg)
     workdir = tempfile.mkdtemp(prefix="mel_step_bench_")
-    pipeline = MetaExperiencePipeline(
-        policy=policy,
-        verifier=verifier,
-        config=dataclasses.replace(s.meta, nll_bucketed=args.nll_bucketed),
-        workdir=workdir,
-    )
-    no_mel = build_sequence_batch(
-        [], [], pad_id=policy.pad_id, min_rows=dp, batch_multiple=dp, max_len=bucket(1)
-    )
-    source, _ = setup.build_problem_source(cfg)
-    data_iter = setup.build_data_iterator(cfg, source)
+    cfg.mel.enabled = True  # the run has the MEL pipeline; the GRPO step does not call it
+    # the update does not donate: GRPO and MEL update from the same state
+    run = build_run(cfg, workdir, donate=False)
+    state, data_iter = run.state, run.data_iter
     setup_s = time.perf_counter() - t0
     print(f"setup {setup_s:.1f}s; devices {jax.devices()}", flush=True)
 
-    def update(mel_batch, policy):
+    def update(mel_batch, policy_batch):
         t = time.perf_counter()
-        new_state, metrics = train_on_batch(
-            state,
-            TrainBatch(policy=policy, mel=mel_batch),
-            train_step,
-            num_passes=cfg.algorithm.num_passes,
-            old_logprobs=cfg.algorithm.old_logprobs,
-        )
+        new_state, metrics = run.update(state, policy_batch, mel_batch)
         jax.block_until_ready((new_state.params, metrics))
         return time.perf_counter() - t
 
     def rollout(problems, key):
-        policy.set_params(state.params)
-        return run_rollouts(
-            policy=policy,
-            verifier=verifier,
-            problems=problems,
-            sampling=s.rollout.sampling(),
-            key=key,
-            advantage=s.loss.advantage,
-            adv_eps=s.loss.adv_eps,
-            batch_multiple=dp,
-        )
+        return run.rollout(state.params, problems, key)
 
     runs = []
     base_key = jax.random.key(cfg.seed)
@@ -172,12 +128,12 @@ def main(argv=None) -> dict:
         # GRPO step
         ro = rollout(problems, k_rollout)
         grpo = {"rollout": ro.timings["rollout"], "reward": ro.timings["reward"]}
-        grpo["update"] = update(no_mel, ro.batch)
+        grpo["update"] = update(run.no_mel, ro.batch)
         # MEL step (same params, questions and keys -> the same rollouts)
         ro = rollout(problems, k_rollout)
         mel = {"rollout": ro.timings["rollout"], "reward": ro.timings["reward"]}
         rewards = forced_rewards(ro.rewards, mixed)
-        meta = pipeline.run(rep + 1, problems, ro.texts, rewards, g, k_meta)
+        meta = run.meta(rep + 1, problems, rewards, ro.texts, k_meta)
         mel["analysis"] = meta.timings["analysis_s"]
         mel["replay"] = meta.timings["replay_s"]
         mel["meta_other"] = meta.timings["total_s"] - mel["analysis"] - mel["replay"]
@@ -185,7 +141,7 @@ def main(argv=None) -> dict:
         for d in (grpo, mel):
             d["step"] = sum(d.values())
         c = meta.counts
-        run = {
+        rep_result = {
             "rep": rep,
             "grpo": grpo,
             "mel": mel,
@@ -214,14 +170,14 @@ def main(argv=None) -> dict:
             "analysis_tokens": int(sum(r["num_tokens"] for r in meta.records)),
             "analysis_prompt_tokens": int(sum(r["prompt_tokens"] for r in meta.records)),
         }
-        runs.append(run)
+        runs.append(rep_result)
         tag = "warm-up (compiles)" if rep == 0 else f"rep {rep}"
         print(
             f"{tag}: GRPO {grpo['step']:.2f}s  MEL {mel['step']:.2f}s  "
-            f"ratio {run['ratio']:.2f}  counts {run['counts']}",
+            f"ratio {rep_result['ratio']:.2f}  counts {rep_result['counts']}",
             flush=True,
         )
-    verifier.close()
+    run.close()
 
     timed = runs[1:] or runs
     phases = ["rollout", "reward", "analysis", "replay", "meta_other", "update", "step"]

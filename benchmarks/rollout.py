@@ -94,7 +94,7 @@ def load_questions(args) -> list[str]:
 
 def prompt_config(args):
     """The prompt rendering of ``--prompt`` (the same for every engine)."""
-    from meljax.policy import PromptConfig
+    from meljax.sampling.policy import PromptConfig
 
     return PromptConfig() if args.prompt == "instruction" else PromptConfig.plain(chat=True)
 
@@ -104,7 +104,7 @@ def load_policy(args):
     from flax import nnx
 
     from meljax.models import demo_model_dir, from_pretrained, load_tokenizer
-    from meljax.policy import Policy
+    from meljax.sampling.policy import Policy
 
     questions = load_questions(args)
     model_dir = demo_model_dir()
@@ -161,7 +161,8 @@ def run_static(args) -> dict:
     import jax
     import numpy as np
 
-    from meljax.sampling import Sampler, SamplingParams
+    from meljax.sampling import SamplingParams
+    from tests.reference_sampler import Sampler
 
     policy, graphdef, params, prompts, _ = load_policy(args)
     sampler = Sampler(graphdef, stop_token_ids=policy.stop_ids, pad_id=policy.pad_id)

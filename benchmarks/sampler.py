@@ -89,7 +89,8 @@ def run_jax(args, scenarios, engine: bool = False) -> dict:
     from flax import nnx
 
     from meljax.models import demo_model_dir, from_pretrained, load_tokenizer
-    from meljax.sampling import ContinuousEngine, Request, Sampler, SamplingParams
+    from meljax.sampling import ContinuousEngine, Request, SamplingParams
+    from tests.reference_sampler import Sampler
 
     path = demo_model_dir()
     model = from_pretrained(path, dtype="float32")

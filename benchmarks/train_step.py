@@ -18,7 +18,7 @@ chunks) and *matmul efficiency* (executed FLOP/s / matmul rate).
 (one step of each per round, a matmul timing between rounds), so that a busy machine slows all
 of them alike: a variant is a remat policy (``none``, ``full``, ``dots``, ``dots_no_batch``;
 ``auto``; ``default`` = the model config's; the log-prob chunks always recompute their logits in
-the backward pass: a custom VJP in ``meljax.losses``), optionally with ``+einsum``: the layers'
+the backward pass: a custom VJP in ``meljax.rl.objective``), optionally with ``+einsum``: the layers'
 weight matmuls as plain einsums, without the CPU matmul path of ``meljax.models.layers.dense``
 (how the update ran before it), and/or ``+unrolled``: the layers unrolled instead of scanned
 (``scan_layers=False``). ``--with_ref`` also times the
@@ -44,12 +44,14 @@ import numpy as np
 from common import matmul_flops_per_s
 from flax import nnx
 
-from meljax import hostmem, losses, optim
-from meljax import train_step as ts
-from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.models import ModelConfig, Transformer, layers
 from meljax.models.config import REMAT_POLICIES
 from meljax.plan import hlo_cost
+from meljax.rl import objective as losses
+from meljax.rl import optim
+from meljax.rl import update as ts
+from meljax.rl.batch import TrainBatch, build_policy_batch, build_sequence_batch
+from meljax.runtime import hostmem
 
 
 def make_batch(batch: int, seq: int, prompt: int, vocab: int, mel_rows: int) -> TrainBatch:

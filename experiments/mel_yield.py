@@ -22,17 +22,15 @@ import dataclasses
 import importlib.util
 import json
 import os
+import tempfile
 import time
 
 import jax
-from flax import nnx
 
 import meljax
-from meljax.config import settings
 from meljax.meta import MetaExperiencePipeline
 from meljax.meta.filters import FILTER_REASONS
-from meljax.trainer import setup
-from meljax.trainer.rollout import run_rollouts
+from meljax.trainer.run import build_run
 
 
 def demo_config():
@@ -63,14 +61,8 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = demo_config()
-    s = settings(cfg)
-    model, tokenizer = setup.build_model_and_tokenizer(cfg)
-    graphdef, params = nnx.split(model, nnx.Param)
-    policy = setup.build_policy(cfg, graphdef, tokenizer)
-    policy.set_params(params)
-    verifier = setup.build_verifier(cfg)
-    source, _ = setup.build_problem_source(cfg)
-    data_iter = setup.build_data_iterator(cfg, source)
+    run = build_run(cfg, tempfile.mkdtemp(prefix="mel_yield_"))
+    s, policy, verifier, data_iter = run.settings, run.policy, run.verifier, run.data_iter
     variants = [parse_variant(v) for v in args.variant]
     pipelines = {}
     for name, over, prefix in variants:
@@ -88,14 +80,7 @@ def main() -> None:
         for step in range(1, args.steps + 1):
             k_rollout, k_meta = jax.random.split(jax.random.fold_in(base_key, step))
             problems = next(data_iter)
-            ro = run_rollouts(
-                policy=policy,
-                verifier=verifier,
-                problems=problems,
-                sampling=s.rollout.sampling(),
-                key=k_rollout,
-                advantage=s.loss.advantage,
-            )
+            ro = run.rollout(run.state.params, problems, k_rollout)
             for name, pipeline in pipelines.items():
                 t0 = time.perf_counter()
                 meta = pipeline.run(step, problems, ro.texts, ro.rewards, 4, k_meta)

@@ -49,7 +49,7 @@ def _fail(command: str, message: str) -> None:
 def config_keys() -> dict[str, type]:
     """Every config key of the schema (sections included) -> the type of its default; a
     config file only sets these keys (``meljax.config.settings`` refuses any other)."""
-    from meljax.config import base_config
+    from meljax.config.settings import base_config
 
     out: dict[str, type] = {}
 
@@ -159,7 +159,7 @@ def run(argv: list[str] | None = None) -> None:
 
     argv[2:] = resolve_argv(argv[2:])  # --config=demo: a config shipped in the package
     if name == "train":  # update-bound on CPU; sampling runs slower with it (hostmem)
-        from meljax import hostmem
+        from meljax.runtime import hostmem
 
         hostmem.keep_freed_memory()  # before JAX starts its threads
     # Commands that run JAX programs here keep them on disk (plan compiles for other

@@ -90,7 +90,7 @@ def scripted_result(rows: list[list[int]], max_new_tokens: int):
     log-probs, nothing truncated): what a scripted sampler double returns."""
     import numpy as np
 
-    from meljax.sampling import SampleResult
+    from tests.reference_sampler import SampleResult
 
     tokens = np.zeros((len(rows), max_new_tokens), np.int32)
     mask = np.zeros((len(rows), max_new_tokens), bool)

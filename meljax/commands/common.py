@@ -63,7 +63,7 @@ def maybe_initialize_distributed(dist) -> None:
     ``num_processes`` and ``process_id`` set, those are passed on (GPU nodes without SLURM,
     several processes on one machine); otherwise JAX detects the cluster itself.
     """
-    from meljax.config import validate_distributed
+    from meljax.config.settings import validate_distributed
 
     validate_distributed(dist)
     explicit = bool(dist.coordinator_address)

@@ -23,7 +23,7 @@ def main(argv):
     if not workdirs:
         raise app.UsageError("name one or more run folders: meljax compare WORKDIR [WORKDIR ...]")
     with clean_errors("compare"):
-        from meljax.compare import compare
+        from meljax.report.compare import compare
 
         result = compare(workdirs, _OUTPUT.value, _LABELS.value)
     print(result.table)

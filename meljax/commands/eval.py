@@ -20,8 +20,8 @@ from typing import Any
 
 from absl import app, flags
 
-from meljax import files
 from meljax.commands.common import clean_errors, maybe_initialize_distributed
+from meljax.runtime import files
 
 _MODEL = flags.DEFINE_string(
     "model", None, "Hugging Face model folder, a .gguf file, or 'demo' (SmolLM2-135M-Instruct)."
@@ -110,7 +110,7 @@ def parse_mesh(value: str):
     """``''`` -> ``None``; ``'auto'`` -> every device on ``fsdp``; ``'data=2,fsdp=4'`` -> sizes."""
     if not value:
         return None
-    from meljax import sharding as shd
+    from meljax.runtime import sharding as shd
 
     if value == "auto":
         return shd.make_mesh(None)
@@ -165,7 +165,7 @@ def load_model(model: str, *, dtype: str, tokenizer: str | None, mesh) -> tuple[
 
 def load_workdir(workdir: str, *, step: int | None, tokenizer: str | None, mesh):
     """``(model, tokenizer, run config)`` of a training run's checkpoint."""
-    from meljax import files
+    from meljax.runtime import files
     from meljax.trainer.checkpointing import has_checkpoint, load_policy_from_workdir
 
     if files.is_local(workdir):
@@ -201,8 +201,8 @@ def run():
             raise ValueError(f"--pass_k: {k!r} is not an integer") from None
 
     from meljax.evaluation import EvalConfig, evaluate, load_benchmarks, parse_benchmark_specs
-    from meljax.policy import Policy, PromptConfig
     from meljax.rewards import RewardConfig, Verifier
+    from meljax.sampling.policy import Policy, PromptConfig
 
     specs = parse_benchmark_specs(_BENCHMARKS.value)
     # Read the data first: a typo in a path should fail before a model is loaded.
@@ -221,7 +221,7 @@ def run():
     )
 
     # Same multi-host start-up as `meljax train` (TPU / SLURM detection); no-op on one host.
-    from meljax.config import base_config, settings
+    from meljax.config.settings import base_config, settings
 
     maybe_initialize_distributed(base_config().distributed)
     mesh = parse_mesh(_MESH.value)

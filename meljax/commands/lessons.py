@@ -26,7 +26,7 @@ _MAX_CHARS = flags.DEFINE_integer(
 def _entry(record: dict, max_chars: int) -> list[str]:
     """A record in a few indented lines."""
     from meljax.meta.lessons import pair_texts
-    from meljax.report import shorten
+    from meljax.report.run_report import shorten
 
     status = record.get("status", "?")
     lines = [
@@ -56,9 +56,9 @@ def _entry(record: dict, max_chars: int) -> list[str]:
 
 def lessons_text(workdir: str, show: str = "all", max_chars: int = 300) -> str:
     """What the command prints."""
-    from meljax import files
     from meljax.meta import META_LOG_FILE
     from meljax.meta.lessons import by_step, overhead_line, status_counts, yield_lines
+    from meljax.runtime import files
 
     log = files.path(workdir, META_LOG_FILE)
     records = files.read_jsonl(log) if log.exists() else []

@@ -23,7 +23,12 @@ _MAX_CHARS = flags.DEFINE_integer(
 
 def report_text(workdir: str, output: str | None, examples: int, max_chars: int = 400) -> str:
     """What the command prints: summary, PNG path, kept examples."""
-    from meljax.report import format_example, kept_examples, read_meta_experiences, render_report
+    from meljax.report.run_report import (
+        format_example,
+        kept_examples,
+        read_meta_experiences,
+        render_report,
+    )
 
     png, summary = render_report(workdir, output)
     parts = [summary, "", f"figure: {png}"]

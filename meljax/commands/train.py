@@ -52,7 +52,7 @@ def main(argv):
         maybe_initialize_distributed(cfg.distributed)
         import jax
 
-        from meljax.config import validate
+        from meljax.config.settings import validate
         from meljax.trainer.loop import Preempted, train
 
         validate(cfg, jax.device_count())

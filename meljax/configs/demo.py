@@ -21,7 +21,7 @@ I ..." rule and a short contrast); the paper's four-section analysis is beyond t
 
 import os
 
-from meljax.config import base_config
+from meljax.config.settings import base_config
 
 HELDOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_heldout.jsonl")
 

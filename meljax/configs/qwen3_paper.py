@@ -9,10 +9,10 @@
 evaluated every 20 steps. Set the model folder and data paths for your machine, e.g.
   meljax train --config=configs/qwen3_paper.py:8b,mel --workdir=gs://BUCKET/runs/q8-mel \
     --config.model.path=~/models/Qwen3-8B-Base
-Every field and its meaning: ``python -m meljax.config``.
+Every field and its meaning: ``python -m meljax.config.settings``.
 """
 
-from meljax.config import base_config
+from meljax.config.settings import base_config
 
 # Benchmarks of the paper, as laid out in the shared data folder (see data/README.md).
 BENCHMARKS = ",".join(

@@ -1,6 +1,6 @@
 """A random tiny model (about 0.1M parameters) with a character tokenizer: tests, smoke runs."""
 
-from meljax.config import base_config
+from meljax.config.settings import base_config
 
 
 def get_config():

@@ -6,18 +6,18 @@ import dataclasses
 import os
 from typing import Any
 
-from meljax import files
+from meljax.config.schema import option, validate_fields
 from meljax.evaluation.metrics import BenchmarkMetrics
-from meljax.schema import option, validate_fields
+from meljax.runtime import files
 
 __all__ = ["EvalConfig", "EvalReport", "ProblemRecord"]
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Settings of an evaluation (config section ``eval``; see ``meljax.schema``).
+    """Settings of an evaluation (config section ``eval``; see ``meljax.config.schema``).
 
-    Prompt rendering, stop tokens and strings come from the :class:`meljax.policy.Policy`, and
+    Prompt rendering, stop tokens and strings come from the :class:`meljax.sampling.policy.Policy`, and
     answer checking from the :class:`meljax.rewards.Verifier`: the same as in training.
     """
 
@@ -115,7 +115,7 @@ class EvalReport:
         (``greedy``, ``sampled``): ``generated_tokens``.
       meta: provenance (model, benchmark files, seed, prompt and verifier settings).
       counts: what was cut or lost on the way: ``prompts_cut`` (prompts cut to the model's
-        context or ``max_prompt_tokens``, ``meljax.policy.prompt_limit``) and
+        context or ``max_prompt_tokens``, ``meljax.sampling.policy.prompt_limit``) and
         ``verifier_timeouts`` (answers that scored 0 because their check timed out).
     """
 

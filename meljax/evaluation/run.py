@@ -46,7 +46,7 @@ def evaluate(
     engine run; each request's key comes from ``seed`` and its index.
 
     Args:
-      policy: a :class:`meljax.policy.Policy`: prompts, stops and sampling as in training.
+      policy: a :class:`meljax.sampling.policy.Policy`: prompts, stops and sampling as in training.
       verifier: a :class:`meljax.rewards.Verifier` (``score(completions, answers)``).
       benchmarks: ``{name: problems}`` (``id``, ``question``, ``answer``); each non-empty.
       config: the passes (``every_steps``, ``benchmarks`` and ``limit`` are the trainer's).
@@ -57,8 +57,8 @@ def evaluate(
     import jax
     from tqdm.auto import tqdm
 
+    from meljax.rl.rollout import score_groups
     from meljax.sampling.engine import Request
-    from meljax.trainer.rollout import score_groups
 
     _check_benchmarks(benchmarks)
     c = config

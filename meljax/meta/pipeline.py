@@ -12,14 +12,14 @@
    analyses (:mod:`meljax.meta.filters`);
 5. replays the survivors: one batched sampler call with the replay prompt, one answer each,
    verified against the ground truth; an analysis is *kept* when its replay answer is correct;
-6. builds the NLL :class:`~meljax.batch.SequenceBatch`: context = the analysis prompt token ids
+6. builds the NLL :class:`~meljax.rl.batch.SequenceBatch`: context = the analysis prompt token ids
    exactly as the sampler saw them (no loss), target = the analysis token ids as sampled,
    stop token included (loss; a compact analysis through its lesson, then a stop token, see
    :mod:`meljax.meta.trim`). Its shape is fixed by the config, so the update step compiles
    once; a step with nothing kept gives an all-padding batch (weight 0, loss term 0);
 7. appends one JSON record per generated analysis to ``meta_experiences.jsonl`` (chief only).
 
-All sampling goes through the run's :class:`meljax.policy.Policy` (same rendering, BOS, stop ids
+All sampling goes through the run's :class:`meljax.sampling.policy.Policy` (same rendering, BOS, stop ids
 and stop strings as the rollouts) and all scoring through its :class:`meljax.rewards.Verifier`
 (the same on every host). Pairs, filters and survivors are pure functions of values every host
 shares, so the jitted calls they shape agree across hosts by construction.
@@ -42,15 +42,15 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from meljax import files
-from meljax.batch import SequenceBatch, build_sequence_batch
-from meljax.buckets import DEFAULT_LENGTH_BUCKETS
 from meljax.meta import filters, pairs, templates, trim
 from meljax.meta import records as meta_records
 from meljax.meta.formats import get_format
 from meljax.meta.settings import MetaConfig
 from meljax.rewards.pool import Scorer
 from meljax.rewards.verify import is_correct
+from meljax.rl.batch import SequenceBatch, build_sequence_batch
+from meljax.runtime import files
+from meljax.runtime.buckets import DEFAULT_LENGTH_BUCKETS
 
 __all__ = [
     "META_LOG_FILE",
@@ -146,7 +146,7 @@ class MetaExperiencePipeline:
     """Generates, filters, validates and batches meta-experiences, one call per step.
 
     Args:
-      policy: the run's :class:`meljax.policy.Policy` (its current weights are sampled). Its
+      policy: the run's :class:`meljax.sampling.policy.Policy` (its current weights are sampled). Its
         sampler's prompt limit must admit ``analysis_max_prompt_tokens``: a prompt cut by the
         sampler would no longer be the NLL context.
       verifier: the run's :class:`meljax.rewards.Verifier` (anything with its ``score``).

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 
+from meljax.config.schema import option, validate_fields
 from meljax.meta import templates
 from meljax.meta.formats import ANALYSIS_FORMATS
 from meljax.sampling import SamplingParams
-from meljax.schema import option, validate_fields
 
 __all__ = ["MetaConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
-    """Every knob of the meta-experience pipeline (config section ``mel``; see ``meljax.schema``).
+    """Every knob of the meta-experience pipeline (config section ``mel``; see ``meljax.config.schema``).
 
     An answer is correct as :func:`meljax.rewards.is_correct` says (rollouts and replay alike).
     """

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from meljax import sharding as shd
+from meljax.runtime import sharding as shd
 
 IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 NEG = -1e30  # finite: a fully masked row gives a uniform softmax, not NaN

@@ -22,11 +22,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from meljax import sharding as shd
 from meljax.models import output_folder, safetensors_io
 from meljax.models.config import ModelConfig, resolve_dtype
 from meljax.models.layers import layer_weights
 from meljax.models.transformer import Transformer
+from meljax.runtime import sharding as shd
 
 Path = tuple  # an nnx state path such as ("layers", "attn", "q_proj")
 

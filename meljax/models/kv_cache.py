@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from meljax import sharding as shd
 from meljax.models.config import ModelConfig
+from meljax.runtime import sharding as shd
 
 Cache = dict[str, jax.Array] | tuple[dict[str, jax.Array], ...]
 _FORCED_LAYOUT: contextvars.ContextVar[str | None] = contextvars.ContextVar(

@@ -13,12 +13,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from meljax import sharding as shd
 from meljax.models import kv_cache
 from meljax.models.attention import attention
 from meljax.models.config import ModelConfig
+from meljax.runtime import sharding as shd
 
-# logical axes of the activations (see meljax.sharding): rows over the data axes, features of
+# logical axes of the activations (see meljax.runtime.sharding): rows over the data axes, features of
 # the residual stream replicated, heads / MLP features over ``tensor``.
 RESIDUAL = ("batch", None, None)
 HEADS = ("batch", None, "heads", None)

@@ -5,7 +5,7 @@ Accepted, in this order:
     converted once into the meljax cache;
   - an existing local folder, or a local ``.gguf`` file (converted once into the cache);
   - a remote folder (``gs://bucket/models/x``, any ``scheme://`` the file layer opens), copied
-    once into the cache through :mod:`meljax.files` (the layer a run's outputs use);
+    once into the cache through :mod:`meljax.runtime.files` (the layer a run's outputs use);
   - a Hugging Face hub id ``org/name`` or ``org/name@revision``, fetched with
     ``huggingface_hub.snapshot_download`` (weights, config and tokenizer files only) into the
     hub cache; ``HF_HUB_OFFLINE=1`` uses that cache alone.
@@ -122,7 +122,7 @@ def copy_remote(spec: str) -> str:
     """
     import fnmatch
 
-    from meljax import files
+    from meljax.runtime import files
 
     out = remote_cache_path(spec)
     if os.path.exists(os.path.join(out, _COMPLETE)):

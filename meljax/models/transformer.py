@@ -1,7 +1,7 @@
 """One decoder-only transformer for the Llama / SmolLM2 / Qwen2 / Qwen3 family (flax nnx).
 
 Weights are stored in JAX layout (``[in, out]``, heads split out) and each carries logical axis
-names under the ``logical_axes`` metadata key (see ``meljax.sharding``). Every per-layer weight is
+names under the ``logical_axes`` metadata key (see ``meljax.runtime.sharding``). Every per-layer weight is
 stacked along a leading ``[num_layers]`` axis (logical axis ``"layers"``, never sharded) under
 ``model.layers`` (paths like ``("layers", "attn", "q_proj")``, see ``layers.layer_weights``).
 
@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meljax import sharding as shd
 from meljax.models import kv_cache
 from meljax.models.config import REMAT_POLICIES, ModelConfig
 from meljax.models.kv_cache import Cache, cache_bytes, init_cache
@@ -46,6 +45,7 @@ from meljax.models.layers import (
     rms_norm,
     rope_inv_freq,
 )
+from meljax.runtime import sharding as shd
 
 _INITS = {
     "normal": nnx.initializers.normal(0.02),

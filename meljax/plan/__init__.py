@@ -146,11 +146,11 @@ def plan(
       progress: called with a line before and after each compile.
       dump_dir: write each compiled program's HLO text there (``<name>.hlo.txt``).
     """
-    from meljax import sharding as shd
-    from meljax.config import validate
+    from meljax.config.settings import validate
     from meljax.plan.analysis import analyse
     from meljax.plan.architectures import resolve_model_config
     from meljax.plan.programs import build_run_model, run_programs
+    from meljax.runtime import sharding as shd
 
     target = resolve_target(topology)
     validate(cfg, len(target.devices))

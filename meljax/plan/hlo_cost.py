@@ -2,7 +2,7 @@
 
 XLA's ``cost_analysis()`` counts the body of every ``while`` loop ONCE, whatever its trip count,
 so a scanned update (micro-batches, log-prob chunks, scanned layers) or a decode loop is
-under-counted by its trip count. This walk over the HLO text (:mod:`meljax.hlo`) weights every
+under-counted by its trip count. This walk over the HLO text (:mod:`meljax.plan.hlo`) weights every
 computation by how often it runs:
 
 - a ``while`` whose condition compares its counter with a constant (``lax.scan``,
@@ -29,7 +29,7 @@ import dataclasses
 import math
 import re
 
-from meljax.hlo import (
+from meljax.plan.hlo import (
     Collective,
     Computation,
     Instruction,
@@ -153,7 +153,7 @@ class CollectiveRun:
       bytes: the full array it moves (the larger of its inputs and outputs).
       count: runs per program call (loop trip counts applied).
       group_size: devices per replica group (``None`` when not parsed).
-      collective: the instruction (:class:`meljax.hlo.Collective`).
+      collective: the instruction (:class:`meljax.plan.hlo.Collective`).
     """
 
     kind: str

@@ -1,12 +1,12 @@
 """Which jitted programs a training run launches, at which shapes: the one place that knows.
 
-Each :class:`Program` is built from the trainer's own pieces (the rollout engine with
-``setup.engine_options``, ``make_train_step``, ``make_compute_logprobs``, the batch builders)
-with the config's worst-case sizes, and lowered ahead of time on abstract weights, so nothing
-is allocated. When the run changes what it launches (a new pass), this file is what to extend:
-add a ``Program`` to :func:`run_programs`.
+Each :class:`Program` is built from the run's own pieces (the rollout engine with
+``setup.engine_options``, the update and log-prob programs of
+:func:`meljax.trainer.run.update_programs`, the batch builders) with the config's worst-case
+sizes, and lowered ahead of time on abstract weights, so nothing is allocated. A new kind of
+pass in :func:`meljax.trainer.run.step` needs its ``Program`` here.
 
-Sampling passes run on the continuous-batching engine (:mod:`meljax.sampling.aot`): one
+Sampling passes run on the continuous-batching engine (:mod:`meljax.plan.engine_programs`): one
 ``rollout_weights`` program (the decode copy of the weights, once per update) and, per pass
 (``rollout``, ``analysis``, ``replay``, ``eval``), its largest ``_prefill``, its slot copy
 ``_insert`` and one ``_decode`` segment at the largest attended length.
@@ -38,15 +38,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from meljax import sharding as shd
-from meljax.batch import TrainBatch, build_policy_batch, build_sequence_batch
-from meljax.buckets import bucket
-from meljax.config import settings
+from meljax.config.settings import settings
 from meljax.meta import templates
 from meljax.models import ModelConfig, abstract_model
-from meljax.optim import make_optimizer
-from meljax.policy import resolve_instruction
-from meljax.train_step import make_compute_logprobs, make_train_step, train_state_shardings
+from meljax.rl.batch import TrainBatch, build_policy_batch, build_sequence_batch
+from meljax.rl.update import train_state_shardings
+from meljax.runtime import sharding as shd
+from meljax.runtime.buckets import bucket
+from meljax.sampling.policy import resolve_instruction
+from meljax.trainer.run import update_programs
 
 
 @dataclasses.dataclass
@@ -117,7 +117,7 @@ def build_run_model(cfg: ml_collections.ConfigDict, mesh, model_config: ModelCon
 
     graphdef, params = abstract_model(model_config)
     graphdef, params = nnx.split(nnx.merge(graphdef, params), nnx.Param)
-    optimizer, _ = make_optimizer(settings(cfg).optim)
+    optimizer = update_programs(settings(cfg), graphdef, mesh).optimizer
     state = jax.eval_shape(lambda p: setup.init_state(cfg, p, optimizer, mesh), params)
     state = attach_shardings(state, train_state_shardings(state, mesh))
     ref = state.params if cfg.algorithm.kl_beta > 0 else None
@@ -149,8 +149,8 @@ def replay_prompt_bound(cfg: ml_collections.ConfigDict) -> int:
 
 def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Program]:
     """Every jitted program ``meljax train`` launches with ``cfg`` on ``mesh``, worst case."""
+    from meljax.plan.engine_programs import lower_engine_programs
     from meljax.sampling import ContinuousEngine, SamplingParams
-    from meljax.sampling.aot import lower_engine_programs
     from meljax.trainer import setup
 
     dp = shd.data_parallel_size(mesh)
@@ -159,7 +159,7 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
     r = cfg.rollout
     # token ids do not change shapes
     engine = ContinuousEngine(
-        graphdef, stop_token_ids=[0], pad_id=0, mesh=mesh, **setup.engine_options(cfg)
+        graphdef, stop_token_ids=[0], pad_id=0, mesh=mesh, **setup.engine_options(s)
     )
     all_resident = tuple(run.resident)
     not_params = tuple(k for k in all_resident if k != "state.params")
@@ -245,13 +245,12 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
     else:  # the all-padding NLL batch the loop passes without MEL
         nll = build_sequence_batch([], [], min_rows=dp, batch_multiple=dp, max_len=bucket(1))
     batch = _abstract(TrainBatch(policy=policy, mel=nll))
+    fns = update_programs(s, graphdef, mesh)
     policy_rows, t = batch.policy.seq.tokens.shape
     micro = cfg.algorithm.num_microbatches
 
     if cfg.algorithm.kl_beta > 0 or cfg.algorithm.old_logprobs == "recompute":
-        logprobs = make_compute_logprobs(
-            graphdef, mesh=mesh, chunk_size=cfg.algorithm.logprob_chunk
-        )
+        logprobs = fns.compute_logprobs
         first = run.ref_params if run.ref_params is not None else params
         uses = "reference (algorithm.kl_beta > 0)" if run.ref_params is not None else "old"
         programs.append(
@@ -267,15 +266,7 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
             )
         )
 
-    optimizer, schedule = make_optimizer(s.optim)
-    train_step = make_train_step(
-        graphdef,
-        optimizer,
-        s.loss,
-        mesh=mesh,
-        num_microbatches=micro,
-        schedule=schedule,
-    )
+    train_step = fns.train_step
     nll_rows, nll_t = batch.mel.tokens.shape
     programs.append(
         Program(

@@ -45,7 +45,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from meljax import multihost
 from meljax.rewards.extract import clip_tail
 from meljax.rewards.guard import (
     READY,
@@ -56,6 +55,7 @@ from meljax.rewards.guard import (
     warm_up,
 )
 from meljax.rewards.verify import RewardConfig, RewardResult, score_one
+from meljax.runtime import multihost
 
 ScoreFn = Callable[[str, str, RewardConfig], RewardResult]
 

@@ -17,15 +17,15 @@ import logging
 import re
 from typing import Any
 
+from meljax.config.schema import option, validate_fields
 from meljax.rewards.extract import MODES, clip_tail, extract_answer, nesting_depth
-from meljax.schema import option, validate_fields
 
 REASONS: tuple[str, ...] = ("correct", "no_answer", "parse_error", "mismatch", "timeout", "crash")
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """How completions are scored (config section ``reward``; see ``meljax.schema``)."""
+    """How completions are scored (config section ``reward``; see ``meljax.config.schema``)."""
 
     mode: str = option(
         "boxed", "answer extraction: boxed | last_number | boxed_or_last_number", choices=MODES

@@ -1,7 +1,7 @@
 """Sampling: the continuous-batching engine, token selection, and a text helper.
 
-``Sampler`` / ``SamplerEngine`` (the static-batch sampler) remain as the reference the engine
-is tested and benchmarked against; the product samples through ``ContinuousEngine``.
+The static-batch reference sampler the engine is tested and benchmarked against lives in
+``tests/reference_sampler.py``; the product samples through ``ContinuousEngine``.
 """
 
 from meljax.sampling.engine import (
@@ -13,13 +13,6 @@ from meljax.sampling.engine import (
     Request,
 )
 from meljax.sampling.generate import generate, sample_model
-from meljax.sampling.sampler import (
-    SampleOutput,
-    Sampler,
-    SamplerEngine,
-    SampleResult,
-    sample_core,
-)
 from meljax.sampling.select import (
     SamplingParams,
     filter_logits,
@@ -35,14 +28,9 @@ __all__ = [
     "Generation",
     "InferenceWeights",
     "Request",
-    "SampleOutput",
-    "SampleResult",
-    "Sampler",
-    "SamplerEngine",
     "SamplingParams",
     "filter_logits",
     "generate",
-    "sample_core",
     "sample_model",
     "select_tokens",
     "select_tokens_rows",

@@ -2,7 +2,7 @@
 
 A :class:`Request` is a prompt (token ids), its sampling controls and its group size ``G``
 (``sampling.num_samples``); an engine returns, for every request, ``G`` :class:`Generation`
-records (tokens, log-probabilities, truncation flag). :class:`meljax.policy.Policy` is the only
+records (tokens, log-probabilities, truncation flag). :class:`meljax.sampling.policy.Policy` is the only
 caller: it encodes prompts, applies stop strings and decodes text on top of an engine.
 
 :class:`ContinuousEngine` (continuous batching; programs in :mod:`meljax.sampling.slots`):
@@ -80,10 +80,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meljax import sharding as shd
-from meljax.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
 from meljax.models.config import resolve_dtype
 from meljax.models.kv_cache import cache_bytes
+from meljax.runtime import sharding as shd
+from meljax.runtime.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
 from meljax.sampling import schedule, slots, warm
 from meljax.sampling.protocol import Engine, EngineStats, Generation, Request, checked_prompts
 from meljax.sampling.select import config_from_graphdef, format_bytes

@@ -1,4 +1,4 @@
-"""Text in, text out through :class:`meljax.policy.Policy`: notebooks, ``meljax sample``, checks."""
+"""Text in, text out through :class:`meljax.sampling.policy.Policy`: notebooks, ``meljax sample``, checks."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def generate(
       seed: PRNG seed; the same seed gives the same completions.
       chat: without ``prompt``: one user turn of the chat template (``True``) or the bare text
         (``False``); ``None``: the chat template when the tokenizer has one (base models: raw).
-      prompt: a :class:`meljax.policy.PromptConfig` (e.g. a training run's ``data`` settings),
+      prompt: a :class:`meljax.sampling.policy.PromptConfig` (e.g. a training run's ``data`` settings),
         so the prompts, BOS and stops are exactly those of training.
       max_slots: most decode slots (0: one per sample; fewer bound the KV cache, and the
         samples that do not fit wait for free slots).
@@ -46,7 +46,7 @@ def generate(
       One list of ``num_samples`` completion texts per prompt (special tokens stripped, cut
       before any stop string). Generation stops at the policy's stop tokens.
     """
-    from meljax.policy import Policy, PromptConfig
+    from meljax.sampling.policy import Policy, PromptConfig
 
     if not prompts:
         return []
@@ -88,7 +88,7 @@ def sample_model(
       sampling: the sampling controls.
       seed, dtype, cache_dtype, chat: PRNG seed, compute dtype, KV-cache dtype (``None``: the
         compute dtype), chat-template wrapping (when ``prompt`` is not given).
-      prompt: a :class:`meljax.policy.PromptConfig` (rendering, BOS, stop strings).
+      prompt: a :class:`meljax.sampling.policy.PromptConfig` (rendering, BOS, stop strings).
       echo: where the lines go (``print`` by default).
 
     Prints each completion (with its token count and a ``[truncated]`` mark) and the engine's
@@ -99,7 +99,7 @@ def sample_model(
       ValueError: no prompt or bad sampling controls; FileNotFoundError: no such model.
     """
     from meljax.models import from_pretrained, load_tokenizer, resolve_model_path
-    from meljax.policy import Policy, PromptConfig
+    from meljax.sampling.policy import Policy, PromptConfig
 
     if not prompts:
         raise ValueError("give at least one --prompt")

@@ -1,4 +1,4 @@
-"""The sampling seam: what :class:`meljax.policy.Policy` sends an engine and gets back.
+"""The sampling seam: what :class:`meljax.sampling.policy.Policy` sends an engine and gets back.
 
 A :class:`Request` is a prompt (token ids), its sampling controls and its group size ``G``
 (``sampling.num_samples``); an :class:`Engine` returns, for every request, ``G``
@@ -71,7 +71,7 @@ class Generation:
 
 
 class Engine(Protocol):
-    """What :class:`meljax.policy.Policy` needs from a sampling engine."""
+    """What :class:`meljax.sampling.policy.Policy` needs from a sampling engine."""
 
     max_prompt_len: int | None  # longer prompts are cut from the left; None: no limit
 

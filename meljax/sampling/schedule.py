@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from meljax.buckets import bucket
+from meljax.runtime.buckets import bucket
 from meljax.sampling.protocol import Request
 
 

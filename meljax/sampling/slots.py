@@ -40,9 +40,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meljax import sharding as shd
 from meljax.models import kv_cache
 from meljax.models.kv_cache import init_cache
+from meljax.runtime import sharding as shd
 from meljax.sampling.select import (
     config_from_graphdef,
     select_tokens_rows,

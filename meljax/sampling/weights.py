@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from meljax import sharding as shd
 from meljax.models.layers import layer_weights
+from meljax.runtime import sharding as shd
 from meljax.sampling.select import config_from_graphdef
 
 

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from meljax import files
+from meljax.runtime import files
 from meljax.trainer.workdir import CONFIG_FILE, on_process_0
 
 CHECKPOINT_DIR = "checkpoints"
@@ -217,7 +217,7 @@ def has_checkpoint(workdir: str) -> bool:
     cfg_file = files.path(workdir, CONFIG_FILE)
     if not cfg_file.exists():
         return False
-    from meljax.config import config_from_json
+    from meljax.config.settings import config_from_json
 
     try:
         cfg = config_from_json(cfg_file.read_text())
@@ -234,7 +234,7 @@ def load_policy_from_workdir(workdir: str, step: int | None = None, *, mesh=None
     """
     from flax import nnx
 
-    from meljax.config import config_from_json
+    from meljax.config.settings import config_from_json
     from meljax.trainer import setup
 
     cfg_file = files.path(workdir, CONFIG_FILE)

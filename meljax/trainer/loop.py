@@ -13,29 +13,19 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
 
-from meljax import files, heldout, multihost
-from meljax import sharding as shd
-from meljax.batch import TrainBatch, build_sequence_batch
-from meljax.buckets import bucket
-from meljax.config import config_from_json, settings
-from meljax.meta import META_LOG_FILE, MetaExperiencePipeline
+from meljax.config.settings import config_from_json
+from meljax.meta import META_LOG_FILE
 from meljax.meta.lessons import overhead_line
 from meljax.models import save_pretrained
-from meljax.optim import make_optimizer
-from meljax.train_step import (
-    make_compute_logprobs,
-    make_train_step,
-    train_on_batch,
-)
-from meljax.trainer import setup
+from meljax.report import heldout
+from meljax.runtime import files
 from meljax.trainer import workdir as run_folder
 from meljax.trainer.checkpointing import CONFIG_FILE, Checkpointer, checkpoint_dir
 from meljax.trainer.metrics import MetricsWriter, Progress, read_metrics
-from meljax.trainer.rollout import run_rollouts
+from meljax.trainer.run import Interrupted, build_run, step
 from meljax.trainer.stop import Preempted, StopSignal
 from meljax.trainer.wandb_log import build_loggers
 
@@ -134,12 +124,6 @@ class PeriodicEval:
         return out
 
 
-def _scalars(metrics: list[dict]) -> dict[str, float]:
-    """Update metrics (device scalars) of the step's last update, on the host."""
-    last = shd.to_host(metrics[-1])
-    return {f"train/{k}": float(np.asarray(v)) for k, v in last.items()}
-
-
 def _export(graphdef, params, tokenizer, workdir: str, dtype: str, is_chief: bool) -> str:
     """``WORKDIR/export`` (a Hugging Face folder), staged locally for a remote workdir.
 
@@ -189,41 +173,16 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
             workdir, cfg, ckpt.latest_step(), allow_config_change
         )
     )
-    mesh = setup.build_mesh(cfg)
-    dp = shd.data_parallel_size(mesh)
-    s = settings(cfg, data_parallel=dp)
-    model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
-    graphdef, params = nnx.split(model, nnx.Param)
-    del model
-
-    optimizer, schedule = make_optimizer(s.optim)
-    state = setup.init_state(cfg, params, optimizer, mesh)
-    ref_params = (
-        jax.tree.map(lambda x: x.copy(), state.params) if cfg.algorithm.kl_beta > 0 else None
-    )
-    del params
-    train_step = make_train_step(
-        graphdef,
-        optimizer,
-        s.loss,
-        mesh=mesh,
-        num_microbatches=s.update.num_microbatches,
-        schedule=schedule,
-    )
-    compute_logprobs = make_compute_logprobs(
-        graphdef, mesh=mesh, chunk_size=s.loss.logprob_chunk_size
-    )
-    policy = setup.build_policy(cfg, graphdef, tokenizer, mesh)
-    source, skipped_rows = setup.build_problem_source(cfg)
-    data_iter = setup.build_data_iterator(cfg, source)
-
+    run = build_run(cfg, workdir, is_chief=is_chief)
+    s, data_iter = run.settings, run.data_iter
     writer = MetricsWriter(
         workdir,
         is_chief=is_chief,
         tensorboard=s.logging.tensorboard,
         loggers=build_loggers(cfg, workdir, is_chief=is_chief),
     )
-    start, state, extra = ckpt.restore_latest(state)  # a corrupt latest one: the one before
+    start, state, extra = ckpt.restore_latest(run.state)  # a corrupt latest one: the one before
+    run.state = None  # the loop's ``state`` is the only live one (the update donates it)
     if start:
         data_iter.set_state(extra["data_iterator"])
         logging.info("resumed from step %d in %s", start, workdir)
@@ -235,25 +194,15 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
             files.path(workdir, META_LOG_FILE), lambda r: r.get("step", 0) <= start
         )
         run_folder.record_config(workdir, cfg, changes, start)
-        if skipped_rows:
-            logging.warning("data: %d bad rows skipped", skipped_rows)
+        if run.skipped_rows:
+            logging.warning("data: %d bad rows skipped", run.skipped_rows)
 
-    verifier = setup.build_verifier(cfg)
-    pipeline = None
-    if s.loss.use_mel:
-        pipeline = MetaExperiencePipeline(
-            policy=policy, verifier=verifier, config=s.meta, workdir=workdir, is_chief=is_chief
-        )
-    # Without MEL the update still takes a (tiny, all-padding) NLL batch: one code path.
-    no_mel = build_sequence_batch(
-        [], [], pad_id=policy.pad_id, min_rows=dp, batch_multiple=dp, max_len=bucket(1)
-    )
     evaluator = None
     if s.eval.every_steps or s.eval.at_start:
-        evaluator = PeriodicEval(cfg, workdir, policy, verifier, s.eval)
+        evaluator = PeriodicEval(cfg, workdir, run.policy, run.verifier, s.eval)
     if is_chief:  # the rollout's slot pool, sized from rollout.max_slots / kv_budget_gib
         r = s.rollout
-        pool = policy.engine.describe(
+        pool = run.policy.engine.describe(
             r.num_questions * r.group_size, s.prompt.max_prompt_tokens or 512, r.max_new_tokens
         )
         logging.info("rollout engine: %s", pool)
@@ -263,101 +212,47 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     stop = StopSignal()
     saved = start
 
-    def save(step: int, iterator_state) -> None:
+    def save(step_num: int, iterator_state) -> None:
         nonlocal saved
         ckpt.save(
-            step, state, {"data_iterator": iterator_state, "config": cfg.to_json(), "step": step}
+            step_num,
+            state,
+            {"data_iterator": iterator_state, "config": cfg.to_json(), "step": step_num},
         )
-        saved = step
+        saved = step_num
 
     try:
         if evaluator is not None and s.eval.at_start and start == 0:
             t_eval = time.perf_counter()
             metrics = evaluator(0, state.params)
             writer.write(0, metrics | {"time/eval": time.perf_counter() - t_eval})
-        for step in range(start + 1, cfg.total_steps + 1):
-            t_step = time.perf_counter()
-            k_rollout, k_meta = jax.random.split(jax.random.fold_in(base_key, step))
+        for step_num in range(start + 1, cfg.total_steps + 1):
             before = data_iter.get_state()
             problems = next(data_iter)
-            policy.set_params(state.params)
-            ro = run_rollouts(
-                policy=policy,
-                verifier=verifier,
-                problems=problems,
-                sampling=s.rollout.sampling(),
-                key=k_rollout,
-                advantage=s.loss.advantage,
-                adv_eps=s.loss.adv_eps,
-                batch_multiple=dp,
-            )
-            if stop.requested():
-                raise _Abandon(step, before)
-            metrics = ro.metrics()
-            timings = {f"time/{k}": v for k, v in ro.timings.items()}
-            mel_batch, statuses = no_mel, []
-            if pipeline is not None:
-                meta = pipeline.run(
-                    step, problems, ro.texts, ro.rewards, s.rollout.group_size, k_meta
+            key = jax.random.fold_in(base_key, step_num)
+            try:
+                state, record = step(
+                    run, state, problems, key, step_num, stop_requested=stop.requested
                 )
-                mel_batch = meta.batch
-                statuses = [r["status"] for r in meta.records]
-                metrics.update(meta.metrics())
-                metrics["retention_ratio"] = meta.retention_ratio
-                timings["time/meta_analysis"] = meta.timings.get("analysis_s", 0.0)
-                timings["time/meta_replay"] = meta.timings.get("replay_s", 0.0)
-            policy_batch = ro.batch
-            multihost.check_agreement(
-                f"step {step}",
-                {
-                    "rewards": ro.rewards,
-                    "policy batch": jax.tree.leaves(policy_batch),
-                    "meta-experiences": statuses,
-                    "NLL batch": jax.tree.leaves(mel_batch),
-                },
-            )
-            if stop.requested():
-                raise _Abandon(step, before)
-            if ref_params is not None:
-                policy_batch = policy_batch.replace(
-                    ref_logprobs=compute_logprobs(ref_params, policy_batch.seq)
-                )
-            policy.clear_params()  # the decode copy of the weights is not needed by the update
-            t_update = time.perf_counter()
-            state, updates = train_on_batch(
-                state,
-                TrainBatch(policy=policy_batch, mel=mel_batch),
-                train_step,
-                num_passes=s.update.num_passes,
-                old_logprobs=s.update.old_logprobs,
-                compute_logprobs=compute_logprobs,
-            )
-            metrics.update(_scalars(updates))
-            timings["time/update"] = time.perf_counter() - t_update
-            timings["time/step"] = time.perf_counter() - t_step
-            metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(
-                ro.timings["rollout"], 1e-9
-            )
-            train_tokens = float(
-                np.asarray(policy_batch.seq.kv_mask).sum() + np.asarray(mel_batch.kv_mask).sum()
-            )
-            metrics["update_tokens_per_s"] = train_tokens / max(timings["time/update"], 1e-9)
+            except Interrupted:
+                raise _Abandon(step_num, before) from None
+            metrics = record.metrics
             if (
                 evaluator is not None
                 and s.eval.every_steps
-                and (step % s.eval.every_steps == 0 or step == cfg.total_steps)
+                and (step_num % s.eval.every_steps == 0 or step_num == cfg.total_steps)
             ):
                 t_eval = time.perf_counter()
-                metrics.update(evaluator(step, state.params))
-                timings["time/eval"] = time.perf_counter() - t_eval
-            metrics.update(timings)
-            writer.write(step, metrics)
-            progress.update(step, cfg.total_steps, metrics)
+                metrics.update(evaluator(step_num, state.params))
+                metrics["time/eval"] = time.perf_counter() - t_eval
+            writer.write(step_num, metrics)
+            progress.update(step_num, cfg.total_steps, metrics)
             stopping = stop.requested()
-            if step % s.checkpoint.every_steps == 0 or step == cfg.total_steps or stopping:
-                save(step, data_iter.get_state())
+            last = step_num == cfg.total_steps
+            if step_num % s.checkpoint.every_steps == 0 or last or stopping:
+                save(step_num, data_iter.get_state())
             if stopping:
-                raise Preempted(step, step, workdir)
+                raise Preempted(step_num, step_num, workdir)
     except _Abandon as a:
         # The step is dropped; its records (if any) are truncated away on resume.
         if a.step - 1 > saved:
@@ -366,12 +261,14 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     finally:
         stop.close()
         progress.close()
-        verifier.close()
+        run.close()
         writer.close()
         ckpt.close()
     export_dir = None
     if s.export.at_end and cfg.total_steps > start:
-        export_dir = _export(graphdef, state.params, tokenizer, workdir, s.export.dtype, is_chief)
+        export_dir = _export(
+            run.graphdef, state.params, run.tokenizer, workdir, s.export.dtype, is_chief
+        )
     return TrainSummary(
         workdir=workdir,
         start_step=start,

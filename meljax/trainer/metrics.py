@@ -10,7 +10,7 @@ import time
 
 from absl import logging
 
-from meljax import files
+from meljax.runtime import files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,7 +31,7 @@ class MetricsWriter:
     hands every record to ``loggers`` (objects with ``log(step, metrics)`` and ``close()``,
     e.g. :class:`meljax.trainer.wandb_log.WandbLogger`).
 
-    Everything goes to the workdir through :mod:`meljax.files` (gs:// included). TensorBoard
+    Everything goes to the workdir through :mod:`meljax.runtime.files` (gs:// included). TensorBoard
     writes local event files; for a remote workdir they are written to a local staging folder
     and copied to ``WORKDIR/tensorboard`` after every step.
     """
@@ -60,7 +60,7 @@ class MetricsWriter:
     def truncate_after(self, step: int) -> None:
         """Drops records newer than ``step`` (written after the checkpoint a resume starts from),
         so a resumed run's file reads as if it had never stopped; unreadable lines are kept
-        (see :func:`meljax.files.truncate_jsonl`)."""
+        (see :func:`meljax.runtime.files.truncate_jsonl`)."""
         if self.is_chief:
             files.truncate_jsonl(self.path, lambda r: r.get("step", 0) <= step)
 

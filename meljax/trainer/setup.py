@@ -6,7 +6,6 @@ import jax
 import ml_collections
 from flax import nnx
 
-from meljax import sharding as shd
 from meljax.data import ArithmeticProblems, load_problems, make_problem_iterator
 from meljax.models import (
     ModelConfig,
@@ -16,6 +15,7 @@ from meljax.models import (
     resolve_model_path,
 )
 from meljax.models.tokenizer import make_tiny_tokenizer
+from meljax.runtime import sharding as shd
 
 
 def build_mesh(cfg: ml_collections.ConfigDict):
@@ -62,7 +62,7 @@ def random_model_config(cfg: ml_collections.ConfigDict, tokenizer) -> ModelConfi
 def init_state(cfg: ml_collections.ConfigDict, params, optimizer, mesh):
     """The run's ``TrainState``: master weights and Adam moments in ``optim.master_dtype``
     (float32 unless asked otherwise, whatever ``model.param_dtype`` stores the weights in)."""
-    from meljax.train_step import init_train_state
+    from meljax.rl.update import init_train_state
 
     return init_train_state(params, optimizer, mesh, master_dtype=cfg.optim.master_dtype)
 
@@ -73,13 +73,10 @@ def _dt(name: str):
     return resolve_dtype(name)
 
 
-def engine_options(cfg: ml_collections.ConfigDict) -> dict:
-    """The rollout engine's settings (``ContinuousEngine`` keywords) of a run: its prompt
-    limit covers the longest prompt it is sent (the filled analysis prompt); ``max_slots``
-    0 means one slot per rollout sample (``num_questions x group_size``)."""
-    from meljax.config import settings
-
-    s = settings(cfg)
+def engine_options(s) -> dict:
+    """The rollout engine's settings (``ContinuousEngine`` keywords) of a run with settings
+    ``s``: its prompt limit covers the longest prompt it is sent (the filled analysis prompt);
+    ``max_slots`` 0 means one slot per rollout sample (``num_questions x group_size``)."""
     r = s.rollout
     return {
         "cache_dtype": r.cache_dtype or None,
@@ -92,13 +89,13 @@ def engine_options(cfg: ml_collections.ConfigDict) -> dict:
     }
 
 
-def build_policy(cfg: ml_collections.ConfigDict, graphdef, tokenizer, mesh=None):
-    """The run's :class:`~meljax.policy.Policy`: rollouts, MEL analyses and replays and the
-    periodic evaluation all sample through it (one continuous-batching engine)."""
-    from meljax.config import settings
-    from meljax.policy import Policy
+def build_policy(s, graphdef, tokenizer, mesh=None):
+    """The run's :class:`~meljax.sampling.policy.Policy` (settings ``s``): rollouts, MEL
+    analyses and replays and the periodic evaluation all sample through it (one
+    continuous-batching engine)."""
+    from meljax.sampling.policy import Policy
 
-    return Policy.build(graphdef, tokenizer, settings(cfg).prompt, mesh=mesh, **engine_options(cfg))
+    return Policy.build(graphdef, tokenizer, s.prompt, mesh=mesh, **engine_options(s))
 
 
 def build_problem_source(cfg: ml_collections.ConfigDict):
@@ -167,9 +164,9 @@ def build_data_iterator(cfg: ml_collections.ConfigDict, source):
     )
 
 
-def build_verifier(cfg: ml_collections.ConfigDict):
-    """The run's :class:`~meljax.rewards.Verifier` (host-shared on several processes)."""
-    from meljax.config import settings
+def build_verifier(s):
+    """The run's :class:`~meljax.rewards.Verifier` (``s.reward``; host-shared on several
+    processes)."""
     from meljax.rewards import Verifier
 
-    return Verifier(settings(cfg).reward)
+    return Verifier(s.reward)

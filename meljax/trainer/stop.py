@@ -7,7 +7,7 @@ import threading
 
 from absl import logging
 
-from meljax import multihost
+from meljax.runtime import multihost
 
 
 class Preempted(Exception):

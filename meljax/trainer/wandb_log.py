@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from meljax import files
+from meljax.runtime import files
 
 RUN_ID_FILE = "wandb_run_id"
 MODES = ("", "online", "offline", "disabled")

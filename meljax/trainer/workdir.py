@@ -31,7 +31,7 @@ from typing import Any
 
 from absl import logging
 
-from meljax import files, multihost
+from meljax.runtime import files, multihost
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = "train.lock"
@@ -233,7 +233,7 @@ def _flat(node: dict, prefix: str = "") -> dict[str, Any]:
 
 def _as_saved(text: str) -> dict[str, Any]:
     """A saved ``config.json`` as flat JSON values, fields added since at their defaults."""
-    from meljax.config import config_from_json
+    from meljax.config.settings import config_from_json
 
     try:
         return _flat(json.loads(config_from_json(text).to_json()))

@@ -4,11 +4,10 @@ import os
 import subprocess
 import sys
 
-from test_sampling import tiny_model
-
 from meljax.commands import compile_cache
 from meljax.models import save_pretrained
 from meljax.models.tokenizer import make_tiny_tokenizer
+from tests.sampling.test_sampling import tiny_model
 
 
 def test_cache_path_follows_the_environment(monkeypatch, tmp_path):

@@ -6,9 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_sampling import tiny_model
 
-from meljax import files
 from meljax.models import (
     from_pretrained,
     load_tokenizer,
@@ -17,6 +15,8 @@ from meljax.models import (
     sources,
 )
 from meljax.models.tokenizer import make_tiny_tokenizer
+from meljax.runtime import files
+from tests.sampling.test_sampling import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -1,0 +1,390 @@
+"""The training configuration, declared once: the settings dataclasses ARE the schema.
+
+Every field, its default, its meaning, its choices and limits are declared in one dataclass
+(:data:`SCHEMA` lists them by config section); :func:`base_config` builds the ``ConfigDict``
+from them and :func:`settings` / :func:`validate` build them back from it (see
+:mod:`meljax.config.schema`). ``python -m meljax.config.settings`` prints every field with its comment.
+
+Config files in ``configs/`` start from :func:`base_config` and override fields; the command line
+overrides further (``--config.rollout.group_size=8``). The returned ``ConfigDict`` is locked, so a
+misspelt key is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import ml_collections
+
+from meljax.config.schema import (
+    build_config,
+    check_keys,
+    describe,
+    from_section,
+    option,
+    validate_fields,
+)
+from meljax.evaluation.report import EvalConfig
+from meljax.meta.pipeline import MetaConfig
+from meljax.rewards.verify import RewardConfig
+from meljax.rl.objective import LossConfig
+from meljax.rl.optim import OptimizerConfig
+from meljax.sampling import SamplingParams
+from meljax.sampling.policy import PromptConfig, resolve_instruction
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    seed: int = option(0, "master seed: data order, sampling keys, pair selection", minimum=0)
+    total_steps: int = option(10, "optimizer steps of the run; rerun larger to continue", minimum=1)
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    path: str = option("demo", 'HF folder, a .gguf file, or "demo" (the embedded SmolLM2-135M)')
+    tokenizer: str = option("", 'tokenizer folder; "" = model.path')
+    dtype: str = option("float32", "compute dtype of activations", choices=DTYPES)
+    param_dtype: str = option(
+        "float32",
+        "storage dtype of loaded weights (training keeps optim.master_dtype)",
+        choices=DTYPES,
+    )
+    random_init: bool = option(False, "True: random weights from model.random (tests, smoke runs)")
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomModelSettings:
+    model_type: str = option("llama", "architecture family", choices=("llama", "qwen2", "qwen3"))
+    hidden_size: int = option(32, "d_model", minimum=1)
+    intermediate_size: int = option(64, "MLP width", minimum=1)
+    num_layers: int = option(2, "decoder blocks", minimum=1)
+    num_heads: int = option(4, "query heads", minimum=1)
+    num_kv_heads: int = option(2, "key/value heads (GQA)", minimum=1)
+    head_dim: int = option(8, "per-head width", minimum=1)
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = option(
+        "arithmetic",
+        "arithmetic (procedural) | file | tfds (array_record)",
+        choices=("arithmetic", "file", "tfds"),
+    )
+    path: str = option(
+        "",
+        "source=file: a JSONL / JSON / Parquet file or folder (local, gs://, ...); source=tfds: "
+        "a TFDS dataset folder (meljax.data.tfds_builder or any builder, array_record) or the "
+        "name of a dataset prepared under data.tfds_data_dir (never downloaded)",
+    )
+    preset: str = option(
+        "",
+        'layout preset (dapo_math_17k, math500, ...); "" = infer from the path, else the '
+        "question / answer (/ id) fields",
+    )
+    split: str = option("train", 'source=tfds: the split to read (slices such as "train[:1000]")')
+    tfds_data_dir: str = option(
+        "", 'source=tfds with a dataset name: its data dir ("" = the tfds default)'
+    )
+    limit: int = option(0, "use only the first N problems (0 = all)", minimum=0)
+    on_bad_row: str = option(
+        "error", "skipped rows are counted and logged", choices=("error", "skip")
+    )
+    shuffle: bool = option(True, "shuffle questions each epoch (seeded)")
+    arithmetic_min: int = option(0, "smallest operand of procedural problems")
+    arithmetic_max: int = option(9, "largest operand")
+    arithmetic_ops: str = option("+", 'operators to draw from, e.g. "+-*"')
+    arithmetic_exclude: str = option(
+        "",
+        "a file of problems (question field) that procedural problems never produce: keeps a "
+        'held-out evaluation set out of training ("" = none)',
+    )
+
+    def __post_init__(self):
+        validate_fields(self)
+        if self.source in ("file", "tfds") and not self.path:
+            raise ValueError(f"data.source={self.source!r} needs data.path")
+        if self.arithmetic_min > self.arithmetic_max:
+            raise ValueError("data.arithmetic_min is larger than data.arithmetic_max")
+        bad = set(self.arithmetic_ops) - set("+-*")
+        if bad:
+            raise ValueError(f"data.arithmetic_ops has unsupported operators {sorted(bad)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    num_questions: int = option(4, "questions per step (global, across all hosts)", minimum=1)
+    group_size: int = option(4, "G: sampled answers per question (GRPO needs >= 2)", minimum=2)
+    max_new_tokens: int = option(256, "answer length limit (tokens)", minimum=1)
+    temperature: float = option(1.0, "sampling temperature of rollouts", minimum=0)
+    top_p: float = option(1.0, "nucleus sampling (1 = off)", minimum=1e-9)
+    top_k: int = option(0, "top-k sampling (0 = off)", minimum=0)
+    cache_dtype: str = option(
+        "", 'KV-cache dtype; "" = model.dtype (bfloat16 halves its memory)', choices=("", *DTYPES)
+    )
+    max_slots: int = option(
+        0,
+        "decode slots of the rollout engine (one sample each; rollouts, MEL passes and "
+        "evaluation share it); 0 = num_questions x group_size",
+        minimum=0,
+    )
+    kv_budget_gib: float = option(
+        0.0,
+        "most KV-cache GiB per device for the engine's slot pool (0 = no limit); fewer slots "
+        "when it binds",
+        minimum=0,
+    )
+    segment_steps: int = option(
+        16, "decode steps per jitted segment, between harvests and refills of slots", minimum=1
+    )
+    shrink_tail: str = option(
+        "auto",
+        "when no request waits and the live samples fit in half the slots, move them into a "
+        "smaller pool (one more compiled decode program per size; KV memory up to 1.5x the "
+        "pool while they move); auto = on for CPU only",
+        choices=("auto", "on", "off"),
+    )
+    tensor_parallel: int = option(
+        1,
+        "tensor-parallel size of the rollout weights' inference layout (1 = the compute-dtype "
+        "weights replicated on every device: no gathers per decode step)",
+        minimum=1,
+    )
+
+    def __post_init__(self):
+        validate_fields(self)
+        if self.top_p > 1:
+            raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.group_size
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    old_logprobs: str = option(
+        "sampler", "sampler (returned by the sampler) | recompute", choices=("sampler", "recompute")
+    )
+    num_passes: int = option(1, "optimizer passes over each rollout batch (mu)", minimum=1)
+    num_microbatches: int = option(
+        1, "gradient accumulation; exact, not a mean of means", minimum=1
+    )
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = option(1, "pure data parallel axis size")
+    fsdp: int = option(-1, "fully sharded data parallel axis size (-1 = all remaining devices)")
+    tensor: int = option(1, "tensor parallel axis size")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = option(5, "save every N steps (and always at the end)", minimum=1)
+    max_to_keep: int = option(2, "older checkpoints are deleted", minimum=1)
+    directory: str = option("", 'where checkpoints go; "" = WORKDIR/checkpoints')
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = option(True, "also write TensorBoard event files")
+    progress_bar: str = option(
+        "auto", "auto (on a terminal) | on | off", choices=("auto", "on", "off")
+    )
+    log_every: int = option(1, "plain log line every N steps when the bar is off", minimum=1)
+    wandb: bool = option(
+        False, 'also log metrics to Weights & Biases (pip install "meljax[wandb]")'
+    )
+    wandb_project: str = option("meljax", "W&B project")
+    wandb_entity: str = option("", 'W&B entity (team or user); "" = W&B\'s default')
+    wandb_name: str = option("", 'W&B run name; "" = the run folder\'s name')
+    wandb_mode: str = option(
+        "",
+        'online | offline | disabled; "" = W&B\'s default (WANDB_MODE)',
+        choices=("", "online", "offline", "disabled"),
+    )
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    at_end: bool = option(True, "write WORKDIR/export (a Hugging Face folder) at the end")
+    dtype: str = option("", '"" = as trained; or bfloat16 / float32', choices=("", *DTYPES))
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    initialize: str = option(
+        "auto", "auto (on multi-host TPU) | always | never", choices=("auto", "always", "never")
+    )
+    # Explicit cluster (GPU nodes without SLURM, several processes on one machine): all three
+    # set, or none (then JAX detects TPU / SLURM / ... by itself).
+    coordinator_address: str = option("", "host:port of process 0's coordinator")
+    num_processes: int = option(0, "processes in the job (0 = detect)")
+    process_id: int = option(-1, "this process's index in [0, num_processes) (-1 = detect)")
+
+    def __post_init__(self):
+        validate_fields(self)
+        given = (bool(self.coordinator_address), self.num_processes > 0, self.process_id >= 0)
+        if any(given) and not all(given):
+            raise ValueError(
+                "distributed.coordinator_address, num_processes and process_id go together: "
+                "set all three or none"
+            )
+        if all(given) and self.process_id >= self.num_processes:
+            raise ValueError(
+                f"distributed.process_id={self.process_id} must be below "
+                f"distributed.num_processes={self.num_processes}"
+            )
+
+
+# (config section, dataclass) in ConfigDict order; a section may take several dataclasses.
+SCHEMA: tuple[tuple[str, type], ...] = (
+    ("", RunConfig),
+    ("model", ModelSettings),
+    ("model.random", RandomModelSettings),
+    ("data", DataConfig),
+    ("data", PromptConfig),
+    ("reward", RewardConfig),
+    ("rollout", RolloutConfig),
+    ("algorithm", LossConfig),
+    ("algorithm", UpdateConfig),
+    ("mel", MetaConfig),
+    ("optim", OptimizerConfig),
+    ("mesh", MeshConfig),
+    ("checkpoint", CheckpointConfig),
+    ("eval", EvalConfig),
+    ("logging", LoggingConfig),
+    ("export", ExportConfig),
+    ("distributed", DistributedConfig),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field at its default (locked)."""
+    return build_config(SCHEMA)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every section of a config as its dataclass (derived fields filled in)."""
+
+    run: RunConfig
+    model: ModelSettings
+    random: RandomModelSettings
+    data: DataConfig
+    prompt: PromptConfig
+    reward: RewardConfig
+    rollout: RolloutConfig
+    loss: LossConfig
+    update: UpdateConfig
+    meta: MetaConfig
+    optim: OptimizerConfig
+    mesh: MeshConfig
+    checkpoint: CheckpointConfig
+    eval: EvalConfig
+    logging: LoggingConfig
+    export: ExportConfig
+    distributed: DistributedConfig
+
+
+def settings(cfg: Any, data_parallel: int = 1) -> Settings:
+    """Builds (and so validates) every section; ``data_parallel`` sizes the NLL batch rows."""
+    check_keys(cfg, SCHEMA)
+    derived: dict[type, dict[str, Any]] = {
+        LossConfig: {"max_len": cfg.rollout.max_new_tokens},
+        MetaConfig: {
+            "replay_instruction": resolve_instruction(cfg.data.instruction),
+            "nll_batch_multiple": data_parallel,
+            "seed": cfg.seed,
+        },
+        OptimizerConfig: {
+            # one update per pass; the schedule spans the whole run
+            "total_steps": max(
+                cfg.total_steps * cfg.algorithm.num_passes, cfg.optim.warmup_steps + 1
+            )
+        },
+    }
+    built = [from_section(cls, section, cfg, **derived.get(cls, {})) for section, cls in SCHEMA]
+    return Settings(*built)
+
+
+def _fail(msg: str):
+    raise ValueError(f"config: {msg}")
+
+
+def validate_distributed(dist: Any) -> DistributedConfig:
+    """Checks the ``distributed`` section (before any JAX start-up)."""
+    return from_section(DistributedConfig, "distributed", {"distributed": dist})
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> Settings:
+    """Checks values early, with one clear message naming the field; returns the settings."""
+    s = settings(cfg)
+    if s.eval.every_steps and not s.eval.benchmarks:
+        _fail("eval.every_steps is set but eval.benchmarks is empty")
+    if s.eval.at_start and not s.eval.benchmarks:
+        _fail("eval.at_start is set but eval.benchmarks is empty")
+    if not s.model.random_init and not s.model.path:
+        _fail("model.path is empty")
+    if num_devices is not None:
+        sizes = [s.mesh.data, s.mesh.fsdp, s.mesh.tensor]
+        fixed = 1
+        for n in sizes:
+            if n == 0 or n < -1:
+                _fail(f"mesh sizes must be positive or -1, got {sizes}")
+            fixed *= n if n > 0 else 1
+        if sizes.count(-1) > 1:
+            _fail(f"at most one mesh axis may be -1, got {sizes}")
+        if (-1 in sizes and num_devices % fixed) or (-1 not in sizes and fixed != num_devices):
+            _fail(
+                f"mesh data={s.mesh.data} fsdp={s.mesh.fsdp} tensor={s.mesh.tensor} does "
+                f"not divide the {num_devices} devices"
+            )
+    return s
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """A run's saved ``config.json`` over today's defaults (fields added since keep theirs)."""
+    saved = json.loads(text)
+    cfg = base_config()
+    check_keys(saved, SCHEMA)
+
+    def merge(node: ml_collections.ConfigDict, values: dict) -> None:
+        for k, v in values.items():
+            if isinstance(v, dict):
+                merge(node[k], v)
+            else:
+                node[k] = tuple(v) if isinstance(node[k], tuple) else v
+
+    merge(cfg, saved)
+    return cfg
+
+
+if __name__ == "__main__":
+    print("\n".join(describe(SCHEMA)))

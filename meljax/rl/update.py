@@ -1,0 +1,564 @@
+"""The sharded update step: ``TrainState``, exact gradient accumulation, skip on non-finite.
+
+One call of ``train_step(state, batch)`` is one optimizer update on ``L = L_policy + lambda_mel *
+L_NLL`` (``meljax.rl.objective``). Inside the jitted step:
+
+1. the global denominators of the whole ``TrainBatch`` are computed from its masks;
+2. the policy rows are split into ``num_microbatches`` micro-batches (row ``b`` goes to
+   micro-batch ``b % num_microbatches``, so with the batch sharded over the data axes every
+   micro-batch is split evenly across devices without any data movement) and gradients are
+   summed over a ``lax.scan``; the meta-experience rows follow in the same way. Because every
+   loss is a sum of per-row contributions over global denominators, the summed gradient equals
+   the full-batch gradient (up to float rounding);
+3. if the loss or the gradient norm is not finite, the update is dropped (params and optimizer
+   state unchanged) and ``skipped_steps`` is incremented.
+
+Parameters are kept as float32 *master* weights in the state whatever the model's storage dtype
+(``init_train_state(master_dtype=...)``); the model casts them to its compute dtype
+(``cfg.dtype``) when it uses them, so gradients and Adam moments are float32 too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meljax.models.config import resolve_dtype
+from meljax.rl import objective as losses
+from meljax.rl.batch import PolicyBatch, SequenceBatch, TrainBatch
+from meljax.rl.objective import LossConfig, _from_mapping
+from meljax.runtime import sharding as shd
+
+OLD_LOGPROBS = ("sampler", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How updates are run (the objective itself is ``LossConfig``).
+
+    Attributes:
+      num_microbatches: gradient-accumulation micro-batches per update (exact, see module doc).
+      old_logprobs: ``sampler`` (use the batch's ``old_logprobs``) or ``recompute`` (recompute
+        them with the current parameters before the first update on a rollout batch).
+      num_passes: optimizer passes over one rollout batch (PPO's mu).
+      num_minibatches: optimizer updates per pass (the rollout rows are split into this many).
+      master_dtype: dtype of the trained parameters and optimizer state.
+    """
+
+    num_microbatches: int = 1
+    old_logprobs: str = "sampler"
+    num_passes: int = 1
+    num_minibatches: int = 1
+    master_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(
+                f"TrainConfig.old_logprobs={self.old_logprobs!r}; choose one of {OLD_LOGPROBS}"
+            )
+        for name in ("num_microbatches", "num_passes", "num_minibatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_mapping(cls, mapping) -> TrainConfig:
+        """From a flat mapping / ``ml_collections.ConfigDict``; unknown keys are ignored."""
+        return _from_mapping(cls, mapping)
+
+
+@struct.dataclass
+class TrainState:
+    """What changes across updates (the model's ``graphdef`` lives in the step's closure).
+
+    Attributes:
+      step: int32 scalar, number of ``train_step`` calls (applied or skipped).
+      params: ``nnx.State`` of the model's ``nnx.Param``s (master dtype).
+      opt_state: the optax state (moments shaped and sharded like ``params``).
+      skipped_steps: int32 scalar, updates dropped for a non-finite loss or gradient.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    skipped_steps: jax.Array
+
+    @property
+    def num_updates(self) -> jax.Array:
+        """Updates actually applied (the optimizer's own count)."""
+        return self.step - self.skipped_steps
+
+
+# --------------------------------------------------------------------------------------------
+# Shardings
+# --------------------------------------------------------------------------------------------
+
+
+def train_state_shardings(state_or_abstract, mesh: Mesh):
+    """``NamedSharding``s for a ``TrainState`` (or any tree of params / optimizer state): each
+    ``nnx.Param`` (also inside the optimizer state) by its ``logical_axes``, the rest replicated."""
+    return shd.param_shardings(state_or_abstract, mesh)
+
+
+def batch_shardings(batch, mesh: Mesh):
+    """Batch-major shardings for every leaf of a batch pytree (``[B, ...]`` over data axes)."""
+    return jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x)), batch)
+
+
+def _microbatch_sharding(mesh: Mesh | None, ndim: int, rows: int) -> NamedSharding | None:
+    """Sharding of ``[m, rows, ...]`` stacked micro-batches: the row axis over the data axes."""
+    if mesh is None:
+        return None
+    spec = shd.batch_sharding(mesh, ndim - 1).spec
+    if rows % shd.data_parallel_size(mesh):
+        return None  # uneven: let the compiler place it
+    return NamedSharding(mesh, PartitionSpec(None, *spec))
+
+
+def split_microbatches(tree, m: int, mesh: Mesh | None = None, name: str = "batch"):
+    """``[B, ...]`` leaves -> ``[m, B / m, ...]``; micro-batch ``k`` holds rows ``b % m == k``.
+
+    The strided assignment keeps every micro-batch spread evenly over a batch sharded in
+    contiguous blocks, so the reshape needs no communication when ``B / (m * dp)`` is whole.
+    """
+    leaves = jax.tree.leaves(tree)
+    rows = leaves[0].shape[0]
+    if rows % m:
+        raise ValueError(f"{name}: {rows} rows cannot be split into {m} micro-batches")
+
+    def one(x):
+        y = jnp.swapaxes(x.reshape(rows // m, m, *x.shape[1:]), 0, 1)
+        s = _microbatch_sharding(mesh, y.ndim, rows // m)
+        return y if s is None else jax.lax.with_sharding_constraint(y, s)
+
+    return jax.tree.map(one, tree)
+
+
+def merge_microbatches(x: jax.Array) -> jax.Array:
+    """Inverse of ``split_microbatches`` for one leaf: ``[m, B / m, ...]`` -> ``[B, ...]``."""
+    m, r = x.shape[:2]
+    return jnp.swapaxes(x, 0, 1).reshape(m * r, *x.shape[2:])
+
+
+def _pick_microbatches(rows: int, wanted: int, dp: int) -> int:
+    """Largest ``d <= wanted`` splitting ``rows`` evenly and keeping each split a multiple of
+    ``dp`` (falls back to any divisor, then 1)."""
+    for need_dp in (True, False):
+        for d in range(min(wanted, rows), 0, -1):
+            if rows % d == 0 and (not need_dp or (rows // d) % dp == 0):
+                return d
+    return 1
+
+
+# --------------------------------------------------------------------------------------------
+# State initialisation
+# --------------------------------------------------------------------------------------------
+
+
+def _cast_floating(tree, dtype):
+    if dtype is None:
+        return tree
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def split_params(model: nnx.Module):
+    """``(graphdef, params)`` of a model, ``params`` being its ``nnx.Param`` state."""
+    return nnx.split(model, nnx.Param)
+
+
+def init_train_state(
+    model_or_params: nnx.Module | Any,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+    *,
+    master_dtype: Any = "float32",
+) -> TrainState:
+    """A fresh ``TrainState``, sharded over ``mesh`` when given.
+
+    Args:
+      model_or_params: a ``Transformer`` or its ``nnx.State`` of params (``split_params``).
+      optimizer: e.g. from ``meljax.rl.optim.make_optimizer``.
+      mesh: place params and optimizer state by their logical axes (``train_state_shardings``).
+      master_dtype: floating params are cast to this (default float32, so bf16 checkpoints train
+        with f32 master weights and f32 Adam moments); ``None`` keeps them as they are.
+    """
+    params = model_or_params
+    if isinstance(params, nnx.Module):
+        _, params = split_params(params)
+    dtype = None if master_dtype is None else resolve_dtype(master_dtype)
+
+    def init(p):
+        p = _cast_floating(p, dtype)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=p, opt_state=optimizer.init(p), skipped_steps=zero)
+
+    if mesh is None:
+        return jax.jit(init)(params)
+    shardings = train_state_shardings(jax.eval_shape(init, params), mesh)
+    return jax.jit(init, out_shardings=shardings)(params)
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def global_norm(tree) -> jax.Array:
+    """L2 norm (float32 scalar) over every leaf of ``tree``."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _objective_fn(graphdef, cfg: LossConfig, kind: str) -> Callable:
+    """``(params, part, den) -> (loss, metrics)`` for the policy rows or the MEL rows."""
+
+    def fn(params, part, den):
+        seq = part.seq if kind == "policy" else part
+        logp, ent = losses.sequence_logprobs(
+            (graphdef, params),
+            seq,
+            chunk_size=cfg.logprob_chunk_size,
+            with_entropy=kind == "policy",
+        )
+        if kind == "policy":
+            return losses.policy_objective(logp, ent, part, cfg, den)
+        return losses.mel_loss(logp, part, cfg, den)
+
+    return fn
+
+
+def _accumulate(fn, params, data, den, m: int, mesh: Mesh | None, grad_shardings, name: str):
+    """Loss, metrics and gradient of ``fn`` summed over ``m`` micro-batches of ``data``."""
+    vg = jax.value_and_grad(fn, has_aux=True)
+    if m == 1:
+        (loss, metrics), grads = vg(params, data, den)
+        return loss, metrics, grads
+    mbs = split_microbatches(data, m, mesh, name)
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), mbs)
+    _, metrics_shape = jax.eval_shape(fn, params, one, den)
+
+    def constrain(g):
+        return g if grad_shardings is None else jax.lax.with_sharding_constraint(g, grad_shardings)
+
+    def body(carry, mb):
+        loss_acc, met_acc, g_acc = carry
+        (loss, met), g = vg(params, mb, den)
+        return (loss_acc + loss, _tree_add(met_acc, met), constrain(_tree_add(g_acc, g))), None
+
+    zeros = (
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape),
+        constrain(jax.tree.map(jnp.zeros_like, params)),
+    )
+    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, mbs)
+    return loss, metrics, grads
+
+
+def train_step_fn(
+    state: TrainState,
+    batch: TrainBatch,
+    *,
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    loss_cfg: LossConfig,
+    num_microbatches: int = 1,
+    mesh: Mesh | None = None,
+    schedule: Callable | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The (un-jitted) update; see ``make_train_step``. With a ``mesh``, activations are
+    constrained batch-sharded (``sharding.use_mesh``) and gradients to the param shardings."""
+    with shd.use_mesh(mesh):
+        return _train_step_body(
+            state, batch, graphdef, optimizer, loss_cfg, num_microbatches, mesh, schedule
+        )
+
+
+def _train_step_body(state, batch, graphdef, optimizer, loss_cfg, num_microbatches, mesh, schedule):
+    dp = shd.data_parallel_size(mesh) if mesh is not None else 1
+    grad_shardings = None
+    if mesh is not None:
+        grad_shardings = train_state_shardings(state.params, mesh)
+    den = losses.compute_denominators(batch, loss_cfg)
+
+    loss, metrics, grads = _accumulate(
+        _objective_fn(graphdef, loss_cfg, "policy"),
+        state.params,
+        batch.policy,
+        den,
+        num_microbatches,
+        mesh,
+        grad_shardings,
+        "policy batch",
+    )
+    if loss_cfg.use_mel:
+        m_mel = _pick_microbatches(batch.mel.tokens.shape[0], num_microbatches, dp)
+        mel_loss, mel_metrics, mel_grads = _accumulate(
+            _objective_fn(graphdef, loss_cfg, "mel"),
+            state.params,
+            batch.mel,
+            den,
+            m_mel,
+            mesh,
+            grad_shardings,
+            "mel batch",
+        )
+        loss = loss + mel_loss
+        metrics = {**metrics, **mel_metrics}
+        grads = _tree_add(grads, mel_grads)
+
+    grad_norm = global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    def keep_if_ok(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    skipped = (~ok).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_if_ok(new_params, state.params),
+        opt_state=keep_if_ok(new_opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + skipped,
+    )
+    metrics = {
+        **metrics,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "skipped": skipped,
+        "skipped_steps": new_state.skipped_steps,
+    }
+    if schedule is not None:
+        metrics["lr"] = jnp.asarray(schedule(state.num_updates), jnp.float32)
+    return new_state, metrics
+
+
+def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch: bool):
+    """Jits ``impl(state_or_params, batch)``; with a mesh the shardings are derived from the first
+    call's arguments (cached by tree structure) and outputs are the state / replicated metrics, or
+    a batch-sharded array when ``out_batch``.
+
+    The result also has ``.lower(first, batch)``: the same program lowered for (possibly
+    abstract, ``jax.ShapeDtypeStruct``) arguments, e.g. to ``.compile()`` it ahead of time for
+    another topology and read its ``memory_analysis()`` / ``as_text()``."""
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(impl, donate_argnums=donate_argnums)
+    cache: dict = {}
+
+    def jitted(first, batch):
+        key = (jax.tree_util.tree_structure(first), jax.tree_util.tree_structure(batch))
+        if key not in cache:
+            s_first = train_state_shardings(first, mesh)
+            s_batch = batch_shardings(batch, mesh)
+            out = shd.batch_sharding(mesh, 2) if out_batch else (s_first, shd.replicated(mesh))
+            fn = jax.jit(
+                impl,
+                in_shardings=(s_first, s_batch),
+                out_shardings=out,
+                donate_argnums=donate_argnums,
+            )
+            cache[key] = (fn, s_batch)
+        return cache[key]
+
+    def call(first, batch):
+        fn, s_batch = jitted(first, batch)
+        return fn(first, shd.put_global(batch, s_batch))
+
+    call.lower = lambda first, batch: jitted(first, batch)[0].lower(first, batch)
+    return call
+
+
+def make_train_step(
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    loss_cfg: LossConfig,
+    *,
+    mesh: Mesh | None = None,
+    num_microbatches: int = 1,
+    schedule: Callable | None = None,
+    donate: bool = True,
+) -> Callable[[TrainState, TrainBatch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted update ``train_step(state, batch) -> (state, metrics)``.
+
+    Args:
+      graphdef: the model's graph definition (``split_params(model)[0]``).
+      optimizer: the optax optimizer that made ``state.opt_state``.
+      loss_cfg: the objective.
+      mesh: shard the step: state by ``train_state_shardings``, every batch array ``[B, ...]`` over
+        the data axes (``B`` must be a multiple of the data-parallel size), metrics replicated.
+      num_microbatches: gradient accumulation; the policy batch rows must be divisible by it
+        (the MEL batch uses the largest divisor of its rows not above it).
+      schedule: the learning-rate schedule, to report ``lr`` in the metrics.
+      donate: donate the input state's buffers (do not reuse ``state`` after the call).
+
+    Returns:
+      ``train_step``. Metrics (float32 scalars): ``loss`` (total), ``policy_loss``, ``kl_ref``,
+      ``clip_frac``, ``approx_kl``, ``entropy``, ``adv_mean``, ``reward_mean`` (GRPO) or
+      ``rft_frac`` (RFT), ``mel_nll``, ``mel_rows``, ``mel_tokens`` (with MEL), ``grad_norm``
+      (before clipping), ``skipped`` (this step), ``skipped_steps``, ``lr``.
+    """
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    impl = functools.partial(
+        train_step_fn,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        loss_cfg=loss_cfg,
+        num_microbatches=num_microbatches,
+        mesh=mesh,
+        schedule=schedule,
+    )
+    return _jit_for_state(impl, mesh, donate=donate, out_batch=False)
+
+
+def make_compute_logprobs(
+    graphdef,
+    *,
+    mesh: Mesh | None = None,
+    chunk_size: int = 128,
+    num_microbatches: int = 1,
+) -> Callable[[Any, SequenceBatch], jax.Array]:
+    """Jitted ``compute_logprobs(state_or_params, seq) -> [B, T]`` float32: log-probs of
+    ``seq.tokens`` under the given params, 0 off ``seq.loss_mask`` (the layout of
+    ``PolicyBatch.old_logprobs`` / ``ref_logprobs``). Accepts a ``TrainState`` (its params are
+    used) or a params state (e.g. a frozen reference); rows are processed in
+    ``num_microbatches`` sequential chunks to bound memory."""
+
+    def one(params, s):
+        logp, _ = losses.sequence_logprobs(
+            (graphdef, params), s, chunk_size=chunk_size, with_entropy=False
+        )
+        return jnp.where(jnp.asarray(s.loss_mask) > 0, logp, 0.0)
+
+    def impl(params, seq):
+        with shd.use_mesh(mesh):
+            return _logprobs_body(params, seq)
+
+    def _logprobs_body(params, seq):
+        if num_microbatches == 1:
+            return one(params, seq)
+        # params ride in the scan carry instead of being closed over (nnx.merge inside the
+        # scan then sees values of the scan's own trace).
+        _, out = jax.lax.scan(
+            lambda p, s: (p, one(p, s)),
+            params,
+            split_microbatches(seq, num_microbatches, mesh, "sequence batch"),
+        )
+        return merge_microbatches(out)
+
+    jitted = _jit_for_state(impl, mesh, donate=False, out_batch=True)
+
+    def params_of(state_or_params):
+        return (
+            state_or_params.params if isinstance(state_or_params, TrainState) else state_or_params
+        )
+
+    def compute_logprobs(state_or_params, seq: SequenceBatch) -> jax.Array:
+        return jitted(params_of(state_or_params), seq)
+
+    compute_logprobs.lower = lambda first, seq: jitted.lower(params_of(first), seq)
+    return compute_logprobs
+
+
+# --------------------------------------------------------------------------------------------
+# Several updates on one rollout batch
+# --------------------------------------------------------------------------------------------
+
+
+def _take_rows(tree, idx: np.ndarray):
+    return jax.tree.map(lambda x: x[idx], tree)
+
+
+def train_on_batch(
+    state: TrainState,
+    batch: TrainBatch,
+    train_step: Callable,
+    *,
+    num_passes: int = 1,
+    num_minibatches: int = 1,
+    old_logprobs: str = "sampler",
+    compute_logprobs: Callable | None = None,
+    shuffle_seed: int | None = None,
+) -> tuple[TrainState, list[dict[str, jax.Array]]]:
+    """``num_passes * num_minibatches`` updates on one rollout batch (host loop).
+
+    Args:
+      state, batch: as for ``train_step``.
+      num_passes: passes over the batch (PPO's mu).
+      num_minibatches: each pass splits the policy rows and the MEL rows into this many
+        mini-batches (row ``b`` into mini-batch ``b % num_minibatches`` after the optional
+        shuffle), one update each. Both row counts must be divisible by it.
+      old_logprobs: ``sampler`` keeps ``batch.policy.old_logprobs``; ``recompute`` replaces them
+        with ``compute_logprobs(state, batch.policy.seq)`` before the first update, so the first
+        update sees ``rho == 1``.
+      shuffle_seed: when given, rows are permuted (differently) at every pass.
+
+    Returns:
+      ``(state, metrics)``, one metrics dict per update, in order.
+    """
+    if old_logprobs not in OLD_LOGPROBS:
+        raise ValueError(f"old_logprobs={old_logprobs!r}; choose one of {OLD_LOGPROBS}")
+    if old_logprobs == "recompute":
+        if compute_logprobs is None:
+            raise ValueError("old_logprobs='recompute' needs compute_logprobs")
+        old = compute_logprobs(state, batch.policy.seq)
+        batch = batch.replace(policy=batch.policy.replace(old_logprobs=old))
+    n_pol = np.shape(batch.policy.seq.tokens)[0]
+    n_mel = np.shape(batch.mel.tokens)[0]
+    for name, rows in (("policy", n_pol), ("mel", n_mel)):
+        if rows % num_minibatches:
+            raise ValueError(
+                f"train_on_batch: the {name} batch has {rows} rows, not divisible by "
+                f"num_minibatches={num_minibatches}"
+            )
+    all_metrics = []
+    for p in range(num_passes):
+        if shuffle_seed is None:
+            perm_pol, perm_mel = np.arange(n_pol), np.arange(n_mel)
+        else:
+            rng = np.random.default_rng([shuffle_seed, p])
+            perm_pol, perm_mel = rng.permutation(n_pol), rng.permutation(n_mel)
+        for k in range(num_minibatches):
+            if num_minibatches == 1 and shuffle_seed is None:
+                part = batch
+            else:
+                part = TrainBatch(
+                    policy=_take_rows(batch.policy, perm_pol[k::num_minibatches]),
+                    mel=_take_rows(batch.mel, perm_mel[k::num_minibatches]),
+                )
+            state, metrics = train_step(state, part)
+            all_metrics.append(metrics)
+    return state, all_metrics
+
+
+__all__ = [
+    "OLD_LOGPROBS",
+    "PolicyBatch",
+    "TrainBatch",
+    "TrainConfig",
+    "TrainState",
+    "batch_shardings",
+    "init_train_state",
+    "make_compute_logprobs",
+    "make_train_step",
+    "merge_microbatches",
+    "split_microbatches",
+    "split_params",
+    "train_state_shardings",
+    "train_on_batch",
+    "train_step_fn",
+]
