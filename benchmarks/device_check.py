@@ -77,7 +77,7 @@ def time_update(args, cfg, graphdef, params) -> dict:
     step = ts.make_train_step(
         graphdef,
         opt,
-        losses.LossConfig(use_mel=False, logprob_chunk_size=args.chunk),
+        losses.LossConfig(use_mel=False, logprob_chunk=args.chunk),
         num_microbatches=args.microbatches,
         schedule=sched,
     )

@@ -108,7 +108,7 @@ def main() -> None:
     )
     use_mel = nll_rows > 0
     mel = abstract_seq(max(nll_rows, 1), max(nll_t, 1))
-    loss_cfg = losses.LossConfig(use_mel=use_mel, logprob_chunk_size=args.chunk)
+    loss_cfg = losses.LossConfig(use_mel=use_mel, logprob_chunk=args.chunk)
     print(f"mesh {dict(mesh.shape)} on {args.topology}; {cfg.num_params / 1e9:.2f}B params")
     tic = time.perf_counter()
     if args.what == "update":

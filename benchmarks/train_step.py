@@ -165,7 +165,7 @@ def main() -> None:
         cfg = cfg.replace(attention_impl=args.attention)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     opt, sched = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-6))
-    loss_cfg = losses.LossConfig(use_mel=args.mel_rows > 0, logprob_chunk_size=args.chunk)
+    loss_cfg = losses.LossConfig(use_mel=args.mel_rows > 0, logprob_chunk=args.chunk)
     batch = make_batch(args.batch, args.seq, args.prompt, cfg.vocab_size, args.mel_rows)
     batch = jax.device_put(batch)
     variants = [

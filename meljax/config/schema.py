@@ -6,10 +6,9 @@ Each settings dataclass (``LossConfig``, ``MetaConfig``, ``OptimizerConfig``, ``
 (:func:`from_section`), and the trainer builds its dataclasses from it the same way: there is
 no second list of fields, defaults or choices to keep in sync.
 
-A field's config key is its name inside its class's section, unless ``key`` says otherwise: a
-plain name renames it (``LossConfig.algorithm`` is ``algorithm.name``), a dotted path places it
-in another section (``LossConfig.use_mel`` is ``mel.enabled``). A ``derived`` field is not a
-config key: the trainer computes it from other settings and must pass it in.
+A field's config key is ``<section>.<field name>``, always: grepping a key finds its field. A
+``derived`` field is not a config key: :func:`meljax.config.settings.settings` computes it from
+other keys (``LossConfig.use_mel`` from ``mel.enabled``) and passes it in.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ def option(
     *,
     choices: Sequence[Any] | None = None,
     minimum: float | None = None,
-    key: str | None = None,
     derived: str | None = None,
 ) -> Any:
     """A dataclass field with its documentation and checks.
@@ -36,11 +34,10 @@ def option(
       default: the default (immutable: numbers, strings, tuples, ``None`` only for derived).
       help: what the field means (shown by ``python -m meljax.config.settings``).
       choices: the allowed values; minimum: the smallest allowed value.
-      key: config key if not the field name (see the module docstring).
       derived: why the field is not a config key (it is computed by the trainer).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum}
-    meta.update(key=key, derived=derived)
+    meta["derived"] = derived
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -62,10 +59,7 @@ def config_key(section: str, f: dataclasses.Field) -> str | None:
     """The full config path of a field (``None`` for derived fields)."""
     if f.metadata.get("derived"):
         return None
-    key = f.metadata.get("key") or f.name
-    if "." in key:
-        return key
-    return f"{section}.{key}" if section else key
+    return f"{section}.{f.name}" if section else f.name
 
 
 def _items(schema: Sequence[tuple[str, type]]):

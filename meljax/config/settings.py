@@ -317,7 +317,11 @@ def settings(cfg: Any, data_parallel: int = 1) -> Settings:
     """Builds (and so validates) every section; ``data_parallel`` sizes the NLL batch rows."""
     check_keys(cfg, SCHEMA)
     derived: dict[type, dict[str, Any]] = {
-        LossConfig: {"max_len": cfg.rollout.max_new_tokens},
+        LossConfig: {
+            "max_len": cfg.rollout.max_new_tokens,
+            "use_mel": cfg.mel.enabled,
+            "lambda_mel": cfg.mel.lambda_mel,
+        },
         MetaConfig: {
             "replay_instruction": resolve_instruction(cfg.data.instruction),
             "nll_batch_multiple": data_parallel,

@@ -23,6 +23,8 @@ class MetaConfig:
     An answer is correct as :func:`meljax.rewards.is_correct` says (rollouts and replay alike).
     """
 
+    enabled: bool = option(True, "False = the plain algorithm (the paper's baseline)")
+    lambda_mel: float = option(1.0, "weight of the meta-experience NLL term", minimum=0)
     max_pairs_per_query: int = option(2, "contrastive pairs per mixed question", minimum=1)
     analysis_format: str = option(
         "paper",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,17 +40,6 @@ KL_ESTIMATORS = ("k1", "k3")
 # log pi - log pi_old is clamped to this range before exp: beyond it the token is clipped for
 # A > 0 anyway, and for A < 0 an unbounded ratio would only overflow to inf.
 MAX_LOG_RATIO = 20.0
-
-
-def _from_mapping(cls, mapping: Mapping[str, Any] | Any):
-    """Builds the dataclass ``cls`` from the fields of a (flat) mapping / ConfigDict / object;
-    keys that are not fields of ``cls`` are ignored so one flat config can feed several classes."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    if isinstance(mapping, Mapping) or hasattr(mapping, "items"):
-        items = dict(mapping.items())
-    else:
-        items = {n: getattr(mapping, n) for n in names if hasattr(mapping, n)}
-    return cls(**{k: v for k, v in items.items() if k in names})
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,12 +143,11 @@ def compute_advantages(name: str, rewards: jax.Array, **kw) -> jax.Array:
 class LossConfig:
     """Everything the objective needs (config section ``algorithm``; see ``meljax.config.schema``)."""
 
-    algorithm: str = option(
+    name: str = option(
         "grpo",
         "grpo (clipped policy gradient; REINFORCE++ is advantage=reinforce_pp) | rft (NLL on "
         "answers with reward above rft_threshold)",
         choices=ALGORITHMS,
-        key="name",
     )
     advantage: str = option("grpo", "advantage estimator", choices=tuple(ADVANTAGES))
     adv_eps: float = option(
@@ -187,29 +175,21 @@ class LossConfig:
         "k1 (log pi - log pi_ref) | k3 (exp(d) - d - 1, d = log pi_ref - log pi)",
         choices=KL_ESTIMATORS,
     )
-    use_mel: bool = option(
-        True, "False = the plain algorithm (the paper's baseline)", key="mel.enabled"
-    )
+    use_mel: bool = option(True, "the MEL NLL term is in the loss", derived="mel.enabled")
     lambda_mel: float = option(
-        1.0, "weight of the meta-experience NLL term", minimum=0, key="mel.lambda_mel"
+        1.0, "weight of the meta-experience NLL term", minimum=0, derived="mel.lambda_mel"
     )
     rft_threshold: float = option(0.5, "rft: answers with reward above this are trained on")
-    logprob_chunk_size: int = option(
+    logprob_chunk: int = option(
         256,
         "sequence chunk for log-probs (bounds [B, chunk, vocab])",
         minimum=1,
-        key="logprob_chunk",
     )
 
     def __post_init__(self):
         validate_fields(self)
         if self.eps_low >= 1:
             raise ValueError(f"LossConfig.eps_low={self.eps_low} must be below 1")
-
-    @classmethod
-    def from_mapping(cls, mapping) -> LossConfig:
-        """From a flat mapping / ``ml_collections.ConfigDict``; unknown keys are ignored."""
-        return _from_mapping(cls, mapping)
 
 
 # The estimators that divide by a std and so take ``eps``.
@@ -502,7 +482,7 @@ def compute_denominators(batch: TrainBatch, cfg: LossConfig) -> Denominators:
     """The global denominators of ``batch`` (call on the whole batch, before micro-batching)."""
     seq = batch.policy.seq
     w = _f32(seq.weight)
-    sel = rft_row_weight(batch.policy, cfg.rft_threshold) if cfg.algorithm == "rft" else w
+    sel = rft_row_weight(batch.policy, cfg.rft_threshold) if cfg.name == "rft" else w
     mel_w = (_f32(batch.mel.weight) > 0).astype(jnp.float32)
     return Denominators(
         policy=aggregation_denominator(seq.loss_mask, sel, cfg.aggregation),
@@ -667,8 +647,8 @@ def policy_objective(
     cfg: LossConfig,
     den: Denominators,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``grpo_loss`` or ``rft_loss`` by ``cfg.algorithm``."""
-    fn = rft_loss if cfg.algorithm == "rft" else grpo_loss
+    """``grpo_loss`` or ``rft_loss`` by ``cfg.name``."""
+    fn = rft_loss if cfg.name == "rft" else grpo_loss
     return fn(logp, entropy, policy, cfg, den)
 
 

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import optax
 
 from meljax.config.schema import option, validate_fields
-from meljax.rl.objective import _from_mapping
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -60,11 +59,6 @@ class OptimizerConfig:
                 f"({self.total_steps}) > warmup_steps ({self.warmup_steps})"
             )
 
-    @classmethod
-    def from_mapping(cls, mapping) -> OptimizerConfig:
-        """From a flat mapping / ``ml_collections.ConfigDict``; unknown keys are ignored."""
-        return _from_mapping(cls, mapping)
-
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     """Learning rate as a function of the number of applied updates (int scalar -> f32)."""
@@ -96,19 +90,17 @@ def decay_mask(params):
 
 
 def make_optimizer(
-    cfg: OptimizerConfig | dict | object,
+    cfg: OptimizerConfig,
 ) -> tuple[optax.GradientTransformation, Callable]:
     """AdamW (+ clipping) and its learning-rate schedule.
 
     Args:
-      cfg: an ``OptimizerConfig`` or anything ``OptimizerConfig.from_mapping`` accepts.
+      cfg: the ``optim`` section.
 
     Returns:
       ``(optimizer, schedule)``; ``schedule(count)`` gives the learning rate of update
       ``count`` (0-based), for logging.
     """
-    if not isinstance(cfg, OptimizerConfig):
-        cfg = OptimizerConfig.from_mapping(cfg)
     schedule = make_schedule(cfg)
     adamw = optax.adamw(
         schedule,

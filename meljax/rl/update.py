@@ -20,7 +20,6 @@ Parameters are kept as float32 *master* weights in the state whatever the model'
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -35,44 +34,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from meljax.models.config import resolve_dtype
 from meljax.rl import objective as losses
 from meljax.rl.batch import PolicyBatch, SequenceBatch, TrainBatch
-from meljax.rl.objective import LossConfig, _from_mapping
+from meljax.rl.objective import LossConfig
 from meljax.runtime import sharding as shd
 
 OLD_LOGPROBS = ("sampler", "recompute")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How updates are run (the objective itself is ``LossConfig``).
-
-    Attributes:
-      num_microbatches: gradient-accumulation micro-batches per update (exact, see module doc).
-      old_logprobs: ``sampler`` (use the batch's ``old_logprobs``) or ``recompute`` (recompute
-        them with the current parameters before the first update on a rollout batch).
-      num_passes: optimizer passes over one rollout batch (PPO's mu).
-      num_minibatches: optimizer updates per pass (the rollout rows are split into this many).
-      master_dtype: dtype of the trained parameters and optimizer state.
-    """
-
-    num_microbatches: int = 1
-    old_logprobs: str = "sampler"
-    num_passes: int = 1
-    num_minibatches: int = 1
-    master_dtype: str = "float32"
-
-    def __post_init__(self):
-        if self.old_logprobs not in OLD_LOGPROBS:
-            raise ValueError(
-                f"TrainConfig.old_logprobs={self.old_logprobs!r}; choose one of {OLD_LOGPROBS}"
-            )
-        for name in ("num_microbatches", "num_passes", "num_minibatches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-
-    @classmethod
-    def from_mapping(cls, mapping) -> TrainConfig:
-        """From a flat mapping / ``ml_collections.ConfigDict``; unknown keys are ignored."""
-        return _from_mapping(cls, mapping)
 
 
 @struct.dataclass
@@ -230,7 +195,7 @@ def _objective_fn(graphdef, cfg: LossConfig, kind: str) -> Callable:
         logp, ent = losses.sequence_logprobs(
             (graphdef, params),
             seq,
-            chunk_size=cfg.logprob_chunk_size,
+            chunk_size=cfg.logprob_chunk,
             with_entropy=kind == "policy",
         )
         if kind == "policy":
@@ -549,7 +514,6 @@ __all__ = [
     "OLD_LOGPROBS",
     "PolicyBatch",
     "TrainBatch",
-    "TrainConfig",
     "TrainState",
     "batch_shardings",
     "init_train_state",

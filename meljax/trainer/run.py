@@ -55,9 +55,7 @@ def update_programs(s: Settings, graphdef, mesh, *, donate: bool = True) -> Upda
         schedule=schedule,
         donate=donate,
     )
-    compute_logprobs = make_compute_logprobs(
-        graphdef, mesh=mesh, chunk_size=s.loss.logprob_chunk_size
-    )
+    compute_logprobs = make_compute_logprobs(graphdef, mesh=mesh, chunk_size=s.loss.logprob_chunk)
     return UpdateFunctions(optimizer, schedule, train_step, compute_logprobs)
 
 

@@ -27,7 +27,7 @@ from meljax.models.tokenizer import make_tiny_tokenizer
 from meljax.rewards import RewardResult
 from meljax.rl.batch import TrainBatch, build_policy_batch
 from meljax.rl.objective import LossConfig
-from meljax.rl.optim import make_optimizer
+from meljax.rl.optim import OptimizerConfig, make_optimizer
 from meljax.rl.update import init_train_state, make_compute_logprobs, make_train_step
 from meljax.sampling.policy import Policy, PromptConfig
 from tests.conftest import scripted_result
@@ -234,7 +234,7 @@ def test_kept_compact_lesson_rises_in_likelihood():
     policy = build_policy_batch(
         [prompt] * 4, comps, advantages=[0.0] * 4, rewards=[1, 0, 1, 0], group_index=[0] * 4
     )
-    optimizer, _ = make_optimizer({"learning_rate": 3e-3, "weight_decay": 0.0})
+    optimizer, _ = make_optimizer(OptimizerConfig(learning_rate=3e-3, weight_decay=0.0))
     step = make_train_step(graphdef, optimizer, LossConfig(lambda_mel=1.0))
     logprobs = make_compute_logprobs(graphdef)
     state = init_train_state(params, optimizer)

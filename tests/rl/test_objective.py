@@ -315,7 +315,7 @@ def test_rft_trains_on_correct_rows_only():
     lp = [[0.0, -1.0, -3.0, 0.0], [0.0, -5.0, 0.0, 0.0], [0.0, -2.0, 0.0, 0.0]]
     pol, lp = _policy(lp, [[0, 1, 1, 0], [0, 1, 0, 0], [0, 1, 0, 0]], [0, 0, 0], [1, 1, 1])
     pol = pol.replace(rewards=np.array([1.0, 0.0, 1.0], np.float32))
-    cfg = losses.LossConfig(algorithm="rft")
+    cfg = losses.LossConfig(name="rft")
     den = losses.compute_denominators(TrainBatch(pol, _empty_mel()), cfg)
     loss, m = losses.policy_objective(jnp.asarray(lp), jnp.zeros_like(lp), pol, cfg, den)
     np.testing.assert_allclose(loss, (2.0 + 2.0) / 2)  # row means 2 and 2 over 2 rows
@@ -389,7 +389,7 @@ def test_split_batches_sum_to_the_full_loss(aggregation, algorithm):
     pol, lp = _policy(lp, mask, rng.normal(size=b), weight, rewards=rng.integers(0, 2, b), old=old)
     mel = _mel_batch([1.0, 1.0, 0.0])
     mel_lp = rng.normal(-1, 0.3, (3, 4)).astype(np.float32)
-    cfg = losses.LossConfig(algorithm=algorithm, aggregation=aggregation, max_len=16)
+    cfg = losses.LossConfig(name=algorithm, aggregation=aggregation, max_len=16)
     den = losses.compute_denominators(TrainBatch(pol, mel), cfg)
     ent = rng.random((b, t)).astype(np.float32)
 
@@ -415,9 +415,9 @@ def test_split_batches_sum_to_the_full_loss(aggregation, algorithm):
 def test_loss_config_validation_and_mapping():
     with pytest.raises(ValueError, match="aggregation='mean'"):
         losses.LossConfig(aggregation="mean")
-    with pytest.raises(ValueError, match="algorithm='ppo'"):
-        losses.LossConfig(algorithm="ppo")
+    with pytest.raises(ValueError, match="name='ppo'"):
+        losses.LossConfig(name="ppo")
     with pytest.raises(ValueError, match="kl_estimator"):
         losses.LossConfig(kl_estimator="k2")
-    cfg = losses.LossConfig.from_mapping({"eps_high": 0.28, "use_mel": False, "lr": 1e-6})
+    cfg = losses.LossConfig(eps_high=0.28, use_mel=False)
     assert cfg.eps_high == 0.28 and cfg.use_mel is False and cfg.eps_low == 0.2

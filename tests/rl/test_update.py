@@ -30,7 +30,7 @@ LR = 0.05
 # SGD with momentum: the first update is exactly -LR * gradient (so equal new params mean equal
 # gradients), and it has an optimizer state shaped like the params (to check its sharding).
 OPT = optax.sgd(LR, momentum=0.9)
-LOSS_CFG = losses.LossConfig(logprob_chunk_size=4)
+LOSS_CFG = losses.LossConfig(logprob_chunk=4)
 
 
 def tiny_params(cfg: ModelConfig, seed: int = 0, std: float = 0.1):
@@ -299,10 +299,6 @@ def test_schedule_and_decay_mask():
     assert not any("norm" in k for k in decayed), decayed
     with pytest.raises(ValueError, match="total_steps"):
         optim.OptimizerConfig(schedule="cosine", warmup_steps=5, total_steps=5)
-    tc = ts.TrainConfig.from_mapping({"num_microbatches": 4, "old_logprobs": "recompute", "x": 1})
-    assert tc.num_microbatches == 4 and tc.old_logprobs == "recompute"
-    with pytest.raises(ValueError, match="old_logprobs='policy'"):
-        ts.TrainConfig(old_logprobs="policy")
 
 
 TARGETS = (3, 5, 7)
@@ -316,7 +312,7 @@ def test_grpo_toy_run_raises_reward():
         optim.OptimizerConfig(learning_rate=3e-3, weight_decay=0.0, max_grad_norm=1.0)
     )
     state = ts.init_train_state(params, opt)
-    cfg = losses.LossConfig(use_mel=False, logprob_chunk_size=4)
+    cfg = losses.LossConfig(use_mel=False, logprob_chunk=4)
     step = ts.make_train_step(graphdef, opt, cfg)
     q, g = 4, 8
 

@@ -64,7 +64,7 @@ def abstract_inputs(rows=ROWS, t=T, mel_rows=8):
 
 def compile_programs(mesh):
     graphdef, opt, state, batch = abstract_inputs()
-    loss_cfg = losses.LossConfig(logprob_chunk_size=CHUNK)
+    loss_cfg = losses.LossConfig(logprob_chunk=CHUNK)
     update = ts.make_train_step(graphdef, opt, loss_cfg, mesh=mesh).lower(state, batch).compile()
     logprobs = ts.make_compute_logprobs(graphdef, mesh=mesh, chunk_size=CHUNK)
     logprobs = logprobs.lower(state.params, batch.policy.seq).compile()
@@ -173,7 +173,7 @@ def test_sharded_update_and_logprobs_equal_one_device(shape):
     parallelism give the single-device update and log-probs."""
     graphdef, params = _params()
     opt = optax.sgd(0.1, momentum=0.9)
-    loss_cfg = losses.LossConfig(logprob_chunk_size=8)
+    loss_cfg = losses.LossConfig(logprob_chunk=8)
     batch = _batch()
     ref_state, ref_m = ts.make_train_step(graphdef, opt, loss_cfg, donate=False)(
         ts.init_train_state(params, opt), batch
