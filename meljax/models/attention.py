@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from meljax.runtime import sharding as shd
+from meljax.runtime.platform import profile
 
 IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 NEG = -1e30  # finite: a fully masked row gives a uniform softmax, not NaN
@@ -104,8 +105,7 @@ def resolve_impl(impl: str, q: jax.Array, k: jax.Array, q_start) -> str:
     t, s = q.shape[1], k.shape[-1]
     fallback = "chunked" if t > 1 and t * s >= CPU_CHUNKED_MIN_TS else "xla"
     if impl == "auto":
-        platform = shd.current_platform()
-        impl = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, fallback)
+        impl = profile().attention_kernel or fallback
         if impl != fallback and t < MIN_KERNEL_T:
             return fallback
     if impl == "splash" and not (isinstance(q_start, int) and q_start % 128 == 0):

@@ -46,6 +46,7 @@ from jax.sharding import PartitionSpec
 
 from meljax.models.config import ModelConfig
 from meljax.runtime import sharding as shd
+from meljax.runtime.platform import profile
 
 Cache = dict[str, jax.Array] | tuple[dict[str, jax.Array], ...]
 _FORCED_LAYOUT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -74,7 +75,7 @@ def layout() -> str:
     forced = _FORCED_LAYOUT.get()
     if forced is not None:
         return forced
-    return "heads" if shd.current_platform() == "cpu" else "hd_minor"
+    return profile().kv_layout
 
 
 @contextlib.contextmanager

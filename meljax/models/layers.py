@@ -17,6 +17,7 @@ from meljax.models import kv_cache
 from meljax.models.attention import attention
 from meljax.models.config import ModelConfig
 from meljax.runtime import sharding as shd
+from meljax.runtime.platform import profile
 
 # logical axes of the activations (see meljax.runtime.sharding): rows over the data axes, features of
 # the residual stream replicated, heads / MLP features over ``tensor``.
@@ -121,15 +122,15 @@ class LayerInputs(NamedTuple):
     segment_step: jax.Array | None = None
 
 
-# The CPU path of ``dense`` (read when a program is traced; benchmarks/train_step.py turns it
-# off for its ``+einsum`` variants to measure what it buys).
+# A switch over the platform profile's ``weight_matmul_vjp`` (read when a program is traced;
+# benchmarks/train_step.py turns it off for its ``+einsum`` variants to measure what it buys).
 CPU_MATMUL_VJP = True
 
 
 def _cpu_matmuls() -> bool:
     """Whether the layer's weight matmuls take the CPU path of :func:`dense`: an unsharded
     program compiled for the CPU (meshes keep the plain einsums the partitioner knows)."""
-    return CPU_MATMUL_VJP and shd.context_mesh() is None and shd.current_platform() == "cpu"
+    return CPU_MATMUL_VJP and shd.context_mesh() is None and profile().weight_matmul_vjp
 
 
 @jax.custom_vjp

@@ -46,6 +46,7 @@ from meljax.models.layers import (
     rope_inv_freq,
 )
 from meljax.runtime import sharding as shd
+from meljax.runtime.platform import profile
 
 _INITS = {
     "normal": nnx.initializers.normal(0.02),
@@ -53,7 +54,6 @@ _INITS = {
     "ones": nnx.initializers.ones,
 }
 # "auto" on CPU: no remat, the fastest update step there (docs/performance.md).
-CPU_REMAT = "none"
 
 LayerWeights = dict[str, jax.Array] | tuple[dict[str, jax.Array], ...]
 
@@ -99,12 +99,12 @@ def resolve_remat(policy: str):
 
     ``full`` saves only each layer's input (recomputes the whole layer), ``dots`` keeps every
     matmul output, ``dots_no_batch`` the matmuls without batch dimensions (weight products),
-    ``auto``: full on TPU/GPU (memory is what limits the batch there), ``CPU_REMAT`` on CPU.
+    ``auto``: the platform profile's (:mod:`meljax.runtime.platform`).
     """
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy {policy!r}; choose one of {REMAT_POLICIES}")
     if policy == "auto":
-        policy = CPU_REMAT if shd.current_platform() == "cpu" else "full"
+        policy = profile().remat
     cp = jax.checkpoint_policies
     return {
         "none": None,
@@ -117,8 +117,8 @@ def resolve_remat(policy: str):
 def prefer_split_layers() -> bool:
     """Whether decoding should unroll the layers over separate arrays (``split_layers`` and a
     split cache): on CPU a stacked ``[L, ...]`` weight sliced per layer is copied before each
-    matmul, which a split layout avoids."""
-    return shd.current_platform() == "cpu"
+    matmul, which a split layout avoids (the platform profile's ``split_layers``)."""
+    return profile().split_layers
 
 
 def run_layers(

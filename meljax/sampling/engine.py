@@ -84,6 +84,7 @@ from meljax.models.config import resolve_dtype
 from meljax.models.kv_cache import cache_bytes
 from meljax.runtime import sharding as shd
 from meljax.runtime.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
+from meljax.runtime.platform import profile
 from meljax.sampling import schedule, slots, warm
 from meljax.sampling.protocol import Engine, EngineStats, Generation, Request, checked_prompts
 from meljax.sampling.select import config_from_graphdef, format_bytes
@@ -154,19 +155,17 @@ class ContinuousEngine:
         self.tensor_parallel = tensor_parallel
         self.prompt_buckets = tuple(prompt_buckets)
         self.batch_buckets = tuple(batch_buckets)
-        # CPU decodes faster over per-layer weight copies (``prefer_split_layers``); the
-        # decode mesh's devices decide (an AOT plan for TPU on this host is not CPU)
-        platform = (
+        # the platform profile of the decode mesh's devices (an AOT plan for TPU on this host
+        # takes the TPU profile); explicit arguments override it
+        self.profile = profile(
             jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
         )
-        self.split = platform == "cpu"
-        # decode segments: a read-only cache + segment buffer keeps the TPU cache in place; on
-        # CPU, writing the cache in the loop is cheaper (one softmax block, module docstring)
-        self.segment_buffer = platform != "cpu" if segment_buffer is None else segment_buffer
-        if kv_buckets is None:
-            kv_buckets = () if platform == "cpu" else DEFAULT_LENGTH_BUCKETS
-        self.kv_buckets = tuple(kv_buckets)
-        self.shrink_tail = platform == "cpu" if shrink_tail is None else shrink_tail
+        self.split = self.profile.split_layers
+        self.segment_buffer = (
+            self.profile.segment_buffer if segment_buffer is None else segment_buffer
+        )
+        self.kv_buckets = tuple(self.profile.kv_buckets if kv_buckets is None else kv_buckets)
+        self.shrink_tail = self.profile.shrink_tail if shrink_tail is None else shrink_tail
         self.num_truncated_prompts = 0
         self.last_stats = EngineStats()
         vocab = self.config.vocab_size

@@ -21,7 +21,7 @@ from meljax.meta import META_LOG_FILE
 from meljax.meta.lessons import overhead_line
 from meljax.models import save_pretrained
 from meljax.report import heldout
-from meljax.runtime import files
+from meljax.runtime import files, platform
 from meljax.trainer import workdir as run_folder
 from meljax.trainer.checkpointing import CONFIG_FILE, Checkpointer, checkpoint_dir
 from meljax.trainer.metrics import MetricsWriter, Progress, read_metrics
@@ -200,7 +200,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     evaluator = None
     if s.eval.every_steps or s.eval.at_start:
         evaluator = PeriodicEval(cfg, workdir, run.policy, run.verifier, s.eval)
-    if is_chief:  # the rollout's slot pool, sized from rollout.max_slots / kv_budget_gib
+    if is_chief:  # the platform's defaults, and the rollout's slot pool
+        device = run.mesh.devices.flat[0]
+        print(f"platform profile: {platform.profile(device.platform).describe()}", flush=True)
         r = s.rollout
         pool = run.policy.engine.describe(
             r.num_questions * r.group_size, s.prompt.max_prompt_tokens or 512, r.max_new_tokens
