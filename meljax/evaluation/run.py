@@ -9,7 +9,9 @@ from typing import Any
 from meljax.evaluation.metrics import benchmark_metrics, macro_average
 from meljax.evaluation.report import EvalConfig, EvalReport, ProblemRecord
 from meljax.rewards import Scorer, is_correct
+from meljax.rl.rollout import score_groups
 from meljax.sampling import SamplingParams
+from meljax.sampling.engine import Request
 
 __all__ = ["evaluate"]
 
@@ -56,9 +58,6 @@ def evaluate(
     """
     import jax
     from tqdm.auto import tqdm
-
-    from meljax.rl.rollout import score_groups
-    from meljax.sampling.engine import Request
 
     _check_benchmarks(benchmarks)
     c = config

@@ -41,11 +41,14 @@ from flax import nnx
 from meljax.config.settings import settings
 from meljax.meta import templates
 from meljax.models import ModelConfig, abstract_model
+from meljax.plan.engine_programs import lower_engine_programs
 from meljax.rl.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.rl.update import train_state_shardings
 from meljax.runtime import sharding as shd
 from meljax.runtime.buckets import bucket
+from meljax.sampling import ContinuousEngine, SamplingParams
 from meljax.sampling.policy import resolve_instruction
+from meljax.trainer import setup
 from meljax.trainer.run import update_programs
 
 
@@ -113,7 +116,6 @@ def bytes_per_device(tree) -> int:
 def build_run_model(cfg: ml_collections.ConfigDict, mesh, model_config: ModelConfig, source: str):
     """Abstract graphdef, train state (``setup.init_state``, so the master dtype is the run's)
     and reference params on ``mesh``."""
-    from meljax.trainer import setup
 
     graphdef, params = abstract_model(model_config)
     graphdef, params = nnx.split(nnx.merge(graphdef, params), nnx.Param)
@@ -149,9 +151,6 @@ def replay_prompt_bound(cfg: ml_collections.ConfigDict) -> int:
 
 def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Program]:
     """Every jitted program ``meljax train`` launches with ``cfg`` on ``mesh``, worst case."""
-    from meljax.plan.engine_programs import lower_engine_programs
-    from meljax.sampling import ContinuousEngine, SamplingParams
-    from meljax.trainer import setup
 
     dp = shd.data_parallel_size(mesh)
     s = settings(cfg, dp)

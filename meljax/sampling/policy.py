@@ -48,7 +48,7 @@ from meljax.data.prompts import (
     prompt_limit,
 )
 from meljax.sampling.engine import ContinuousEngine, Engine, Request
-from meljax.sampling.select import SamplingParams
+from meljax.sampling.select import SamplingParams, config_from_graphdef
 
 __all__ = [
     "Completion",
@@ -263,7 +263,6 @@ class Policy:
           **engine: :class:`~meljax.sampling.engine.ContinuousEngine` settings
             (``max_slots``, ``kv_budget_gib``, ``segment_steps``, ``tensor_parallel``).
         """
-        from meljax.sampling.select import config_from_graphdef
 
         stops = stop_token_ids(tokenizer, config_from_graphdef(graphdef))
         if not stops:

@@ -16,6 +16,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
+from meljax import evaluation
 from meljax.config.settings import config_from_json
 from meljax.meta import META_LOG_FILE
 from meljax.meta.lessons import overhead_line
@@ -76,7 +77,6 @@ class PeriodicEval:
     those of the rollouts. Reports go to ``WORKDIR/eval/step_N.json``."""
 
     def __init__(self, cfg, workdir, policy, verifier, eval_config):
-        from meljax import evaluation
 
         self.cfg, self.workdir, self.policy, self.verifier = cfg, workdir, policy, verifier
         self.config = eval_config
@@ -86,7 +86,6 @@ class PeriodicEval:
         )
 
     def __call__(self, step: int, params) -> dict[str, float]:
-        from meljax import evaluation
 
         lead = jax.process_index() == 0
         if lead:  # minutes on a CPU: say what the silence is

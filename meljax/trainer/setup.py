@@ -6,16 +6,21 @@ import jax
 import ml_collections
 from flax import nnx
 
-from meljax.data import ArithmeticProblems, load_problems, make_problem_iterator
+from meljax.data import PRESETS, ArithmeticProblems, load_problems, make_problem_iterator
+from meljax.data.tfds_builder import ArrayRecordProblems
 from meljax.models import (
     ModelConfig,
     Transformer,
     from_pretrained,
     load_tokenizer,
+    resolve_dtype,
     resolve_model_path,
 )
 from meljax.models.tokenizer import make_tiny_tokenizer
+from meljax.rewards import Verifier
+from meljax.rl.update import init_train_state
 from meljax.runtime import sharding as shd
+from meljax.sampling.policy import Policy
 
 
 def build_mesh(cfg: ml_collections.ConfigDict):
@@ -62,13 +67,11 @@ def random_model_config(cfg: ml_collections.ConfigDict, tokenizer) -> ModelConfi
 def init_state(cfg: ml_collections.ConfigDict, params, optimizer, mesh):
     """The run's ``TrainState``: master weights and Adam moments in ``optim.master_dtype``
     (float32 unless asked otherwise, whatever ``model.param_dtype`` stores the weights in)."""
-    from meljax.rl.update import init_train_state
 
     return init_train_state(params, optimizer, mesh, master_dtype=cfg.optim.master_dtype)
 
 
 def _dt(name: str):
-    from meljax.models import resolve_dtype
 
     return resolve_dtype(name)
 
@@ -93,7 +96,6 @@ def build_policy(s, graphdef, tokenizer, mesh=None):
     """The run's :class:`~meljax.sampling.policy.Policy` (settings ``s``): rollouts, MEL
     analyses and replays and the periodic evaluation all sample through it (one
     continuous-batching engine)."""
-    from meljax.sampling.policy import Policy
 
     return Policy.build(graphdef, tokenizer, s.prompt, mesh=mesh, **engine_options(s))
 
@@ -132,8 +134,6 @@ def _excluded_questions(path: str, on_bad_row: str) -> frozenset[str]:
 
 def _tfds_source(cfg: ml_collections.ConfigDict):
     """``data.source=tfds``: array_record records read lazily (bad records are errors)."""
-    from meljax.data import PRESETS
-    from meljax.data.tfds_builder import ArrayRecordProblems
 
     d = cfg.data
     if d.preset and d.preset not in PRESETS:
@@ -167,6 +167,5 @@ def build_data_iterator(cfg: ml_collections.ConfigDict, source):
 def build_verifier(s):
     """The run's :class:`~meljax.rewards.Verifier` (``s.reward``; host-shared on several
     processes)."""
-    from meljax.rewards import Verifier
 
     return Verifier(s.reward)
