@@ -5,6 +5,7 @@ array_record storage, grain batching pipelines and prompt formatting.
 here; import it explicitly when needed.
 """
 
+from meljax.data.layouts import PRESETS, FieldMap, infer_preset
 from meljax.data.pipeline import (
     ProblemIterator,
     make_problem_dataset,
@@ -20,13 +21,10 @@ from meljax.data.prompts import (
     format_prompts,
 )
 from meljax.data.records import (
-    PRESETS,
     BadRow,
     BadRowError,
-    FieldMap,
     LoadResult,
     Problem,
-    infer_preset,
     load_problems,
 )
 

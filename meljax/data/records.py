@@ -1,11 +1,11 @@
-"""Problem records and readers for local or remote JSONL / JSON / Parquet files.
+"""The :class:`Problem` record and :func:`load_problems`, which reads problems from local or
+remote JSONL / JSON / Parquet files.
 
-A *problem* is a question with one verifiable ground-truth answer. Files in the wild
-store these under many layouts (nested chat messages, answers inside ``\\boxed{}`` of a
-worked solution, zero-padded strings, floats...). A :class:`FieldMap` describes one
-layout: where the question, answer and id live (dotted paths with list indexing such as
-``prompt[0].content``) and how to normalise them. :data:`PRESETS` holds the layouts of
-the benchmark and training files described in ``shared/data/README.md``.
+A *problem* is a question with one verifiable ground-truth answer. A row of a file becomes a
+:class:`Problem` through a layout (:class:`~meljax.data.layouts.FieldMap`, a preset of
+:data:`~meljax.data.layouts.PRESETS` or the generic one); a row that lacks a usable question or
+answer is a bad row, raised as :class:`BadRowError` or skipped and counted
+(:class:`LoadResult`). :func:`problem_from_row` converts one row for random-access sources.
 
 Entry point: :func:`load_problems`.
 """
@@ -13,28 +13,28 @@ Entry point: :func:`load_problems`.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
+from meljax.data.answers import default_answer
+from meljax.data.fieldpath import get_path, parse_path
+from meljax.data.layouts import (
+    GENERIC_FIELDS,
+    PRESETS,
+    FieldMap,
+    file_format,
+    generic_layout_hint,
+    infer_preset,
+    layout_for_row,
+)
 from meljax.data.readers import READERS, Row
-from meljax.rewards.extract import last_boxed
 
 __all__ = [
-    "PRESETS",
     "BadRow",
     "BadRowError",
-    "GENERIC_FIELDS",
-    "FieldMap",
     "LoadResult",
     "Problem",
-    "generic_layout_hint",
-    "get_path",
-    "infer_preset",
-    "layout_for_row",
     "load_problems",
-    "parse_path",
     "problem_from_row",
 ]
 
@@ -81,363 +81,6 @@ class Problem:
         return cls(
             id=d["id"], question=d["question"], answer=d["answer"], extra=dict(d.get("extra") or {})
         )
-
-
-# ---------------------------------------------------------------------------------------
-# Dotted paths: ``prompt[0].content``, ``prompt[0]["content"]``, ``reward_model.ground_truth``.
-# ---------------------------------------------------------------------------------------
-
-_PATH_TOKEN = re.compile(
-    r"""
-    (?P<name>[^.\[\]"']+)            # bare key
-    | \[\s*(?P<index>-?\d+)\s*\]     # [0]
-    | \[\s*"(?P<dq>[^"]*)"\s*\]      # ["key"]
-    | \[\s*'(?P<sq>[^']*)'\s*\]      # ['key']
-    | (?P<dot>\.)
-    """,
-    re.VERBOSE,
-)
-
-
-def parse_path(path: str) -> tuple[str | int, ...]:
-    """Splits a field path into keys (``str``) and list indices (``int``).
-
-    ``'prompt[0]["content"]'`` -> ``("prompt", 0, "content")``;
-    ``"reward_model.ground_truth"`` -> ``("reward_model", "ground_truth")``.
-
-    Raises:
-      ValueError: on an empty or malformed path (e.g. ``"a..b"``, ``"a[x]"``).
-    """
-    parts: list[str | int] = []
-    pos = 0
-    expect_key = True  # after a dot (or at the start) a key must follow
-    while pos < len(path):
-        m = _PATH_TOKEN.match(path, pos)
-        if m is None:
-            raise ValueError(f"Malformed field path {path!r} at character {pos}")
-        if m.group("dot") is not None:
-            if expect_key:
-                raise ValueError(f"Malformed field path {path!r}: empty key at character {pos}")
-            expect_key = True
-        elif m.group("name") is not None:
-            if not expect_key:
-                raise ValueError(f"Malformed field path {path!r}: missing '.' at {pos}")
-            parts.append(m.group("name").strip())
-            expect_key = False
-        else:
-            if expect_key and parts:
-                raise ValueError(f"Malformed field path {path!r}: '.' before '[' at {pos}")
-            if m.group("index") is not None:
-                parts.append(int(m.group("index")))
-            else:
-                parts.append(m.group("dq") if m.group("dq") is not None else m.group("sq"))
-            expect_key = False
-        pos = m.end()
-    if not parts or expect_key:
-        raise ValueError(f"Malformed field path {path!r}")
-    return tuple(parts)
-
-
-class _MissingField(LookupError):
-    """A field path does not resolve in a row."""
-
-
-def get_path(row: Any, path: str | Sequence[str | int]) -> Any:
-    """Returns the value at ``path`` inside nested dicts / lists.
-
-    Raises:
-      LookupError: naming the first part of the path that does not resolve.
-    """
-    parts = parse_path(path) if isinstance(path, str) else tuple(path)
-    value = row
-    walked = ""
-    for part in parts:
-        where = f"{walked}[{part}]" if isinstance(part, int) else f"{walked}.{part}".lstrip(".")
-        if isinstance(part, int):
-            if not isinstance(value, Sequence) or isinstance(value, str | bytes):
-                raise _MissingField(
-                    f"{walked or '<row>'} is not a list (got {type(value).__name__})"
-                )
-            if not -len(value) <= part < len(value):
-                raise _MissingField(f"{where} is out of range (length {len(value)})")
-            value = value[part]
-        else:
-            if not isinstance(value, Mapping):
-                raise _MissingField(
-                    f"{walked or '<row>'} is not an object (got {type(value).__name__})"
-                )
-            if part not in value:
-                keys = ", ".join(sorted(map(str, value)))[:200]
-                raise _MissingField(f"no field {where!r} (available: {keys})")
-            value = value[part]
-        walked = where
-    return value
-
-
-# ---------------------------------------------------------------------------------------
-# Answer / question normalisers.
-# ---------------------------------------------------------------------------------------
-
-
-def _number_to_str(value: int | float) -> str:
-    """``27.0`` -> ``"27"``, ``-1.0`` -> ``"-1"``, ``0.5`` -> ``"0.5"``, ``7`` -> ``"7"``."""
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"answer is not a finite number: {value!r}")
-        if value.is_integer():
-            return str(int(value))
-        return repr(value)
-    return str(value)
-
-
-def default_answer(value: Any) -> str:
-    """Default answer normaliser: strings are stripped, numbers printed without ``.0``.
-
-    Raises:
-      ValueError: for ``None``, booleans, containers and other non-scalar values.
-    """
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"answer must be a string or a number, got {value!r}")
-    if isinstance(value, str):
-        return value.strip()
-    if isinstance(value, int | float):
-        return _number_to_str(value)
-    raise ValueError(f"answer must be a string or a number, got {type(value).__name__}")
-
-
-def answer_after_hashes(value: Any) -> str:
-    """GSM8K: the text after the last ``####``, with thousands separators removed."""
-    if not isinstance(value, str) or "####" not in value:
-        raise ValueError("GSM8K answer has no '####' final-answer marker")
-    return value.rsplit("####", 1)[1].strip().replace(",", "")
-
-
-def answer_integer_string(value: Any) -> str:
-    """AIME: ``"025"`` / ``25`` / ``25.0`` -> ``"25"`` (the answer must be an integer)."""
-    if isinstance(value, bool):
-        raise ValueError(f"answer must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
-        return str(int(value))
-    raise ValueError(f"answer must be an integer, got {value!r}")
-
-
-def answer_number(value: Any) -> str:
-    """AMC: a number (possibly a float such as ``27.0``) printed as ``"27"``."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"answer must be a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value) if re.search(r"[.eE]", value) else int(value)
-        except ValueError as e:
-            raise ValueError(f"answer must be a number, got {value!r}") from e
-    return _number_to_str(value)
-
-
-def answer_without_dollars(value: Any) -> str:
-    """OlympiadBench: ``"$\\frac{1}{2}$"`` -> ``"\\frac{1}{2}"``; every ``$`` is removed."""
-    if not isinstance(value, str):
-        raise ValueError(f"answer must be a string, got {value!r}")
-    return value.replace("$", "").strip()
-
-
-def answer_from_boxed(value: Any) -> str:
-    """MATH / Minerva: the last ``\\boxed{}`` of a worked solution, read by the verifier's
-    extractor (:func:`meljax.rewards.extract.last_boxed`) so that the ground truth and the
-    model's answer are taken from a box the same way."""
-    if not isinstance(value, str):
-        raise ValueError(f"solution must be a string, got {type(value).__name__}")
-    boxed = last_boxed(value)
-    if boxed is None:
-        raise ValueError("solution has no complete, non-empty \\boxed{...} answer")
-    return boxed
-
-
-_TRAILING_INSTRUCTION = re.compile(r"\n[^\n]*(?:please reason|\\boxed\{\})[^\n]*\s*$", re.I)
-
-
-def question_without_instruction(value: str) -> str:
-    """AIME 2025 (QwQ copy): drops the trailing "Please reason step by step..." line.
-
-    Only a last line that looks like an answering instruction is dropped, so a question
-    without it passes through unchanged.
-    """
-    return _TRAILING_INSTRUCTION.sub("", value).strip()
-
-
-# ---------------------------------------------------------------------------------------
-# Layouts.
-# ---------------------------------------------------------------------------------------
-
-FileFormat = Literal["jsonl", "json", "parquet"]
-
-
-@dataclasses.dataclass(frozen=True)
-class FieldMap:
-    """Where a file keeps question, answer and id, and how to normalise them.
-
-    Attributes:
-      question_field: path to the question (``"problem"``, ``"prompt[0].content"``).
-      answer_field: path to the ground truth (``"reward_model.ground_truth"``).
-      id_field: path to an id, or ``None`` to use ``"{id_prefix}{row_index}"``.
-      answer_transform: raw answer value -> answer string; raises ``ValueError`` for a bad
-        value. Defaults to :func:`default_answer`.
-      question_transform: question string -> bare question (e.g. drop an instruction).
-      drop_empty_answers: rows whose answer is ``None`` or blank are filtered out silently
-        (counted in :attr:`LoadResult.num_filtered`) instead of being bad rows.
-      extra_fields: top-level fields copied into :attr:`Problem.extra`; ``None`` copies
-        every top-level field except the question's and answer's own.
-      file_format: ``"jsonl"``, ``"json"`` or ``"parquet"``; ``None`` infers it from the
-        file suffix.
-      default_file: file name used when :func:`load_problems` is given a folder.
-      id_prefix: prefix of ids built from row indices (and of ``id_field`` values).
-    """
-
-    question_field: str = "question"
-    answer_field: str = "answer"
-    id_field: str | None = None
-    answer_transform: Callable[[Any], str] | None = None
-    question_transform: Callable[[str], str] | None = None
-    drop_empty_answers: bool = False
-    extra_fields: tuple[str, ...] | None = None
-    file_format: FileFormat | None = None
-    default_file: str | None = None
-    id_prefix: str = ""
-
-    def __post_init__(self) -> None:
-        # Fail at construction, not at row 0, on a malformed path.
-        for name in ("question_field", "answer_field", "id_field"):
-            value = getattr(self, name)
-            if value is not None:
-                parse_path(value)
-
-
-PRESETS: dict[str, FieldMap] = {
-    "dapo_math_17k": FieldMap(
-        question_field='prompt[0]["content"]',
-        answer_field='reward_model["ground_truth"]',
-        id_field="extra_info.index",
-        answer_transform=answer_integer_string,
-        extra_fields=("data_source", "ability"),
-        file_format="parquet",
-        default_file="dapo_math_17k.parquet",
-        id_prefix="dapo_math_17k/",
-    ),
-    "math": FieldMap(
-        question_field="problem",
-        answer_field="answer",
-        id_field="unique_id",
-        default_file="test.jsonl",
-        id_prefix="math/",
-    ),
-    "math500": FieldMap(
-        question_field="problem",
-        answer_field="answer",
-        id_field="unique_id",
-        default_file="test.jsonl",
-        id_prefix="math500/",
-    ),
-    "math_train": FieldMap(
-        question_field="problem",
-        answer_field="answer",
-        drop_empty_answers=True,
-        default_file="math.json",
-        id_prefix="math_train/",
-    ),
-    "math_test": FieldMap(
-        question_field="problem",
-        answer_field="solution",
-        id_field="idx",
-        answer_transform=answer_from_boxed,
-        extra_fields=("level", "type", "solution"),
-        default_file="test.jsonl",
-        id_prefix="math_test/",
-    ),
-    "minerva_math": FieldMap(
-        question_field="problem",
-        answer_field="solution",
-        id_field="idx",
-        answer_transform=answer_from_boxed,
-        extra_fields=("type", "solution"),
-        default_file="test.jsonl",
-        id_prefix="minerva_math/",
-    ),
-    "gsm8k": FieldMap(
-        question_field="question",
-        answer_field="answer",
-        answer_transform=answer_after_hashes,
-        default_file="test.jsonl",
-        id_prefix="gsm8k/",
-    ),
-    "aime24": FieldMap(
-        question_field="problem",
-        answer_field="answer",
-        id_field="id",
-        answer_transform=answer_integer_string,
-        extra_fields=("url", "solution"),
-        default_file="test.jsonl",
-        id_prefix="aime24/",
-    ),
-    "aime25": FieldMap(
-        question_field="prompt",
-        answer_field="answer",
-        answer_transform=answer_integer_string,
-        question_transform=question_without_instruction,
-        default_file="aime25.jsonl",
-        id_prefix="aime25/",
-    ),
-    "amc23": FieldMap(
-        question_field="problem",
-        answer_field="answer",
-        id_field="id",
-        answer_transform=answer_number,
-        extra_fields=("url",),
-        default_file="test.jsonl",
-        id_prefix="amc23/",
-    ),
-    "olympiadbench": FieldMap(
-        question_field="question",
-        answer_field="final_answer[0]",
-        id_field="id",
-        answer_transform=answer_without_dollars,
-        extra_fields=("subfield", "is_multiple_answer", "unit", "answer_type", "error"),
-        default_file="test.jsonl",
-        id_prefix="olympiadbench/",
-    ),
-}
-"""Layouts of the files in ``shared/data/`` (see its README), by folder name."""
-
-
-def _split_path(path: str) -> list[str]:
-    """Path components without a scheme, e.g. ``gs://b/x/y.jsonl`` -> ``[b, x, y.jsonl]``."""
-    return [p for p in re.sub(r"^[a-zA-Z][\w+.-]*://", "", path).split("/") if p]
-
-
-def _stem(name: str) -> str:
-    return name.split(".", 1)[0]
-
-
-def infer_preset(path: str) -> str | None:
-    """Guesses a preset from the file's folder name, then from the file name itself.
-
-    ``.../math500/test.jsonl`` -> ``"math500"``; ``.../aime25.jsonl`` -> ``"aime25"``;
-    a folder path such as ``.../gsm8k`` -> ``"gsm8k"``. Returns ``None`` when nothing
-    matches.
-    """
-    parts = _split_path(path)
-    if not parts:
-        return None
-    last = parts[-1]
-    # The folder name comes before the file stem: math_train/math.json is "math_train",
-    # not "math".
-    candidates = [last] if "." not in last else []
-    if len(parts) >= 2:
-        candidates.append(parts[-2])
-    candidates.append(_stem(last))
-    return next((c for c in candidates if c in PRESETS), None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,22 +145,6 @@ def _is_dir(path: str) -> bool:
         return epath.Path(path).is_dir()
     except Exception:  # noqa: BLE001 - unknown remote: treat as a file, opening will tell
         return False
-
-
-def _format_of(path: str, fields: FieldMap) -> FileFormat:
-    if fields.file_format is not None:
-        return fields.file_format
-    name = _split_path(path)[-1].lower() if _split_path(path) else path
-    if name.endswith((".jsonl", ".ndjson", ".jsonl.txt")):
-        return "jsonl"
-    if name.endswith(".json"):
-        return "json"
-    if name.endswith((".parquet", ".pq")):
-        return "parquet"
-    raise ValueError(
-        f"Cannot tell the format of {path!r} from its suffix; use a .jsonl, .json or "
-        f".parquet file or set FieldMap.file_format"
-    )
 
 
 class _Filtered(Exception):
@@ -593,29 +220,8 @@ def problem_from_row(row: Any, index: int, fields: FieldMap) -> Problem:
         raise ValueError(f"answer {fields.answer_field!r} is empty") from None
 
 
-def layout_for_row(row: Any) -> FieldMap:
-    """:data:`GENERIC_FIELDS`, reading ``id`` too when ``row`` has a string or integer one."""
-    if isinstance(row, Mapping) and isinstance(row.get("id"), str | int):
-        return dataclasses.replace(GENERIC_FIELDS, id_field="id")
-    return GENERIC_FIELDS
-
-
 def _top_key(path: str) -> str | int:
     return parse_path(path)[0]
-
-
-GENERIC_FIELDS = FieldMap()
-"""The layout of a file no preset matches: ``question`` and ``answer`` fields (``id`` too when
-the first row has one), as the README describes."""
-
-
-def generic_layout_hint() -> str:
-    """What a row needs without a preset (for error messages)."""
-    return (
-        f"without a preset, rows need 'question' and 'answer' fields; name a preset "
-        f"(known: {', '.join(sorted(PRESETS))}) or the fields (FieldMap(question_field=..., "
-        f"answer_field=...))"
-    )
 
 
 def _first_row(reader: Callable[[str], Iterator[Row]], path: str) -> Any:
@@ -685,7 +291,7 @@ def load_problems(
             raise ValueError(f"{path!r} is a folder and the layout names no default_file{hint}")
         path = path.rstrip("/") + "/" + field_map.default_file
 
-    reader = READERS[_format_of(path, field_map)]
+    reader = READERS[file_format(path, field_map)]
     if generic:
         field_map = layout_for_row(_first_row(reader, path))
     problems: list[Problem] = []

@@ -19,7 +19,7 @@ Two writers, one reader:
 :class:`~meljax.data.records.Problem`, usable as a grain data source. It also reads any other
 TFDS dataset prepared as array_record (a dataset folder, or a registered ``name[:version]``
 prepared under a data dir; never downloaded) whose records have ``question`` / ``answer``
-fields, or the fields of a :class:`~meljax.data.records.FieldMap` (e.g. a preset's): training
+fields, or the fields of a :class:`~meljax.data.layouts.FieldMap` (e.g. a preset's): training
 with ``data.source=tfds``.
 """
 
@@ -35,14 +35,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from meljax.data.records import (
-    BadRowError,
-    FieldMap,
-    Problem,
-    generic_layout_hint,
-    layout_for_row,
-    problem_from_row,
-)
+from meljax.data.layouts import FieldMap, generic_layout_hint, layout_for_row
+from meljax.data.records import BadRowError, Problem, problem_from_row
 
 __all__ = ["ArrayRecordProblems", "build_array_record"]
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from absl import logging
 
-from meljax.data.records import PRESETS, infer_preset, load_problems
+from meljax.data.layouts import PRESETS, infer_preset
+from meljax.data.records import load_problems
 
 __all__ = ["BenchmarkSpec", "load_benchmarks", "parse_benchmark_specs"]
 

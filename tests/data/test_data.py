@@ -27,7 +27,8 @@ from meljax.data import (
     load_problems,
     make_problem_iterator,
 )
-from meljax.data.records import answer_from_boxed, get_path, parse_path
+from meljax.data.answers import answer_from_boxed
+from meljax.data.fieldpath import get_path, parse_path
 from meljax.rewards import last_boxed
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
