@@ -32,6 +32,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meljax.models.config import resolve_dtype
+from meljax.rl import logprobs
 from meljax.rl import objective as losses
 from meljax.rl.batch import PolicyBatch, SequenceBatch, TrainBatch
 from meljax.rl.objective import LossConfig
@@ -192,7 +193,7 @@ def _objective_fn(graphdef, cfg: LossConfig, kind: str) -> Callable:
 
     def fn(params, part, den):
         seq = part.seq if kind == "policy" else part
-        logp, ent = losses.sequence_logprobs(
+        logp, ent = logprobs.sequence_logprobs(
             (graphdef, params),
             seq,
             chunk_size=cfg.logprob_chunk,
@@ -404,7 +405,7 @@ def make_compute_logprobs(
     ``num_microbatches`` sequential chunks to bound memory."""
 
     def one(params, s):
-        logp, _ = losses.sequence_logprobs(
+        logp, _ = logprobs.sequence_logprobs(
             (graphdef, params), s, chunk_size=chunk_size, with_entropy=False
         )
         return jnp.where(jnp.asarray(s.loss_mask) > 0, logp, 0.0)

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from meljax.models import ModelConfig, Transformer
+from meljax.rl import advantages, logprobs
 from meljax.rl import objective as losses
 from meljax.rl.batch import PolicyBatch, SequenceBatch, TrainBatch, build_sequence_batch
 
@@ -18,7 +19,7 @@ EPS = 1e-6
 
 def test_grpo_advantages_hand_values():
     r = np.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]], np.float32)
-    adv = np.asarray(losses.grpo_advantages(r, eps=EPS))
+    adv = np.asarray(advantages.grpo_advantages(r, eps=EPS))
     s1 = 0.5 + EPS  # mean 0.5, population std 0.5
     s2 = np.sqrt(3.0) / 4 + EPS  # mean 0.25, std sqrt(0.25 * 0.75)
     want = np.array(
@@ -33,7 +34,7 @@ def test_all_equal_groups_get_exactly_zero(name):
     # 0.1 * 3 in float32: the mean differs from 0.1 by ~7e-9, so (r - mean) / (std + eps) would
     # be ~ -0.007, not 0.
     r = np.array([[0.1, 0.1, 0.1], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32)
-    adv = np.asarray(losses.compute_advantages(name, r))
+    adv = np.asarray(advantages.compute_advantages(name, r))
     assert np.all(adv[:3] == 0.0)
     assert np.all(adv[3] != 0.0)
 
@@ -41,34 +42,34 @@ def test_all_equal_groups_get_exactly_zero(name):
 def test_drgrpo_rloo_raw_hand_values():
     r = np.array([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]], np.float32)
     np.testing.assert_allclose(
-        losses.drgrpo_advantages(r), [[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25]]
+        advantages.drgrpo_advantages(r), [[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25]]
     )
     # leave-one-out: r_i - mean of the other three
     np.testing.assert_allclose(
-        losses.rloo_advantages(r),
+        advantages.rloo_advantages(r),
         [[1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3], [1.0, -1 / 3, -1 / 3, -1 / 3]],
         rtol=1e-6,
     )
-    np.testing.assert_array_equal(losses.rloo_advantages(np.ones((2, 1))), np.zeros((2, 1)))
-    np.testing.assert_array_equal(losses.compute_advantages("raw", r), r)
+    np.testing.assert_array_equal(advantages.rloo_advantages(np.ones((2, 1))), np.zeros((2, 1)))
+    np.testing.assert_array_equal(advantages.compute_advantages("raw", r), r)
 
 
 def test_reinforce_pp_normalises_over_the_whole_batch():
     r = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
     s = np.sqrt(0.1875) + EPS  # batch mean 0.75, population std sqrt(3/16)
     np.testing.assert_allclose(
-        losses.reinforce_pp_advantages(r, eps=EPS),
+        advantages.reinforce_pp_advantages(r, eps=EPS),
         [[0.25 / s, -0.75 / s], [0.25 / s, 0.25 / s]],
         rtol=1e-6,
     )
     # group-mean baseline first: x = [[.5, -.5], [0, 0]], mean 0, std sqrt(1/8)
     s = np.sqrt(0.125) + EPS
     np.testing.assert_allclose(
-        losses.reinforce_pp_advantages(r, eps=EPS, group_baseline=True),
+        advantages.reinforce_pp_advantages(r, eps=EPS, group_baseline=True),
         [[0.5 / s, -0.5 / s], [0.0, 0.0]],
         rtol=1e-6,
     )
-    assert np.all(np.asarray(losses.reinforce_pp_advantages(np.full((3, 4), 0.1))) == 0.0)
+    assert np.all(np.asarray(advantages.reinforce_pp_advantages(np.full((3, 4), 0.1))) == 0.0)
 
 
 def test_advantages_from_config_passes_eps_only_where_used():
@@ -85,18 +86,18 @@ def test_advantages_from_config_passes_eps_only_where_used():
 def test_default_adv_eps_gives_the_estimators_own_default_bit_for_bit(name):
     # algorithm.adv_eps now reaches the rollout's advantages: its default must change nothing.
     r = np.random.default_rng(0).integers(0, 3, (5, 4)).astype(np.float32) / 2
-    assert losses.LossConfig().adv_eps == losses.ADV_EPS
-    own = np.asarray(losses.compute_advantages(name, r))
+    assert losses.LossConfig().adv_eps == advantages.ADV_EPS
+    own = np.asarray(advantages.compute_advantages(name, r))
     np.testing.assert_array_equal(
-        losses.advantages_with_eps(name, r, losses.LossConfig().adv_eps), own
+        advantages.advantages_with_eps(name, r, losses.LossConfig().adv_eps), own
     )
 
 
 def test_compute_advantages_errors():
     with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
-        losses.compute_advantages("ppo", np.zeros((2, 2)))
+        advantages.compute_advantages("ppo", np.zeros((2, 2)))
     with pytest.raises(ValueError, match=r"\[num_questions, G\]"):
-        losses.compute_advantages("grpo", np.zeros(4))
+        advantages.compute_advantages("grpo", np.zeros(4))
 
 
 # ------------------------------------------------------------------------------ chunked log-probs
@@ -143,7 +144,7 @@ def test_chunked_logprobs_match_full_log_softmax(tiny_model, chunk):
     seq = _seq()
     split = nnx.split(tiny_model, nnx.Param)
     want_lp, want_ent = jax.jit(_reference_logprobs)(split, seq)
-    lp, ent = jax.jit(lambda m, s: losses.sequence_logprobs(m, s, chunk_size=chunk))(split, seq)
+    lp, ent = jax.jit(lambda m, s: logprobs.sequence_logprobs(m, s, chunk_size=chunk))(split, seq)
     assert lp.shape == seq.tokens.shape == ent.shape
     np.testing.assert_allclose(lp, want_lp, atol=1e-5)
     np.testing.assert_allclose(ent, want_ent, atol=1e-5)
@@ -162,7 +163,7 @@ def test_chunked_logprobs_match_full_log_softmax(tiny_model, chunk):
     ],
 )
 def test_chunk_layout_pads_little(length, limit, want):
-    chunk, chunks = losses.chunk_layout(length, limit)
+    chunk, chunks = logprobs.chunk_layout(length, limit)
     assert (chunk, chunks) == want
     assert chunk <= max(limit, 1) and 0 <= chunk * chunks - length < 8 * chunks
 
@@ -174,7 +175,7 @@ def test_chunked_logprobs_gradient_matches_unchunked(tiny_model, chunk):
     w = jnp.asarray(np.random.default_rng(0).normal(size=seq.tokens.shape), jnp.float32)
 
     def chunked(p):
-        lp, _ = losses.sequence_logprobs((graphdef, p), seq, chunk_size=chunk)
+        lp, _ = logprobs.sequence_logprobs((graphdef, p), seq, chunk_size=chunk)
         return jnp.sum(lp * w)
 
     def full(p):

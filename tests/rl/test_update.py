@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from meljax.models import ModelConfig, Transformer
+from meljax.rl import advantages, optim
 from meljax.rl import objective as losses
-from meljax.rl import optim
 from meljax.rl import update as ts
 from meljax.rl.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.runtime import sharding as shd
@@ -329,7 +329,7 @@ def test_grpo_toy_run_raises_reward():
         key, sub = jax.random.split(key)
         tok, lp = map(np.asarray, sample(state.params, sub))
         r = np.isin(tok, TARGETS).astype(np.float32).reshape(q, g)
-        adv = np.asarray(losses.grpo_advantages(r)).reshape(-1)
+        adv = np.asarray(advantages.grpo_advantages(r)).reshape(-1)
         pol = build_policy_batch(
             [[1]] * (q * g),
             [[int(t)] for t in tok],
