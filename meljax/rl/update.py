@@ -1,4 +1,4 @@
-"""The sharded update step: ``TrainState``, exact gradient accumulation, skip on non-finite.
+"""The sharded update step on a ``TrainState``: exact gradient accumulation, skip on non-finite.
 
 One call of ``train_step(state, batch)`` is one optimizer update on ``L = L_policy + lambda_mel *
 L_NLL`` (``meljax.rl.objective``). Inside the jitted step:
@@ -13,9 +13,9 @@ L_NLL`` (``meljax.rl.objective``). Inside the jitted step:
 3. if the loss or the gradient norm is not finite, the update is dropped (params and optimizer
    state unchanged) and ``skipped_steps`` is incremented.
 
-Parameters are kept as float32 *master* weights in the state whatever the model's storage dtype
-(``init_train_state(master_dtype=...)``); the model casts them to its compute dtype
-(``cfg.dtype``) when it uses them, so gradients and Adam moments are float32 too.
+The state (``TrainState``, ``init_train_state``) is in :mod:`meljax.rl.state`, the host loop of
+several updates on one rollout batch (``train_on_batch``) in :mod:`meljax.rl.passes`; both are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -28,50 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meljax.models.config import resolve_dtype
 from meljax.rl import logprobs
 from meljax.rl import objective as losses
 from meljax.rl.batch import PolicyBatch, SequenceBatch, TrainBatch
 from meljax.rl.objective import LossConfig
+from meljax.rl.passes import OLD_LOGPROBS, train_on_batch
+from meljax.rl.state import TrainState, init_train_state, split_params, train_state_shardings
 from meljax.runtime import sharding as shd
 
-OLD_LOGPROBS = ("sampler", "recompute")
-
-
-@struct.dataclass
-class TrainState:
-    """What changes across updates (the model's ``graphdef`` lives in the step's closure).
-
-    Attributes:
-      step: int32 scalar, number of ``train_step`` calls (applied or skipped).
-      params: ``nnx.State`` of the model's ``nnx.Param``s (master dtype).
-      opt_state: the optax state (moments shaped and sharded like ``params``).
-      skipped_steps: int32 scalar, updates dropped for a non-finite loss or gradient.
-    """
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    skipped_steps: jax.Array
-
-    @property
-    def num_updates(self) -> jax.Array:
-        """Updates actually applied (the optimizer's own count)."""
-        return self.step - self.skipped_steps
-
-
 # --------------------------------------------------------------------------------------------
-# Shardings
+# Batch shardings and micro-batches
 # --------------------------------------------------------------------------------------------
-
-
-def train_state_shardings(state_or_abstract, mesh: Mesh):
-    """``NamedSharding``s for a ``TrainState`` (or any tree of params / optimizer state): each
-    ``nnx.Param`` (also inside the optimizer state) by its ``logical_axes``, the rest replicated."""
-    return shd.param_shardings(state_or_abstract, mesh)
 
 
 def batch_shardings(batch, mesh: Mesh):
@@ -122,56 +91,6 @@ def _pick_microbatches(rows: int, wanted: int, dp: int) -> int:
             if rows % d == 0 and (not need_dp or (rows // d) % dp == 0):
                 return d
     return 1
-
-
-# --------------------------------------------------------------------------------------------
-# State initialisation
-# --------------------------------------------------------------------------------------------
-
-
-def _cast_floating(tree, dtype):
-    if dtype is None:
-        return tree
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
-
-
-def split_params(model: nnx.Module):
-    """``(graphdef, params)`` of a model, ``params`` being its ``nnx.Param`` state."""
-    return nnx.split(model, nnx.Param)
-
-
-def init_train_state(
-    model_or_params: nnx.Module | Any,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh | None = None,
-    *,
-    master_dtype: Any = "float32",
-) -> TrainState:
-    """A fresh ``TrainState``, sharded over ``mesh`` when given.
-
-    Args:
-      model_or_params: a ``Transformer`` or its ``nnx.State`` of params (``split_params``).
-      optimizer: e.g. from ``meljax.rl.optim.make_optimizer``.
-      mesh: place params and optimizer state by their logical axes (``train_state_shardings``).
-      master_dtype: floating params are cast to this (default float32, so bf16 checkpoints train
-        with f32 master weights and f32 Adam moments); ``None`` keeps them as they are.
-    """
-    params = model_or_params
-    if isinstance(params, nnx.Module):
-        _, params = split_params(params)
-    dtype = None if master_dtype is None else resolve_dtype(master_dtype)
-
-    def init(p):
-        p = _cast_floating(p, dtype)
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, params=p, opt_state=optimizer.init(p), skipped_steps=zero)
-
-    if mesh is None:
-        return jax.jit(init)(params)
-    shardings = train_state_shardings(jax.eval_shape(init, params), mesh)
-    return jax.jit(init, out_shardings=shardings)(params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,77 +357,6 @@ def make_compute_logprobs(
 
     compute_logprobs.lower = lambda first, seq: jitted.lower(params_of(first), seq)
     return compute_logprobs
-
-
-# --------------------------------------------------------------------------------------------
-# Several updates on one rollout batch
-# --------------------------------------------------------------------------------------------
-
-
-def _take_rows(tree, idx: np.ndarray):
-    return jax.tree.map(lambda x: x[idx], tree)
-
-
-def train_on_batch(
-    state: TrainState,
-    batch: TrainBatch,
-    train_step: Callable,
-    *,
-    num_passes: int = 1,
-    num_minibatches: int = 1,
-    old_logprobs: str = "sampler",
-    compute_logprobs: Callable | None = None,
-    shuffle_seed: int | None = None,
-) -> tuple[TrainState, list[dict[str, jax.Array]]]:
-    """``num_passes * num_minibatches`` updates on one rollout batch (host loop).
-
-    Args:
-      state, batch: as for ``train_step``.
-      num_passes: passes over the batch (PPO's mu).
-      num_minibatches: each pass splits the policy rows and the MEL rows into this many
-        mini-batches (row ``b`` into mini-batch ``b % num_minibatches`` after the optional
-        shuffle), one update each. Both row counts must be divisible by it.
-      old_logprobs: ``sampler`` keeps ``batch.policy.old_logprobs``; ``recompute`` replaces them
-        with ``compute_logprobs(state, batch.policy.seq)`` before the first update, so the first
-        update sees ``rho == 1``.
-      shuffle_seed: when given, rows are permuted (differently) at every pass.
-
-    Returns:
-      ``(state, metrics)``, one metrics dict per update, in order.
-    """
-    if old_logprobs not in OLD_LOGPROBS:
-        raise ValueError(f"old_logprobs={old_logprobs!r}; choose one of {OLD_LOGPROBS}")
-    if old_logprobs == "recompute":
-        if compute_logprobs is None:
-            raise ValueError("old_logprobs='recompute' needs compute_logprobs")
-        old = compute_logprobs(state, batch.policy.seq)
-        batch = batch.replace(policy=batch.policy.replace(old_logprobs=old))
-    n_pol = np.shape(batch.policy.seq.tokens)[0]
-    n_mel = np.shape(batch.mel.tokens)[0]
-    for name, rows in (("policy", n_pol), ("mel", n_mel)):
-        if rows % num_minibatches:
-            raise ValueError(
-                f"train_on_batch: the {name} batch has {rows} rows, not divisible by "
-                f"num_minibatches={num_minibatches}"
-            )
-    all_metrics = []
-    for p in range(num_passes):
-        if shuffle_seed is None:
-            perm_pol, perm_mel = np.arange(n_pol), np.arange(n_mel)
-        else:
-            rng = np.random.default_rng([shuffle_seed, p])
-            perm_pol, perm_mel = rng.permutation(n_pol), rng.permutation(n_mel)
-        for k in range(num_minibatches):
-            if num_minibatches == 1 and shuffle_seed is None:
-                part = batch
-            else:
-                part = TrainBatch(
-                    policy=_take_rows(batch.policy, perm_pol[k::num_minibatches]),
-                    mel=_take_rows(batch.mel, perm_mel[k::num_minibatches]),
-                )
-            state, metrics = train_step(state, part)
-            all_metrics.append(metrics)
-    return state, all_metrics
 
 
 __all__ = [
