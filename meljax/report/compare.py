@@ -7,11 +7,16 @@ the mean training reward (all steps and the last quarter); the mean retention ra
 kept / generated meta-experiences; the steady step time; and the first and last held-out
 evaluation (greedy and sampled) with 95% intervals and the paired gain between them.
 
+Runs of several seeds per algorithm form *arms* (``arms=[("grpo", [DIR, ...]), ...]``, or
+grouped by algorithm when one algorithm has two runs or more): the Markdown and the JSON then
+add one row per arm and, per pair of arms, the held-out difference paired by seed and problem
+with its 95% intervals (:mod:`meljax.report.arms`; JSON keys ``arms`` and ``paired``).
+
 Public API:
   load_run(workdir, label=None) -> Run
   run_row(run) -> dict;  markdown_table(rows) -> str
-  render_comparison(runs, output) -> str                  # the PNG
-  compare(workdirs, output=None, labels=None) -> Comparison
+  render_comparison(runs, output, summary=None) -> str   # the PNG
+  compare(workdirs, output=None, labels=None, arms=None) -> Comparison
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meljax.evaluation.stats import finite_mean
+from meljax.report.arms import (
+    Arm,
+    arm_row,
+    arms_markdown,
+    arms_text,
+    compare_arms,
+    group_by_algorithm,
+)
 from meljax.report.heldout import (
     AVERAGE,
     HeldOut,
@@ -239,8 +252,9 @@ def _summary(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def render_comparison(runs: Sequence[Run], output: str) -> str:
-    """Six panels: reward, held-out curves, last evaluation, retention, step time, summary."""
+def render_comparison(runs: Sequence[Run], output: str, summary: str | None = None) -> str:
+    """Six panels: reward, held-out curves, last evaluation, retention, step time, summary
+    (``summary``, e.g. the paired differences of arms; default the runs' headline numbers)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -265,7 +279,8 @@ def render_comparison(runs: Sequence[Run], output: str) -> str:
     ax = axes[1, 2]
     ax.axis("off")
     ax.set_title("summary (held-out in %, 95% intervals)")
-    ax.text(0.0, 1.0, _summary([run_row(r) for r in runs]), va="top", ha="left",
+    text = summary if summary is not None else _summary([run_row(r) for r in runs])
+    ax.text(0.0, 1.0, text, va="top", ha="left",
             family="monospace", fontsize=8, transform=ax.transAxes)  # fmt: skip
     fig.suptitle("comparison: " + " vs ".join(r.label for r in runs))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -275,13 +290,20 @@ def render_comparison(runs: Sequence[Run], output: str) -> str:
 
 @dataclasses.dataclass
 class Comparison:
-    """What :func:`compare` wrote: the PNG, the Markdown table, its JSON, and the table text."""
+    """What :func:`compare` wrote: the PNG, the Markdown, its JSON, and the Markdown text.
+
+    ``table`` is the whole Markdown: the runs' table, then (with arms) the arms' table and the
+    paired differences. ``arms`` / ``paired``: :func:`meljax.report.arms.arm_row` /
+    :func:`meljax.report.arms.compare_arms` of each arm / pair of arms (empty without arms).
+    """
 
     png: str
     markdown: str
     json: str
     table: str
     rows: list[dict[str, Any]]
+    arms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    paired: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def default_output(workdirs: Sequence[str]) -> str:
@@ -291,32 +313,63 @@ def default_output(workdirs: Sequence[str]) -> str:
     return os.path.join(parent if parent != os.sep else os.getcwd(), "compare")
 
 
+def _unique_labels(workdirs: Sequence[str]) -> list[str]:
+    names = [os.path.basename(os.path.normpath(os.path.abspath(w))) for w in workdirs]
+    return [n if names.count(n) == 1 else w for n, w in zip(names, workdirs, strict=True)]
+
+
 def compare(
-    workdirs: Sequence[str], output: str | None = None, labels: Sequence[str] | None = None
+    workdirs: Sequence[str] = (),
+    output: str | None = None,
+    labels: Sequence[str] | None = None,
+    arms: Sequence[tuple[str, Sequence[str]]] | Mapping[str, Sequence[str]] | None = None,
 ) -> Comparison:
     """Reads the runs and writes ``OUTPUT.png``, ``OUTPUT.md`` and ``OUTPUT.json``.
 
     Args:
-      workdirs: run folders (at least one).
+      workdirs: run folders; with no ``arms``, grouped into arms by algorithm when one
+        algorithm has two runs or more (:func:`meljax.report.arms.group_by_algorithm`).
       output: path prefix of the three files; default :func:`default_output`.
-      labels: one label per run; default the folder names (made unique).
+      labels: one label per run (the runs of ``arms`` in order after ``workdirs``); default
+        the folder names (made unique).
+      arms: ``[(name, [run folder, ...])]`` (or a dict): runs of one arm differ by seed; arms
+        are compared pairwise, later minus earlier, paired by seed.
     """
-    if not workdirs:
+    arm_specs = list(arms.items()) if isinstance(arms, Mapping) else list(arms or [])
+    names = [name for name, _ in arm_specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"arm names must differ, got {', '.join(names)}")
+    for name, dirs in arm_specs:
+        if not dirs:
+            raise ValueError(f"arm {name!r} names no run folder")
+    all_dirs = [*workdirs, *(d for _, dirs in arm_specs for d in dirs)]
+    if not all_dirs:
         raise ValueError("compare needs at least one run folder")
-    if labels is not None and len(labels) != len(workdirs):
-        raise ValueError(f"{len(labels)} labels for {len(workdirs)} run folders")
+    if labels is not None and len(labels) != len(all_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(all_dirs)} run folders")
     if labels is None:
-        names = [os.path.basename(os.path.normpath(os.path.abspath(w))) for w in workdirs]
-        labels = [n if names.count(n) == 1 else w for n, w in zip(names, workdirs, strict=True)]
-    runs = [load_run(w, label) for w, label in zip(workdirs, labels, strict=True)]
-    output = output or default_output(workdirs)
+        labels = _unique_labels(all_dirs)
+    runs = [load_run(w, label) for w, label in zip(all_dirs, labels, strict=True)]
+    if arm_specs:
+        groups, i = [], len(workdirs)
+        for name, dirs in arm_specs:
+            groups.append(Arm(name, runs[i : i + len(dirs)]))
+            i += len(dirs)
+    else:
+        groups = group_by_algorithm(runs)
+    output = output or default_output(all_dirs)
     output = output[: -len(".png")] if output.endswith(".png") else output
     rows = [run_row(r) for r in runs]
+    arm_rows = [arm_row(a) for a in groups]
+    paired = [compare_arms(a, b) for i, a in enumerate(groups) for b in groups[i + 1 :]]
     table = markdown_table(rows)
-    png = render_comparison(runs, output + ".png")
+    if arm_rows:
+        table += "\n\n" + arms_markdown(arm_rows, paired).rstrip()
+    png = render_comparison(runs, output + ".png", arms_text(paired) if paired else None)
     with open(output + ".md", "w") as f:
         f.write(table + "\n")
     with open(output + ".json", "w") as f:
-        json.dump({"runs": rows, "benchmark": AVERAGE}, f, indent=2)
+        json.dump({"runs": rows, "benchmark": AVERAGE, "arms": arm_rows, "paired": paired}, f,
+                  indent=2)  # fmt: skip
         f.write("\n")
-    return Comparison(png, output + ".md", output + ".json", table, rows)
+    return Comparison(png, output + ".md", output + ".json", table, rows, arm_rows, paired)

@@ -11,10 +11,18 @@ import sys
 
 import pytest
 
-from meljax.evaluation import stats
-from meljax.report import heldout
+from meljax.evaluation import (
+    EvalConfig,
+    EvalReport,
+    ProblemRecord,
+    benchmark_metrics,
+    macro_average,
+    stats,
+)
+from meljax.report import arms, heldout
 from meljax.report.compare import compare, markdown_table, run_row
 from meljax.report.compare import load_run as load_compared_run
+from meljax.trainer.metrics import MetricsWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -222,3 +230,242 @@ def test_compare_errors_are_clear(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "meljax", "compare"], capture_output=True,
                           text=True, timeout=120, cwd=REPO)  # fmt: skip
     assert proc.returncode != 0 and "run folders" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- arms of seeds
+
+# 10 problems of one benchmark, k = 4 samples. Step 0: the same model in every run; step 10:
+# GRPO the same in every seed, MEL = GRPO + a planted per-problem difference per seed.
+GREEDY_0 = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+COUNTS_0 = [1] * 10
+GREEDY_GRPO = [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]
+COUNTS_GRPO = [2] * 10
+GREEDY_DIFF = {  # MEL minus GRPO per problem: seed means 0.2, 0.1, 0.3
+    0: [0, 1, 0, 1, 0, 0, 0, 0, 0, 0],
+    1: [0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+    2: [0, 1, 0, 1, 0, 1, 0, 1, -1, 0],
+    3: [0, 1, 0, 1, 0, 1, 0, 1, 0, 1],  # seed 3: MEL only, must not count
+}
+COUNT_DIFF = {  # in correct samples of 4
+    0: [1, 1, 0, 0, 2, 0, 0, 0, 0, 0],
+    1: [0, 0, 1, 0, 0, 0, 0, -1, 0, 0],
+    2: [2, 2, 1, 0, 0, 1, 0, 0, 0, -2],
+    3: [2, 2, 2, 2, 2, 2, 2, 2, 2, 2],
+}
+LAMBDA_MEL = 0.5
+
+
+def write_eval_report(workdir, step, greedy, counts):
+    """``eval/step_<step>.json`` and its records, written by the evaluation's own writer."""
+    records = [
+        ProblemRecord(benchmark="sums", id=f"p{i}", question=f"{i} + 1?", answer=str(i + 1),
+                      prompt_tokens=5, greedy_correct=bool(g), greedy_tokens=3,
+                      greedy_truncated=False, num_samples=4, num_correct=c,
+                      sample_correct=[j < c for j in range(4)])
+        for i, (g, c) in enumerate(zip(greedy, counts, strict=True))
+    ]  # fmt: skip
+    metrics = benchmark_metrics(records, 4, (4,))
+    report = EvalReport(EvalConfig(benchmarks="sums", num_samples=4), {"sums": metrics},
+                        macro_average([metrics]), records)  # fmt: skip
+    report.write(os.path.join(workdir, "eval", f"step_{step}.json"))
+
+
+def synthetic_run(root, arm, seed, steps=10):
+    """A finished run folder: config.json, metrics.jsonl (steps 1..steps), step 0 and last
+    evaluation. MEL steps alternate a kept row (NLL 0.3) and none; GRPO / MEL steps take 2 /
+    3 s after a first (compiling) step of 20 / 25 s."""
+    mel = arm == "mel"
+    workdir = os.path.join(str(root), f"{arm}_s{seed}")
+    os.makedirs(workdir)
+    config = {"seed": seed, "algorithm": {"name": "grpo"},
+              "mel": {"enabled": mel, "lambda_mel": LAMBDA_MEL}}  # fmt: skip
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f)
+    writer = MetricsWriter(workdir, tensorboard=False)
+    for step in range(1, steps + 1):
+        policy = 0.1 if step % 2 else -0.1
+        m = {"reward_mean": 0.1 * step, "time/step": (25.0 if mel else 20.0) if step == 1 else
+             (3.0 if mel else 2.0), "train/policy_loss": policy}  # fmt: skip
+        if mel:
+            nll, rows = (0.3, 1.0) if step % 2 else (0.0, 0.0)
+            m |= {"mel/generated": 4.0, "mel/kept": rows, "retention_ratio": rows / 4,
+                  "train/mel_nll": nll, "train/mel_rows": rows, "train/mel_tokens": 9 * rows,
+                  "train/loss": policy + LAMBDA_MEL * nll}  # fmt: skip
+        else:
+            m["train/loss"] = policy
+        writer.write(step, m)
+    writer.close()
+    write_eval_report(workdir, 0, GREEDY_0, COUNTS_0)
+    greedy, counts = GREEDY_GRPO, COUNTS_GRPO
+    if mel:
+        greedy = [a + d for a, d in zip(greedy, GREEDY_DIFF[seed], strict=True)]
+        counts = [a + d for a, d in zip(counts, COUNT_DIFF[seed], strict=True)]
+    assert all(g in (0, 1) for g in greedy) and all(0 <= c <= 4 for c in counts)
+    write_eval_report(workdir, steps, greedy, counts)
+    return workdir
+
+
+@pytest.fixture
+def seed_runs(tmp_path):
+    """``{"grpo": [seeds 0, 1, 2], "mel": [seeds 0, 1, 2, 3]}`` run folders."""
+    return {"grpo": [synthetic_run(tmp_path, "grpo", s) for s in (0, 1, 2)],
+            "mel": [synthetic_run(tmp_path, "mel", s) for s in (0, 1, 2, 3)]}  # fmt: skip
+
+
+def by_hand(diffs):
+    """The three intervals of meljax.report.arms from the module docstring's formulas."""
+    cells = [x for d in diffs for x in d]
+    n, s = len(cells), len(diffs)
+    value = sum(cells) / n
+    sd = math.sqrt(sum((x - value) ** 2 for x in cells) / (n - 1))
+    means = [sum(d) / len(d) for d in diffs]
+    center = sum(means) / s
+    var_means = sum((m - center) ** 2 for m in means) / (s - 1)
+    within = sum(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)
+                 for d, m in zip(diffs, means, strict=True)) / s**2  # fmt: skip
+    return {
+        "value": value,
+        "over_cells": stats.Z95 * sd / math.sqrt(n),
+        "over_seeds": arms.t_quantile(s - 1) * math.sqrt(var_means / s),
+        "two_level": stats.Z95 * math.sqrt(var_means / s + within),
+        "center": center,
+    }
+
+
+def check_interval(got, center, half):
+    assert got["value"] == pytest.approx(center)
+    assert (got["low"], got["high"]) == pytest.approx((center - half, center + half))
+    assert got["low"] <= got["value"] <= got["high"]
+
+
+def test_t_quantiles_match_scipy():
+    t = pytest.importorskip("scipy.stats").t
+    for df in (*range(1, 31), 31, 45, 200):
+        assert arms.t_quantile(df) == pytest.approx(t.ppf(0.975, df), abs=2e-4)
+
+
+def test_paired_difference_by_hand():
+    # greedy differences with seed means 0.2, 0.1, 0.3: every figure written out
+    d = {s: [float(x) for x in GREEDY_DIFF[s]] for s in (0, 1, 2)}
+    got = arms.paired_difference(d)
+    assert got["value"] == pytest.approx(0.2) and (got["seeds"], got["cells"]) == (3, 30)
+    # (a) over seeds: sd of (0.2, 0.1, 0.3) is 0.1, t(0.975, 2) = 4.3027
+    check_interval(got["over_seeds"], 0.2, 4.3027 * 0.1 / math.sqrt(3))
+    assert got["over_seeds"]["df"] == 2
+    # (b) over cells: 7 cells of +1, 1 of -1, 22 of 0 around 0.2
+    sd = math.sqrt((7 * 0.8**2 + 1.2**2 + 22 * 0.2**2) / 29)
+    check_interval(got["over_cells"], 0.2, stats.Z95 * sd / math.sqrt(30))
+    # two-level: the seed means' variance / 3 plus each seed's within variance / 10 / 9
+    within = (1.6 / 9 + 0.9 / 9 + (4 * 0.7**2 + 1.3**2 + 5 * 0.3**2) / 9) / 10 / 9
+    check_interval(got["two_level"], 0.2, stats.Z95 * math.sqrt(0.01 / 3 + within))
+    assert got["between_var"] == pytest.approx(0.01 / 3) and got["within_var"] == pytest.approx(
+        within
+    )
+    assert (
+        got["over_cells"]["high"] - got["over_cells"]["low"]
+        < (got["two_level"]["high"] - got["two_level"]["low"])
+        < got["over_seeds"]["high"] - got["over_seeds"]["low"]
+    )
+    # one seed: no between-seed variance, only the interval over cells
+    one = arms.paired_difference({0: d[0], 5: []})
+    assert one["seeds"] == 1 and one["two_level"] is None and one["over_seeds"] is None
+    assert arms.paired_difference({}) is None
+
+
+def test_arms_paired_by_seed_and_problem(seed_runs, tmp_path):
+    result = compare(arms=[("grpo", seed_runs["grpo"]), ("mel", seed_runs["mel"])],
+                     output=str(tmp_path / "out" / "arms"))  # fmt: skip
+    (p,) = result.paired
+    assert (p["a"], p["b"], p["seeds"], p["steps"]) == ("grpo", "mel", [0, 1, 2], {"0": 10,
+                                                        "1": 10, "2": 10})  # fmt: skip
+    # seed 3 ran in the MEL arm only: reported, left out of the paired figures
+    assert [(x["seed"], x["arm"], x["run"]) for x in p["left_out"]] == [(3, "mel", "mel_s3")]
+    greedy = by_hand([GREEDY_DIFF[s] for s in (0, 1, 2)])
+    sampled = by_hand([[c / 4 for c in COUNT_DIFF[s]] for s in (0, 1, 2)])
+    for kind, hand in (("greedy", greedy), ("sampled", sampled)):
+        got = p[kind]
+        assert got["value"] == pytest.approx(hand["value"]) and got["cells"] == 30
+        check_interval(got["over_cells"], hand["value"], hand["over_cells"])
+        check_interval(got["over_seeds"], hand["center"], hand["over_seeds"])
+        check_interval(got["two_level"], hand["center"], hand["two_level"])
+    assert greedy["value"] == pytest.approx(0.2)
+    assert sampled["value"] == pytest.approx((4 + 0 + 4) / 4 / 30)  # sums of COUNT_DIFF
+    assert p["step_time"] == pytest.approx({"a_s": 2.0, "b_s": 3.0, "extra_s": 1.0,
+                                            "extra_pct": 50.0})  # fmt: skip
+    grpo, mel = result.arms
+    assert (grpo["arm"], grpo["seeds"], mel["seeds"]) == ("grpo", [0, 1, 2], [0, 1, 2, 3])
+    assert grpo["nll_share"] is None and grpo["generated"] is None
+    # MEL: half the steps carry 0.5 * 0.3 beside |policy loss| 0.1: share (0.6 + 0) / 2
+    assert mel["nll_share"]["mean"] == pytest.approx(0.3) and mel["nll_share"]["sd"] == 0.0
+    assert mel["mel_rows_per_step"]["mean"] == pytest.approx(0.5)
+    assert mel["retention"]["mean"] == pytest.approx(0.125)
+    assert (mel["kept"], mel["generated"]) == (4 * 5, 4 * 40)
+    assert mel["step_time_s"] == {"mean": 3.0, "sd": 0.0, "n": 4}
+    # gain from step 0: greedy 0.1 -> 0.5 in GRPO; MEL adds its seed's mean difference
+    assert grpo["gain_greedy_from_0"]["mean"] == pytest.approx(0.4)
+    assert grpo["gain_greedy_from_0"]["sd"] == pytest.approx(0.0, abs=1e-12)
+    mel_gains = [0.4 + sum(GREEDY_DIFF[s]) / 10 for s in (0, 1, 2, 3)]
+    assert mel["gain_greedy_from_0"]["mean"] == pytest.approx(sum(mel_gains) / 4)
+    assert mel["heldout_greedy"]["mean"] == pytest.approx(sum(mel_gains) / 4 + 0.1)
+    # the files: the runs' table stays, the arms' table and the paired lines follow
+    with open(result.markdown) as f:
+        md = f.read()
+    assert md.startswith(markdown_table(result.rows)) and md.strip() == result.table
+    assert "| grpo | 3 | 0, 1, 2 | 10 |" in md and "| mel | 4 | 0, 1, 2, 3 | 10 |" in md
+    assert "**mel minus grpo**, paired by seed (seeds 0, 1, 2; last evaluation: step 10)" in md
+    assert "| greedy | +20.0 |" in md and "left out: mel_s3 (seed 3 only in mel" in md
+    assert "step time: +1.0 s / step (+50.0%) for mel over grpo" in md
+    with open(result.json) as f:
+        saved = json.load(f)
+    assert set(saved) == {"runs", "benchmark", "arms", "paired"} and len(saved["runs"]) == 7
+    assert saved["paired"][0]["greedy"]["two_level"] == pytest.approx(p["greedy"]["two_level"])
+    assert png_size(result.png) == (1800, 1000)
+
+
+def test_runs_group_into_arms_by_algorithm(seed_runs, tmp_path):
+    # mel first on the command line: the GRPO arm is still A
+    dirs = [*seed_runs["mel"][:3], *seed_runs["grpo"]]
+    result = compare(dirs, output=str(tmp_path / "auto"))
+    assert [a["arm"] for a in result.arms] == ["grpo", "grpo+mel"]
+    (p,) = result.paired
+    assert (p["a"], p["b"], p["seeds"], p["left_out"]) == ("grpo", "grpo+mel", [0, 1, 2], [])
+    assert p["greedy"]["value"] == pytest.approx(0.2)
+    # one run per algorithm: side by side as before, no arms
+    single = compare([seed_runs["grpo"][0], seed_runs["mel"][0]], output=str(tmp_path / "one"))
+    assert (single.arms, single.paired) == ([], [])
+    with open(single.markdown) as f:
+        assert f.read().strip() == markdown_table(single.rows)
+
+
+def test_seed_twice_or_missing_is_left_out(seed_runs, tmp_path):
+    mel0_again = synthetic_run(tmp_path / "again", "mel", 0)
+    result = compare(arms={"grpo": seed_runs["grpo"][:2], "mel": [*seed_runs["mel"][:2],
+                     mel0_again]}, output=str(tmp_path / "twice"))  # fmt: skip
+    (p,) = result.paired
+    assert p["seeds"] == [1]
+    reasons = sorted(x["reason"] for x in p["left_out"])
+    assert reasons == ["seed 0 only in grpo, not in mel", "seed 0 twice in mel"]
+    assert p["greedy"]["value"] == pytest.approx(0.1) and p["greedy"]["two_level"] is None
+
+
+def test_compare_arm_flag_end_to_end(seed_runs, tmp_path):
+    prefix = str(tmp_path / "cli" / "grpo_vs_mel")
+    out = meljax("compare", "--arm", "grpo=" + ",".join(seed_runs["grpo"]),
+                 "--arm=mel=" + ",".join(seed_runs["mel"]), f"--output={prefix}")  # fmt: skip
+    with open(prefix + ".md") as f:
+        md = f.read()
+    assert md.strip() in out and "## Arms" in md
+    with open(prefix + ".json") as f:
+        saved = json.load(f)
+    assert [a["arm"] for a in saved["arms"]] == ["grpo", "mel"]
+    assert saved["paired"][0]["greedy"]["value"] == pytest.approx(0.2)
+    assert png_size(prefix + ".png") == (1800, 1000)
+    for args, message in (
+        (["--arm=grpo"], "expected NAME=DIR"),
+        (["--arm=a=" + seed_runs["grpo"][0], "--arm=a=" + seed_runs["mel"][0]], "must differ"),
+        ([seed_runs["grpo"][0], "--arm=a=" + seed_runs["mel"][0]], "not both"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "meljax", "compare", *args],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
