@@ -48,10 +48,10 @@ from meljax.sampling.select import (
     select_tokens,
     token_logprobs,
 )
-from meljax.sampling.slots import cache_map as _cache_map
-from meljax.sampling.slots import constrain_cache as _constrain_cache
-from meljax.sampling.slots import constrain_rows as _constrain
-from meljax.sampling.slots import in_mesh_context as _in_mesh_context
+from meljax.sampling.slot_state import cache_map as _cache_map
+from meljax.sampling.slot_state import constrain_cache as _constrain_cache
+from meljax.sampling.slot_state import constrain_rows as _constrain
+from meljax.sampling.slot_state import in_mesh_context as _in_mesh_context
 
 # ----------------------------------------------------------------------------- host-level types
 

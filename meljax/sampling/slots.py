@@ -25,6 +25,9 @@ Programs (each jitted once per static shape; the engine host in ``engine.py`` dr
   depend on its slot, its segment or its neighbours;
 - :func:`peek` / :func:`take_rows`: the host's small per-slot arrays, then the finished rows.
 
+The pool's state (:class:`~meljax.sampling.slot_state.SlotState`) and its sharding rules are in
+:mod:`meljax.sampling.slot_state`; ``SlotState`` and ``state_shardings`` are re-exported here.
+
 Weights: an :class:`~meljax.sampling.weights.InferenceWeights` (made once per policy update by
 :func:`~meljax.sampling.weights.prepare_weights`).
 """
@@ -33,112 +36,44 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from meljax.models import kv_cache
 from meljax.models.kv_cache import init_cache
 from meljax.runtime import sharding as shd
-from meljax.sampling.select import (
-    config_from_graphdef,
-    select_tokens_rows,
-    token_logprobs,
+from meljax.sampling.select import config_from_graphdef, select_tokens_rows, token_logprobs
+from meljax.sampling.slot_state import (
+    SlotState,
+    cache_map,
+    constrain_cache,
+    constrain_rows,
+    in_mesh_context,
+    leaf_spec,
+    slot_axis,
+    state_shardings,
 )
 
-# ----------------------------------------------------------------------------- shardings
-
-
-def constrain_rows(x: jax.Array, mesh: Mesh | None) -> jax.Array:
-    """Shards a batch-major array over the data axes of ``mesh`` (no-op without a mesh)."""
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
-
-
-def cache_map(fn, cache):
-    """Applies ``fn(array, batch_axis, name)`` to every buffer (``name`` ``"k"``/``"v"``) of a
-    stacked or split cache."""
-    axis = 1 if kv_cache.is_stacked(cache) else 0
-    layers = [cache] if kv_cache.is_stacked(cache) else cache
-    out = [{n: fn(layer[n], axis, n) for n in ("k", "v")} for layer in layers]
-    return out[0] if kv_cache.is_stacked(cache) else tuple(out)
-
-
-def constrain_cache(c: jax.Array, batch_axis: int, name: str) -> jax.Array:
-    """Rows over the data axes, kv heads over ``tensor`` (no-op without a mesh in context)."""
-    return shd.constrain(c, (None,) * batch_axis + kv_cache.sharding_axes(name))
-
-
-def in_mesh_context(fn):
-    """Runs ``fn`` with its ``mesh`` keyword in context (``sharding.use_mesh``), so the model's
-    activation constraints apply while it is traced."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, mesh=None, **kw):
-        with shd.use_mesh(mesh):
-            return fn(*args, mesh=mesh, **kw)
-
-    return wrapped
-
-
-def _slot_axis(x) -> int:
-    """The slot axis of a :class:`SlotState` leaf: a cache buffer is ``[(L,) S, K, ., .]``,
-    every other leaf ``[S, ...]``."""
-    return x.ndim - 4 if x.ndim >= 4 else 0
-
-
-def _leaf_spec(x, mesh: Mesh) -> PartitionSpec:
-    """Rows over the data axes, cache kv heads over ``tensor``."""
-    if x.ndim >= 4:
-        axes = (None,) * _slot_axis(x) + ("batch", "kv_heads", None, None)
-    else:
-        axes = ("batch",) + (None,) * (x.ndim - 1)
-    return shd.logical_to_spec(axes, None, mesh, x.shape)
-
-
-def state_shardings(state, mesh: Mesh):
-    """``NamedSharding`` tree of a (abstract) :class:`SlotState` or prompt cache: rows over
-    the data axes, cache kv heads over ``tensor``."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(x, mesh)), state)
+__all__ = [
+    "SlotState",
+    "compact",
+    "copy_rows",
+    "decode_segment",
+    "init_slots",
+    "insert",
+    "peek",
+    "prefill",
+    "state_shardings",
+    "take_rows",
+]
 
 
 def _merge(graphdef, weights):
     model = nnx.merge(graphdef, weights.state)
     return model, model.cfg, weights.layers
-
-
-# ----------------------------------------------------------------------------- slot state
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SlotState:
-    """Every slot's decode state (``S`` slots, ``C`` cache slots each, ``M`` output columns).
-
-    cache: stacked or split KV cache of ``[S, ..., C]``; last_token, pos, step, max_new: int32
-    ``[S]`` (the unfed token, its cache slot, tokens produced, the limit); temperature, top_p:
-    float32 ``[S]``; top_k: int32 ``[S]``; keys: uint32 ``[S, ...]`` raw key data of each
-    sample; done, stopped: bool ``[S]`` (free slots are done; stopped: a stop token came);
-    tokens int32 / logprobs float32 ``[S, M]`` (column ``j`` = completion token ``j``).
-    """
-
-    cache: Any
-    last_token: jax.Array
-    pos: jax.Array
-    step: jax.Array
-    max_new: jax.Array
-    temperature: jax.Array
-    top_p: jax.Array
-    top_k: jax.Array
-    keys: jax.Array
-    done: jax.Array
-    stopped: jax.Array
-    tokens: jax.Array
-    logprobs: jax.Array
 
 
 _STATIC = ("graphdef", "cache_dtype", "mesh", "split")
@@ -426,8 +361,8 @@ def compact(state: SlotState, src: jax.Array, keep: jax.Array, *, mesh) -> SlotS
     device gathers its own rows (``shard_map``): nothing moves between devices."""
 
     def gather(x: jax.Array) -> jax.Array:
-        axis = _slot_axis(x)
-        spec = None if mesh is None else _leaf_spec(x, mesh)
+        axis = slot_axis(x)
+        spec = None if mesh is None else leaf_spec(x, mesh)
         if spec is None or spec[axis] is None:
             return jnp.take(x, src, axis=axis)
 
@@ -445,7 +380,7 @@ def compact(state: SlotState, src: jax.Array, keep: jax.Array, *, mesh) -> SlotS
         lambda x: (
             x
             if mesh is None
-            else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _leaf_spec(x, mesh)))
+            else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, leaf_spec(x, mesh)))
         ),
         out,
     )
