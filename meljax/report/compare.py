@@ -41,10 +41,10 @@ from meljax.report.heldout import (
     AVERAGE,
     HeldOut,
     before_after,
-    draw_heldout,
     gain_for,
     read_heldout,
 )
+from meljax.report.heldout_panel import draw_heldout
 from meljax.report.run_report import load_records, retention_series, series, summarize
 
 __all__ = ["Comparison", "Run", "compare", "load_run", "markdown_table", "render_comparison"]

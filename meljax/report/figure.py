@@ -7,7 +7,8 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
-from meljax.report.heldout import HeldOut, before_after, draw_heldout, gain_for
+from meljax.report.heldout import HeldOut, before_after, gain_for
+from meljax.report.heldout_panel import draw_heldout
 from meljax.report.run_report import (
     PHASES,
     _finite,

@@ -1,4 +1,4 @@
-"""Held-out evaluation results of a run: reading them, 95% intervals, and their plot panel.
+"""Held-out evaluation results of a run: reading them and their 95% intervals.
 
 A training run with ``eval.every_steps`` (or an evaluation at the start) writes one report per
 evaluation, ``WORKDIR/eval/step_<N>.json``, with its per-problem records beside it
@@ -15,8 +15,9 @@ accuracy (Pass@1) and the sampled accuracy at the evaluation temperature (Avg@k)
   mean of independent estimates.
 
 The gain between two evaluations of the same problems (:func:`paired_gain`) is the mean of the
-per-problem differences with a paired interval (``stats.paired_difference_interval``). Without report files, the ``eval/...`` metrics
-of ``metrics.jsonl`` give the curves (without intervals).
+per-problem differences with a paired interval (``stats.paired_difference_interval``). Without
+report files, the ``eval/...`` metrics of ``metrics.jsonl`` give the curves (without intervals).
+The plot panel is :func:`meljax.report.heldout_panel.draw_heldout`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ __all__ = [
     "HeldOut",
     "before_after",
     "before_after_text",
-    "draw_heldout",
     "gain_for",
     "paired_gain",
     "read_heldout",
@@ -335,49 +335,6 @@ def gain_for(results: Mapping[int, Mapping[str, HeldOut]], kind: str) -> Estimat
     value = mean([g.value for g in gains])
     lo, hi, se = combined_interval(value, [g.standard_error() for g in gains], bounds=(-1.0, 1.0))
     return Estimate(value, lo, hi, sum(g.n for g in gains), se)
-
-
-# -- the panel
-
-
-def draw_heldout(ax, runs: Sequence[tuple[str, Mapping[int, Mapping[str, HeldOut]]]]) -> bool:
-    """Held-out accuracy over evaluation steps on ``ax``: per run, the greedy accuracy (solid)
-    and the sampled one (dashed), each with its 95% interval as a band. Returns whether
-    anything was drawn."""
-    drawn = False
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    for i, (label, results) in enumerate(runs):
-        color = colors[i % len(colors)]
-        prefix = f"{label}: " if label else ""
-        for kind, style in (("greedy", "-"), ("sampled", "--")):
-            points = [(s, r[AVERAGE].get(kind)) for s, r in results.items() if AVERAGE in r]
-            points = [(s, e) for s, e in points if e is not None]
-            if not points:
-                continue
-            xs = [s for s, _ in points]
-            ax.plot(
-                xs,
-                [100 * e.value for _, e in points],
-                linestyle=style,
-                marker="o",
-                markersize=4,
-                color=color,
-                label=f"{prefix}{kind}",
-            )
-            with_ci = [(s, e) for s, e in points if e.low is not None and e.high is not None]
-            if with_ci:
-                ax.fill_between(
-                    [s for s, _ in with_ci],
-                    [100 * e.low for _, e in with_ci],
-                    [100 * e.high for _, e in with_ci],
-                    color=color,
-                    alpha=0.12 if style == "-" else 0.06,
-                )
-            drawn = True
-    if drawn:
-        ax.set_ylabel("held-out accuracy (%) with 95% interval")
-        ax.set_ylim(-2, 102)
-    return drawn
 
 
 def before_after_text(results: Mapping[int, Mapping[str, HeldOut]]) -> list[str]:
