@@ -18,7 +18,7 @@ chunks) and *matmul efficiency* (executed FLOP/s / matmul rate).
 (one step of each per round, a matmul timing between rounds), so that a busy machine slows all
 of them alike: a variant is a remat policy (``none``, ``full``, ``dots``, ``dots_no_batch``;
 ``auto``; ``default`` = the model config's; the log-prob chunks always recompute their logits in
-the backward pass: a custom VJP in ``meljax.rl.objective``), optionally with ``+einsum``: the layers'
+the backward pass: a custom VJP in ``meljax.rl.logprobs``), optionally with ``+einsum``: the layers'
 weight matmuls as plain einsums, without the CPU matmul path of ``meljax.models.layers.dense``
 (how the update ran before it), and/or ``+unrolled``: the layers unrolled instead of scanned
 (``scan_layers=False``). ``--with_ref`` also times the
