@@ -162,11 +162,36 @@ class RolloutConfig:
         "weights replicated on every device: no gathers per decode step)",
         minimum=1,
     )
+    dynamic_sampling: bool = option(
+        False,
+        "DAPO dynamic sampling: groups whose answers are all right or all wrong (zero "
+        "advantage) are replaced by groups of further questions, sampled in extra rounds",
+    )
+    max_sampling_rounds: int = option(
+        3,
+        "dynamic_sampling: sampling rounds per step at most (the batch is then topped up with "
+        "zero-advantage groups, so its shape never changes)",
+        minimum=1,
+    )
+    overlong_buffer: int = option(
+        0,
+        "DAPO soft overlong penalty: the last N tokens before max_new_tokens cost up to "
+        "overlong_penalty, linearly (0 = off; counted in tokens)",
+        minimum=0,
+    )
+    overlong_penalty: float = option(
+        1.0, "the penalty of an answer that reaches max_new_tokens", minimum=0
+    )
 
     def __post_init__(self):
         validate_fields(self)
         if self.top_p > 1:
             raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(
+                f"rollout.overlong_buffer={self.overlong_buffer} exceeds "
+                f"rollout.max_new_tokens={self.max_new_tokens}"
+            )
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(

@@ -16,7 +16,7 @@ import numpy as np
 
 from meljax.data import Problem
 from meljax.rewards import RewardResult, Scorer, is_correct
-from meljax.rl import objective as losses
+from meljax.rl.advantages import ADV_EPS, advantages_with_eps
 from meljax.rl.batch import PolicyBatch, build_policy_batch
 from meljax.runtime.buckets import bucket
 from meljax.sampling import SamplingParams
@@ -92,6 +92,8 @@ class Rollouts:
       advantages: float32 ``[N, G]``.
       batch: the policy-gradient batch built from all of the above.
       prompts_cut: prompts the policy cut to its limit (``meljax.sampling.policy.prompt_limit``).
+      shaping_metrics: dynamic-sampling rounds and groups, the mean overlong penalty (only
+        when either is on, so a plain run logs what it always logged).
     """
 
     problems: list[Problem]
@@ -100,6 +102,7 @@ class Rollouts:
     advantages: np.ndarray
     batch: PolicyBatch
     prompts_cut: int = 0
+    shaping_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def rewards(self) -> np.ndarray:
@@ -124,21 +127,67 @@ class Rollouts:
         engine = {}
         if stats is not None:  # useful tokens / slot-steps of the rollout's engine run
             engine = {"slot_utilisation": float(stats.slot_utilisation)}
-        return engine | {
-            "reward_mean": float(r.mean()),
-            "accuracy": float(correct.mean()),
-            "pass_at_group": float(np.any(correct, axis=1).mean()),
-            "mixed_group_fraction": float(mixed.mean()),
-            "completion_len_mean": float(lengths.mean()),
-            "completion_len_max": float(lengths.max()),
-            "truncation_rate": float(np.mean([c.truncated for c in flat])),
-            "stop_string_rate": float(np.mean([c.finish_reason == "stop_string" for c in flat])),
-            "no_answer_rate": float(np.mean([x == "no_answer" for x in reasons])),
-            "verifier_timeout_rate": float(np.mean([x == "timeout" for x in reasons])),
-            "advantage_abs_mean": float(np.abs(self.advantages).mean()),
-            "rollout_tokens": float(lengths.sum()),
-            "data/prompts_cut": float(self.prompts_cut),
-        }
+        return (
+            engine
+            | {
+                "reward_mean": float(r.mean()),
+                "accuracy": float(correct.mean()),
+                "pass_at_group": float(np.any(correct, axis=1).mean()),
+                "mixed_group_fraction": float(mixed.mean()),
+                "completion_len_mean": float(lengths.mean()),
+                "completion_len_max": float(lengths.max()),
+                "truncation_rate": float(np.mean([c.truncated for c in flat])),
+                "stop_string_rate": float(
+                    np.mean([c.finish_reason == "stop_string" for c in flat])
+                ),
+                "no_answer_rate": float(np.mean([x == "no_answer" for x in reasons])),
+                "verifier_timeout_rate": float(np.mean([x == "timeout" for x in reasons])),
+                "advantage_abs_mean": float(np.abs(self.advantages).mean()),
+                "rollout_tokens": float(lengths.sum()),
+                "data/prompts_cut": float(self.prompts_cut),
+            }
+            | self.shaping_metrics
+        )
+
+
+def overlong_penalty(lengths: np.ndarray, max_new_tokens: int, buffer: int, penalty: float):
+    """DAPO's soft overlong penalty, in tokens: 0 up to ``max_new_tokens - buffer``, then
+    rising linearly to ``penalty`` at ``max_new_tokens`` (an answer cut by the limit).
+    ``lengths`` any shape; float32 of the same shape; ``buffer`` 0 gives zeros."""
+    lengths = np.asarray(lengths, np.float32)
+    if buffer <= 0:
+        return np.zeros_like(lengths)
+    over = (lengths - (max_new_tokens - buffer)) / buffer
+    return (penalty * np.clip(over, 0.0, 1.0)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shaping:
+    """What turns verdicts into the rewards advantages are computed from, and which groups a
+    step keeps (``rollout.*`` of the config; defaults: none of it)."""
+
+    overlong_buffer: int = 0  # tokens; 0 = no overlong penalty
+    overlong_penalty: float = 1.0
+    dynamic_sampling: bool = False  # replace zero-advantage groups by further questions
+    max_rounds: int = 1  # sampling rounds per step at most (dynamic_sampling)
+
+
+def _informative(rewards: np.ndarray) -> np.ndarray:
+    """``[N]``: groups whose answers are not all right and not all wrong (DAPO's filter)."""
+    correct = is_correct(rewards)
+    return np.any(correct, axis=1) & ~np.all(correct, axis=1)
+
+
+def _take(groups: Sequence[Groups], picks: Sequence[tuple[int, int]]) -> Groups:
+    """The groups ``picks`` (round, index) of several sampling rounds, as one ``Groups``."""
+    seconds = {k: sum(g.seconds[k] for g in groups) for k in groups[0].seconds}
+    return Groups(
+        [groups[r].completions[i] for r, i in picks],
+        [groups[r].results[i] for r, i in picks],
+        np.stack([groups[r].rewards[i] for r, i in picks]).astype(np.float32),
+        seconds,
+        groups[0].engine,
+    )
 
 
 def run_rollouts(
@@ -149,20 +198,55 @@ def run_rollouts(
     sampling: SamplingParams,
     key: jax.Array,
     advantage: str,
-    adv_eps: float = losses.ADV_EPS,
+    adv_eps: float = ADV_EPS,
     batch_multiple: int = 1,
+    shaping: Shaping = Shaping(),
+    more_problems: Callable[[], Sequence[Problem]] | None = None,
 ) -> Rollouts:
     """Samples G answers per question with the current policy, scores them, builds the batch.
 
     ``advantage`` / ``adv_eps``: the estimator and its std epsilon (``algorithm.advantage``,
-    ``algorithm.adv_eps``)."""
+    ``algorithm.adv_eps``). With ``shaping.dynamic_sampling``, groups whose answers all agree
+    are replaced, in up to ``shaping.max_rounds - 1`` further rounds, by groups of the
+    questions ``more_problems()`` returns (the next batch of the data iterator); the batch keeps
+    ``len(problems)`` groups, informative ones first in sampling order, then zero-advantage
+    ones if too few were found. Verdict rewards (``Rollouts.rewards``) stay unshaped: MEL's
+    pairs and the metrics read them; advantages use the rewards less the overlong penalty.
+    """
+    n, g = len(problems), sampling.num_samples
     cut_before = policy.prompts_cut
-    prompt_ids = [policy.encode(p.question, sampling.max_new_tokens) for p in problems]
-    groups = sample_and_score(
-        policy, verifier, prompt_ids, [p.answer for p in problems], sampling, key
+    rounds: list[Groups] = []
+    asked: list[tuple[Problem, list[int]]] = []
+    informative: list[tuple[int, int]] = []
+    batch_problems = list(problems)
+    for r in range(shaping.max_rounds if shaping.dynamic_sampling else 1):
+        if r:
+            if more_problems is None or len(informative) >= n:
+                break
+            batch_problems = list(more_problems())
+        ids = [policy.encode(p.question, sampling.max_new_tokens) for p in batch_problems]
+        k = key if r == 0 else jax.random.fold_in(key, r)
+        groups = sample_and_score(
+            policy, verifier, ids, [p.answer for p in batch_problems], sampling, k
+        )
+        rounds.append(groups)
+        asked += [(p, i) for p, i in zip(batch_problems, ids, strict=True)]
+        informative += [(r, i) for i in np.flatnonzero(_informative(groups.rewards))]
+    picks = [(0, i) for i in range(n)]
+    if shaping.dynamic_sampling:
+        rest = [(r, i) for r in range(len(rounds)) for i in range(len(rounds[r].completions))]
+        taken = set(informative)
+        rest = [x for x in rest if x not in taken]
+        picks = (informative + rest)[:n]
+    groups = _take(rounds, picks)
+    offsets = np.cumsum([0] + [len(x.completions) for x in rounds])
+    chosen = [asked[offsets[r] + i] for r, i in picks]
+    prompt_ids = [ids for _, ids in chosen]
+    lengths = np.asarray([[c.num_tokens for c in row] for row in groups.completions], np.float32)
+    penalty = overlong_penalty(
+        lengths, sampling.max_new_tokens, shaping.overlong_buffer, shaping.overlong_penalty
     )
-    g = sampling.num_samples
-    adv = np.asarray(losses.advantages_with_eps(advantage, groups.rewards, adv_eps), np.float32)
+    adv = np.asarray(advantages_with_eps(advantage, groups.rewards - penalty, adv_eps), np.float32)
     flat = groups.flat()
     # Fixed T per (prompt bucket, max_new_tokens): the update step then compiles rarely.
     max_len = bucket(max(len(p) for p in prompt_ids)) + sampling.max_new_tokens
@@ -177,4 +261,18 @@ def run_rollouts(
         batch_multiple=batch_multiple,
         max_len=max_len,
     )
-    return Rollouts(list(problems), prompt_ids, groups, adv, batch, policy.prompts_cut - cut_before)
+    sampled = {
+        "rollout/rounds": float(len(rounds)),
+        "rollout/groups_sampled": float(offsets[-1]),
+        "rollout/groups_dropped": float(offsets[-1] - n),
+        "rollout/overlong_penalty_mean": float(penalty.mean()),
+    }
+    return Rollouts(
+        [p for p, _ in chosen],
+        prompt_ids,
+        groups,
+        adv,
+        batch,
+        policy.prompts_cut - cut_before,
+        sampled if (shaping.dynamic_sampling or shaping.overlong_buffer) else {},
+    )

@@ -25,7 +25,7 @@ from meljax.config.settings import Settings, settings
 from meljax.meta import MetaExperiencePipeline
 from meljax.rl.batch import SequenceBatch, TrainBatch, build_sequence_batch
 from meljax.rl.optim import make_optimizer
-from meljax.rl.rollout import Rollouts, run_rollouts
+from meljax.rl.rollout import Rollouts, Shaping, run_rollouts
 from meljax.rl.update import make_compute_logprobs, make_train_step, train_on_batch
 from meljax.runtime import multihost
 from meljax.runtime import sharding as shd
@@ -84,18 +84,27 @@ class Run:
         return shd.data_parallel_size(self.mesh)
 
     def rollout(self, params, problems, key) -> Rollouts:
-        """G answers per question sampled with ``params``, scored, as a policy batch."""
-        s = self.settings
+        """G answers per question sampled with ``params``, scored, as a policy batch. With
+        ``rollout.dynamic_sampling`` further questions come from the run's data iterator (so a
+        resumed run draws the same ones)."""
+        s, r = self.settings, self.settings.rollout
         self.policy.set_params(params)
         return run_rollouts(
             policy=self.policy,
             verifier=self.verifier,
             problems=problems,
-            sampling=s.rollout.sampling(),
+            sampling=r.sampling(),
             key=key,
             advantage=s.loss.advantage,
             adv_eps=s.loss.adv_eps,
             batch_multiple=self.data_parallel,
+            shaping=Shaping(
+                overlong_buffer=r.overlong_buffer,
+                overlong_penalty=r.overlong_penalty,
+                dynamic_sampling=r.dynamic_sampling,
+                max_rounds=r.max_sampling_rounds,
+            ),
+            more_problems=lambda: next(self.data_iter),
         )
 
     def meta(self, step_num: int, problems, rewards, texts, key):
@@ -212,7 +221,7 @@ def step(
         raise Interrupted
     metrics = ro.metrics()
     timings = {f"time/{k}": v for k, v in ro.timings.items()}
-    meta = run.meta(step_num, problems, ro.rewards, ro.texts, k_meta)
+    meta = run.meta(step_num, ro.problems, ro.rewards, ro.texts, k_meta)
     mel_batch, statuses = run.no_mel, []
     if meta is not None:
         mel_batch = meta.batch
