@@ -2,8 +2,17 @@
 
 Examples::
 
-  meljax sample --model=demo --prompt="What is 7*8?" --temperature=0
-  meljax sample --model=path/to/hf_folder --prompt=Hi --prompt=Bye --num_samples=4 --top_p=0.9
+  meljax sample --prompt="What is 7 plus 8?" --config.rollout.temperature=0
+  meljax sample --config.model.path=path/to/hf_folder --config.data.instruction=none \\
+      --prompt=Hi --prompt=Bye --num_samples=4 --config.rollout.top_p=0.9
+
+The settings are a training config's, read the same way as ``meljax train`` reads them:
+``--config`` (a config file or a shipped config's name; default: the demo) and
+``--config.SECTION.FIELD=VALUE`` overrides. A prompt is rendered as the config renders a
+training question (``data``: prompt_template, instruction, system_prompt, bos,
+max_prompt_tokens, stop_strings; ``--config.data.instruction=none`` sends it as typed) and
+sampled as a rollout is (``rollout``: max_new_tokens, temperature (0 = greedy), top_p, top_k,
+cache_dtype, max_slots, ...), from ``model`` on ``mesh`` with ``seed``.
 
 Prints each prompt's completions and the KV-cache memory estimate of the call. The work is
 done by :func:`meljax.sampling.generate.sample_model`; this module only holds the flags.
@@ -12,47 +21,29 @@ done by :func:`meljax.sampling.generate.sample_model`; this module only holds th
 from __future__ import annotations
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from meljax.commands.common import clean_errors
+from meljax.commands.config_files import shipped
 
-_MODEL = flags.DEFINE_string(
-    "model", "demo", "Hugging Face model folder, a .gguf file, or 'demo' (SmolLM2-135M-Instruct)."
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    shipped("demo"),
+    "Config file (configs/*.py or a shipped name): the model, prompt rendering (data), "
+    "sampling and engine (rollout), mesh and seed.",
+    lock_config=True,
 )
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Completion length limit (tokens).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_CACHE_DTYPE = flags.DEFINE_string("cache_dtype", "", "KV-cache dtype ('' = compute dtype).")
-_CHAT = flags.DEFINE_boolean("chat", True, "Wrap each prompt in the tokenizer's chat template.")
 
 
 def run() -> list[list[str]]:
     """Runs the command from the parsed flags; prints and returns the completions."""
-    from meljax.sampling.generate import sample_model
-    from meljax.sampling.select import SamplingParams
-
     if not _PROMPT.value:  # checked before the heavy imports of sample_model's work
         raise ValueError("give at least one --prompt")
-    sampling = SamplingParams(
-        max_new_tokens=_MAX_NEW_TOKENS.value,
-        temperature=_TEMPERATURE.value,
-        top_p=_TOP_P.value,
-        top_k=_TOP_K.value,
-        num_samples=_NUM_SAMPLES.value,
-    )
-    return sample_model(
-        _MODEL.value,
-        _PROMPT.value,
-        sampling,
-        seed=_SEED.value,
-        dtype=_DTYPE.value,
-        cache_dtype=_CACHE_DTYPE.value or None,
-        chat=_CHAT.value,
-    )
+    from meljax.sampling.generate import sample_model
+
+    return sample_model(_CONFIG.value, _PROMPT.value, num_samples=_NUM_SAMPLES.value)
 
 
 def main(argv):

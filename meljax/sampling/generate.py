@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,26 +70,23 @@ def generate(
 
 
 def sample_model(
-    model_path: str,
+    cfg: Any,
     prompts: Sequence[str],
-    sampling: SamplingParams,
     *,
-    seed: int = 0,
-    dtype: str = "float32",
-    cache_dtype: str | None = None,
-    chat: bool = True,
-    prompt: Any = None,
+    num_samples: int = 1,
     echo: Callable[[str], Any] = print,
 ) -> list[list[str]]:
     """The ``meljax sample`` command without its flags: load, sample, print, return the texts.
 
     Args:
-      model_path: a Hugging Face folder, a ``.gguf`` file, ``gs://...``, a hub id or ``demo``.
-      prompts: prompt texts (at least one).
-      sampling: the sampling controls.
-      seed, dtype, cache_dtype, chat: PRNG seed, compute dtype, KV-cache dtype (``None``: the
-        compute dtype), chat-template wrapping (when ``prompt`` is not given).
-      prompt: a :class:`meljax.sampling.policy.PromptConfig` (rendering, BOS, stop strings).
+      cfg: a config (``ConfigDict``: :func:`meljax.config.settings.base_config` or a config
+        file's, e.g. ``configs/demo.py``), as for training: the model (``model``, loaded
+        with :func:`meljax.trainer.setup.build_model_and_tokenizer`), how a prompt is rendered
+        (``data``), the sampling controls and the engine (``rollout``: max_new_tokens,
+        temperature (0 = greedy), top_p, top_k, cache_dtype, max_slots, ...), ``mesh`` and the
+        PRNG ``seed``. The policy is the run's (:func:`meljax.trainer.setup.build_policy`).
+      prompts: prompt texts (at least one), rendered as training renders a question.
+      num_samples: completions per prompt.
       echo: where the lines go (``print`` by default).
 
     Prints each completion (with its token count and a ``[truncated]`` mark) and the engine's
@@ -96,21 +94,21 @@ def sample_model(
     per prompt.
 
     Raises:
-      ValueError: no prompt or bad sampling controls; FileNotFoundError: no such model.
+      ValueError: no prompt or a bad config value; FileNotFoundError: no such model.
     """
-    from meljax.models import from_pretrained, load_tokenizer, resolve_model_path
-    from meljax.sampling.policy import Policy, PromptConfig
+    # function-local: meljax.trainer and meljax.config import meljax.sampling
+    from meljax.config.settings import validate
+    from meljax.trainer import setup
 
     if not prompts:
         raise ValueError("give at least one --prompt")
+    s = validate(cfg, jax.device_count())  # the typed settings, once: one line per bad value
+    sampling = dataclasses.replace(s.rollout.sampling(), num_samples=num_samples)
     sampling.validate()
-    path = resolve_model_path(model_path)  # FileNotFoundError naming what was looked for
-    model = from_pretrained(path, dtype=dtype)
-    tokenizer = load_tokenizer(path)
+    mesh = setup.build_mesh(cfg)
+    model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
     graphdef, params = nnx.split(model)
-    policy = Policy.build(
-        graphdef, tokenizer, prompt or PromptConfig.plain(chat), cache_dtype=cache_dtype
-    )
+    policy = setup.build_policy(s, graphdef, tokenizer, mesh)
     policy.set_params(params)
     prompt_ids = [policy.encode(p, sampling.max_new_tokens) for p in prompts]
     pool = policy.engine.describe(
@@ -118,14 +116,14 @@ def sample_model(
         max(len(p) for p in prompt_ids),
         sampling.max_new_tokens,
     )
-    result = policy.generate(prompt_ids, sampling, jax.random.key(seed))
+    result = policy.generate(prompt_ids, sampling, jax.random.key(s.run.seed))
 
     out: list[list[str]] = []
     for i, (text_in, group) in enumerate(zip(prompts, result, strict=True)):
         echo(f"=== prompt {i}: {text_in}")
-        for s, c in enumerate(group):
+        for j, c in enumerate(group):
             cut = " [truncated]" if c.truncated else ""
-            echo(f"--- sample {s} ({c.num_tokens} tokens{cut})")
+            echo(f"--- sample {j} ({c.num_tokens} tokens{cut})")
             echo(c.text)
         out.append([c.text for c in group])
     echo(f"engine: {pool}")

@@ -31,8 +31,9 @@ def test_a_second_sample_process_loads_every_program_from_the_cache(tmp_path):
     env = dict(os.environ, MELJAX_COMPILE_CACHE=str(cache), JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    cmd = [sys.executable, "-m", "meljax", "sample", f"--model={model}", "--prompt=hi there"]
-    cmd += ["--max_new_tokens=20", "--temperature=0"]
+    cmd = [sys.executable, "-m", "meljax", "sample", f"--config.model.path={model}"]
+    cmd += ["--prompt=hi there", "--config.rollout.max_new_tokens=20"]
+    cmd += ["--config.rollout.temperature=0"]
     outs, entries = [], []
     for _ in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

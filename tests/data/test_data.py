@@ -367,8 +367,9 @@ def test_eval_with_a_non_utf8_benchmark_is_one_line_and_exit_2(tmp_path):
 
     path = _with_bad_byte(tmp_path, "bad.jsonl")
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", "meljax", "eval", "--config=tiny"]
     proc = subprocess.run(
-        [sys.executable, "-m", "meljax", "eval", "--model=demo", f"--benchmarks={path}"],
+        [*cmd, f"--config.eval.benchmarks={path}"],
         cwd=repo,
         capture_output=True,
         text=True,

@@ -32,6 +32,7 @@ from tests.reference_sampler import Sampler, SamplerEngine, SampleResult
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "eval")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "meljax", "configs", "tiny.py")
 
 
 # ---------------------------------------------------------------------------------------
@@ -536,16 +537,17 @@ def test_cli_writes_report_for_saved_model(tok, tiny_model, tmp_path):
     gsm8k = os.path.join(FIXTURES, "gsm8k", "test.jsonl")
     math500 = os.path.join(FIXTURES, "math500")
     proc = run_cli(
-        f"--model={model_dir}",
-        f"--benchmarks={gsm8k},math500={math500}",
-        "--limit=2",
-        "--num_samples=2",
-        "--max_new_tokens=4",
-        "--max_slots=4",
-        "--instruction=none",
-        "--answer_mode=last_number",
-        "--verifier_workers=0",
-        "--noprogress",
+        f"--config.model.path={model_dir}",
+        f"--config.eval.benchmarks={gsm8k},math500={math500}",
+        "--config.eval.limit=2",
+        "--config.eval.num_samples=2",
+        "--config.eval.max_new_tokens=4",
+        "--config.rollout.max_slots=4",
+        "--config.data.instruction=none",
+        "--config.reward.mode=last_number",
+        "--config.reward.num_workers=0",
+        "--config.logging.progress_bar=off",
+        "--config.mesh.fsdp=-1",  # the demo config's one device: here every device
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -577,14 +579,14 @@ def test_cli_writes_report_for_saved_model(tok, tiny_model, tmp_path):
 
 
 def test_cli_errors_name_the_missing_path(tmp_path):
-    proc = run_cli(
-        "--model=demo", f"--benchmarks={tmp_path}/gsm8k/test.jsonl", "--noprogress", cwd=tmp_path
-    )
+    missing = f"--config.eval.benchmarks={tmp_path}/gsm8k/test.jsonl"
+    proc = run_cli(f"--config={TINY}", missing, cwd=tmp_path)
     assert proc.returncode == 2
     assert f"no such file or folder: {tmp_path}/gsm8k/test.jsonl" in proc.stderr
     proc = run_cli(
-        f"--model={tmp_path}/missing_model",
-        f"--benchmarks={os.path.join(FIXTURES, 'gsm8k')}",
+        f"--config.model.path={tmp_path}/missing_model",
+        f"--config.eval.benchmarks={os.path.join(FIXTURES, 'gsm8k')}",
+        "--config.mesh.fsdp=-1",
         cwd=tmp_path,
     )
     assert proc.returncode == 2

@@ -71,16 +71,17 @@ def test_sample_command_takes_a_hub_id(model_folder, tmp_path):
     hub = _hub_cache(tmp_path / "hub", folder)
     env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    cmd = [sys.executable, "-m", "meljax", "sample", "--model=acme/tiny-llama", "--prompt=hi"]
+    cmd = [sys.executable, "-m", "meljax", "sample", "--config.model.path=acme/tiny-llama"]
+    cmd += ["--prompt=hi", "--config.rollout.max_new_tokens=3", "--config.rollout.temperature=0"]
     proc = subprocess.run(
-        [*cmd, "--max_new_tokens=3", "--temperature=0"],
+        cmd,
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--- sample 0 (" in proc.stdout
     assert "PyTorch was not found" not in proc.stderr  # transformers' notice is silenced
     missing = subprocess.run(
-        [sys.executable, "-m", "meljax", "sample", "--model=acme/nope", "--prompt=hi"],
+        [sys.executable, "-m", "meljax", "sample", "--config.model.path=acme/nope", "--prompt=hi"],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert missing.returncode == 2

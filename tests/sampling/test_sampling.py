@@ -445,7 +445,7 @@ def test_memory_estimate_and_validation(llama):
 
 def test_cli_rejects_missing_prompt():
     proc = subprocess.run(
-        [sys.executable, "-m", "meljax.commands.sample", "--model=demo"],
+        [sys.executable, "-m", "meljax.commands.sample", "--config.model.path=demo"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -456,30 +456,39 @@ def test_cli_rejects_missing_prompt():
 
 def test_cli_rejects_bad_flags():
     proc = subprocess.run(
-        [sys.executable, "-m", "meljax.commands.sample", "--prompt=x", "--top_p=0"],
+        [sys.executable, "-m", "meljax.commands.sample", "--prompt=x", "--config.rollout.top_p=0"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 2
-    assert "top_p must be in (0, 1]" in proc.stderr
+    assert "rollout.top_p=0.0 must be at least" in proc.stderr
 
 
 @pytest.mark.slow
 def test_sample_command_prints_completions_and_memory():
     """The ``meljax sample`` work function (the flags module only parses and calls it)."""
+    from meljax.config.settings import base_config
     from meljax.sampling.generate import sample_model
 
+    cfg = base_config()  # model.path: demo
+    cfg.data.instruction = "none"  # the prompts as typed, in the chat template
+    cfg.rollout.max_new_tokens = 6
+    cfg.rollout.temperature = 0.0
     lines: list[str] = []
-    # Three chat prompts with one sample each: the same program as the parity test above.
+    # Three chat prompts with one sample each, as typed.
     texts = ["What is 7 times 8?", "Hi", "Name a colour."]
-    out = sample_model("demo", texts, SamplingParams(6, temperature=0.0), echo=lines.append)
+    out = sample_model(cfg, texts, echo=lines.append)
     printed = "\n".join(lines)
     assert len(out) == 3 and all(len(x) == 1 and x[0] for x in out)
     assert "=== prompt 1: Hi" in printed and "--- sample 0 (6 tokens" in printed
-    # 3 samples -> 4 slots; prompt bucket 64 + 6 new tokens = 70 cache slots:
-    # 2 * 30 layers * 4 slots * 70 * 3 kv heads * 64 dims * 4 bytes = 12.3 MiB.
-    assert "engine: 4 decode slots x 70 cache slots (float32), KV pool 12.3 MiB" in printed
+    # The config's mesh (mesh.fsdp=-1: the 8 test devices) decodes on data=8, one slot per
+    # shard: 3 samples -> 8 slots; prompt bucket 64 + 6 new tokens = 70 cache slots:
+    # 2 * 30 layers * 8 slots * 70 * 3 kv heads * 64 dims * 4 bytes = 24.6 MiB, 3.1 per device.
+    assert (
+        "engine: 8 decode slots x 70 cache slots (float32), KV pool 3.1 MiB per device" in printed
+    )
+    assert "decode mesh data=8" in printed
 
 
 def test_greedy_unchanged_with_chunked_attention_prefill_and_scanned_layers(llama, monkeypatch):

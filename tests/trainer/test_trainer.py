@@ -238,12 +238,11 @@ def test_eval_of_a_run_uses_the_run_s_prompts_stops_and_verifier(full_run, tmp_p
     meljax(
         "eval",
         f"--workdir={full_run}",
-        f"--benchmarks={gsm8k}",
-        "--limit=2",
-        "--num_samples=2",
-        "--max_new_tokens=4",
-        "--verifier_workers=0",
-        "--noprogress",
+        f"--config.eval.benchmarks={gsm8k}",
+        "--config.eval.limit=2",
+        "--config.eval.num_samples=2",
+        "--config.eval.max_new_tokens=4",
+        "--config.reward.num_workers=0",
         f"--output={out}",
     )
     with open(out) as f:
