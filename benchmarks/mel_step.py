@@ -108,6 +108,7 @@ def main(argv=None) -> dict:
     # the update does not donate: GRPO and MEL update from the same state
     run = build_run(cfg, workdir, donate=False)
     state, data_iter = run.state, run.data_iter
+    weights = run.policy.prepare(state.params)  # state never changes here: prepared once
     setup_s = time.perf_counter() - t0
     print(f"setup {setup_s:.1f}s; devices {jax.devices()}", flush=True)
 
@@ -118,7 +119,7 @@ def main(argv=None) -> dict:
         return time.perf_counter() - t
 
     def rollout(problems, key):
-        return run.rollout(state.params, problems, key)
+        return run.rollout(weights, problems, key)
 
     runs = []
     base_key = jax.random.key(cfg.seed)
@@ -133,7 +134,7 @@ def main(argv=None) -> dict:
         ro = rollout(problems, k_rollout)
         mel = {"rollout": ro.timings["rollout"], "reward": ro.timings["reward"]}
         rewards = forced_rewards(ro.rewards, mixed)
-        meta = run.meta(rep + 1, problems, rewards, ro.texts, k_meta)
+        meta = run.meta(weights, rep + 1, problems, rewards, ro.texts, k_meta)
         mel["analysis"] = meta.timings["analysis_s"]
         mel["replay"] = meta.timings["replay_s"]
         mel["meta_other"] = meta.timings["total_s"] - mel["analysis"] - mel["replay"]

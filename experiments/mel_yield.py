@@ -63,6 +63,7 @@ def main() -> None:
     cfg = demo_config()
     run = build_run(cfg, tempfile.mkdtemp(prefix="mel_yield_"))
     s, policy, verifier, data_iter = run.settings, run.policy, run.verifier, run.data_iter
+    weights = policy.prepare(run.state.params)
     variants = [parse_variant(v) for v in args.variant]
     pipelines = {}
     for name, over, prefix in variants:
@@ -80,10 +81,10 @@ def main() -> None:
         for step in range(1, args.steps + 1):
             k_rollout, k_meta = jax.random.split(jax.random.fold_in(base_key, step))
             problems = next(data_iter)
-            ro = run.rollout(run.state.params, problems, k_rollout)
+            ro = run.rollout(weights, problems, k_rollout)
             for name, pipeline in pipelines.items():
                 t0 = time.perf_counter()
-                meta = pipeline.run(step, problems, ro.texts, ro.rewards, 4, k_meta)
+                meta = pipeline.run(weights, step, problems, ro.texts, ro.rewards, 4, k_meta)
                 c = meta.counts
                 t = totals[name]
                 t["steps"] += 1

@@ -158,12 +158,12 @@ def run():
     graphdef, params = nnx.split(model)
     # the run's policy and verifier: prompts, stops, engine and verdicts as in training
     policy = setup.build_policy(s, graphdef, tokenizer, mesh)
-    policy.set_params(params)
     bar = s.logging.progress_bar
     progress = bar == "on" or (bar == "auto" and sys.stderr.isatty())
     with setup.build_verifier(s) as verifier:
         report = evaluate(
             policy,
+            policy.prepare(params),
             verifier,
             benchmarks,
             s.eval,

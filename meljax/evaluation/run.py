@@ -34,6 +34,7 @@ def _check_benchmarks(benchmarks: Mapping[str, Sequence[Any]]) -> None:
 
 def evaluate(
     policy: Any,
+    weights: Any,
     verifier: Scorer,
     benchmarks: Mapping[str, Sequence[Any]],
     config: EvalConfig = EvalConfig(),
@@ -42,13 +43,14 @@ def evaluate(
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
 ) -> EvalReport:
-    """Pass@1 (greedy), Avg@k and Pass@k of ``policy`` (its current weights) on benchmarks.
+    """Pass@1 (greedy), Avg@k and Pass@k of ``policy`` with ``weights`` on benchmarks.
 
     Every request (each problem greedy with G = 1, and sampled with G = k) goes through ONE
     engine run; each request's key comes from ``seed`` and its index.
 
     Args:
       policy: a :class:`meljax.sampling.policy.Policy`: prompts, stops and sampling as in training.
+      weights: the weights to evaluate, as ``policy.prepare(params)`` returns them.
       verifier: a :class:`meljax.rewards.Verifier` (``score(completions, answers)``).
       benchmarks: ``{name: problems}`` (``id``, ``question``, ``answer``); each non-empty.
       config: the passes (``every_steps``, ``benchmarks`` and ``limit`` are the trainer's).
@@ -85,7 +87,7 @@ def evaluate(
     requests = [Request(tuple(ids), sampling) for _, sampling in passes for ids in prompts]
     t0 = time.perf_counter()
     with tqdm(total=len(requests), desc="evaluation", unit="request", disable=not progress) as bar:
-        out = policy.generate(requests, key=jax.random.key(seed), progress=bar.update)
+        out = policy.generate(weights, requests, key=jax.random.key(seed), progress=bar.update)
     seconds = time.perf_counter() - t0
     stats = getattr(policy.engine, "last_stats", None)
     generated_all = sum(x.num_tokens for group in out for x in group)

@@ -259,6 +259,7 @@ class MetaExperiencePipeline:
 
     def run(
         self,
+        weights: Any,
         step: int,
         problems: Sequence[ProblemLike],
         completions: Sequence[str],
@@ -269,6 +270,7 @@ class MetaExperiencePipeline:
         """Runs steps 4 to 7 of docs/mel.md for one training step.
 
         Args:
+          weights: the policy's decode weights of this step (``Policy.prepare``).
           step: the training step (seeds pair selection; written to the log).
           problems: the step's ``N`` questions (``.id``, ``.question``, ``.answer``).
           completions: ``N*G`` decoded answers; row ``i*G + g`` answers question ``i``.
@@ -321,7 +323,7 @@ class MetaExperiencePipeline:
         analyses: list[trim.Analysis] = []
         if filled:
             out = self.policy.generate(
-                [p.ids for _, p in filled], cfg.analysis_sampling(), key_analysis
+                weights, [p.ids for _, p in filled], cfg.analysis_sampling(), key_analysis
             )
             analyses = [self._analysis(c) for (c,) in out]
         analysis_s = time.perf_counter() - t0
@@ -376,7 +378,7 @@ class MetaExperiencePipeline:
                     instruction=cfg.replay_instruction,
                 )
                 replay_prompts.append(self.policy.encode_message(user))
-            out = self.policy.generate(replay_prompts, cfg.replay_sampling(), key_replay)
+            out = self.policy.generate(weights, replay_prompts, cfg.replay_sampling(), key_replay)
             replay_texts = [c.text for (c,) in out]
             answers = [problems[filled[k][0].question].answer for k in survivors]
             results = self.verifier.score(replay_texts, answers)

@@ -63,6 +63,7 @@ def score_groups(
 
 def sample_and_score(
     policy: Policy,
+    weights: Any,
     verifier: Scorer,
     prompt_ids: Sequence[Sequence[int]],
     answers: Sequence[str],
@@ -70,10 +71,11 @@ def sample_and_score(
     key: jax.Array,
     progress: Callable[[int], None] | None = None,
 ) -> Groups:
-    """``sampling.num_samples`` completions per prompt from ``policy``, scored by ``verifier``."""
+    """``sampling.num_samples`` completions per prompt from ``policy`` with ``weights``
+    (:meth:`Policy.prepare`), scored by ``verifier``."""
     t0 = time.perf_counter()
     out = policy.generate(
-        [Request(tuple(p), sampling) for p in prompt_ids], key=key, progress=progress
+        weights, [Request(tuple(p), sampling) for p in prompt_ids], key=key, progress=progress
     )
     t1 = time.perf_counter()
     results, rewards = score_groups(verifier, out, answers)
@@ -193,6 +195,7 @@ def _take(groups: Sequence[Groups], picks: Sequence[tuple[int, int]]) -> Groups:
 def run_rollouts(
     *,
     policy: Policy,
+    weights: Any,
     verifier: Scorer,
     problems: Sequence[Problem],
     sampling: SamplingParams,
@@ -227,7 +230,7 @@ def run_rollouts(
         ids = [policy.encode(p.question, sampling.max_new_tokens) for p in batch_problems]
         k = key if r == 0 else jax.random.fold_in(key, r)
         groups = sample_and_score(
-            policy, verifier, ids, [p.answer for p in batch_problems], sampling, k
+            policy, weights, verifier, ids, [p.answer for p in batch_problems], sampling, k
         )
         rounds.append(groups)
         asked += [(p, i) for p, i in zip(batch_problems, ids, strict=True)]

@@ -62,10 +62,9 @@ def generate(
     policy = Policy.build(
         graphdef, tokenizer, prompt or PromptConfig.plain(chat), max_slots=max_slots
     )
-    policy.set_params(params)
     sampling = SamplingParams(max_new_tokens, temperature, top_p, top_k, num_samples)
     ids = [policy.encode(p, max_new_tokens) for p in prompts]  # cut once, by the one rule
-    out = policy.generate(ids, sampling, jax.random.key(seed))
+    out = policy.generate(policy.prepare(params), ids, sampling, jax.random.key(seed))
     return [[c.text for c in group] for group in out]
 
 
@@ -109,14 +108,15 @@ def sample_model(
     model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
     graphdef, params = nnx.split(model)
     policy = setup.build_policy(s, graphdef, tokenizer, mesh)
-    policy.set_params(params)
     prompt_ids = [policy.encode(p, sampling.max_new_tokens) for p in prompts]
     pool = policy.engine.describe(
         len(prompt_ids) * sampling.num_samples,
         max(len(p) for p in prompt_ids),
         sampling.max_new_tokens,
     )
-    result = policy.generate(prompt_ids, sampling, jax.random.key(s.run.seed))
+    result = policy.generate(
+        policy.prepare(params), prompt_ids, sampling, jax.random.key(s.run.seed)
+    )
 
     out: list[list[str]] = []
     for i, (text_in, group) in enumerate(zip(prompts, result, strict=True)):

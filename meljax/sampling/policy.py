@@ -24,8 +24,9 @@ MEL analysis and replay passes, evaluation, :func:`meljax.sampling.generate` and
 Exactly one place builds the sampling engine: :meth:`Policy.build` (a
 :class:`~meljax.sampling.engine.ContinuousEngine`: continuous batching over a pool of decode
 slots). The engine sits behind the :class:`~meljax.sampling.engine.Engine` protocol (requests
-in, per-request generations out); :meth:`Policy.set_params` lets it lay the weights out for
-decoding once per update.
+in, per-request generations out). The policy holds no weights: :meth:`Policy.prepare` casts
+and lays the training weights out for decoding (once per update) and every
+:meth:`Policy.generate` call takes the prepared weights explicitly.
 """
 
 from __future__ import annotations
@@ -230,7 +231,6 @@ class Policy:
         self.stop_ids = tuple(int(t) for t in stop_ids)
         self.pad_id = int(pad_id)
         self.instruction = resolve_instruction(prompt.instruction)
-        self.params: Any = None
         self.context_len = _context_len(engine)  # None: no context rule (test doubles)
         self.prompts_cut = 0  # prompts cut by prompt_limit, over this policy's life
         bos = getattr(tokenizer, "bos_token_id", None)
@@ -279,16 +279,12 @@ class Policy:
         )
         return cls(tokenizer, eng, prompt, stop_ids=stops, pad_id=pad)
 
-    def set_params(self, params: Any) -> None:
-        """The weights :meth:`generate` samples from. An engine with ``prepare`` (the
-        continuous engine) casts and lays them out for decoding here, once per update."""
-        self.params = None  # drop the previous copy before making the next one
+    def prepare(self, params: Any) -> Any:
+        """The weights :meth:`generate` takes: ``params`` cast and laid out for decoding by an
+        engine with ``prepare`` (the continuous engine), as they are otherwise. Made once per
+        update; the caller drops them before the update (they are a second copy)."""
         prepare = getattr(self.engine, "prepare", None)
-        self.params = prepare(params) if prepare is not None else params
-
-    def clear_params(self) -> None:
-        """Frees the decode copy of the weights (e.g. while the update step runs)."""
-        self.params = None
+        return prepare(params) if prepare is not None else params
 
     @property
     def max_prompt_len(self) -> int | None:
@@ -359,6 +355,7 @@ class Policy:
 
     def generate(
         self,
+        weights: Any,
         requests: Sequence[Request | Sequence[int]],
         sampling: SamplingParams | None = None,
         key: jax.Array | None = None,
@@ -368,6 +365,7 @@ class Policy:
         """``G`` completions per request (rows ``g`` of request ``i`` at ``out[i][g]``).
 
         Args:
+          weights: what :meth:`prepare` returned.
           requests: :class:`Request` objects, or plain prompt ids that take ``sampling``.
           sampling: the controls of plain-id requests.
           key: PRNG key; the same key, weights and requests give the same completions.
@@ -384,7 +382,7 @@ class Policy:
             reqs.append(self._fit(r))
         if not reqs:
             return []
-        out = self.engine.generate(self.params, reqs, key, progress)
+        out = self.engine.generate(weights, reqs, key, progress)
         return [[self._finish(g) for g in group] for group in out]
 
     def _fit(self, request: Request) -> Request:

@@ -91,9 +91,9 @@ class PeriodicEval:
         if lead:  # minutes on a CPU: say what the silence is
             print(f"held-out evaluation, step {step} ...", flush=True)
         start = time.perf_counter()
-        self.policy.set_params(params)
         report = evaluation.evaluate(
             self.policy,
+            self.policy.prepare(params),
             self.verifier,
             self.benchmarks,
             self.config,
@@ -101,7 +101,6 @@ class PeriodicEval:
             progress=False,
             meta={"step": step},
         )
-        self.policy.clear_params()
         if lead:
             report.write(str(files.path(self.workdir, "eval", f"step_{step}.json")))
         out = {}

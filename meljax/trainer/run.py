@@ -83,14 +83,15 @@ class Run:
     def data_parallel(self) -> int:
         return shd.data_parallel_size(self.mesh)
 
-    def rollout(self, params, problems, key) -> Rollouts:
-        """G answers per question sampled with ``params``, scored, as a policy batch. With
+    def rollout(self, weights, problems, key) -> Rollouts:
+        """G answers per question sampled with ``weights`` (``policy.prepare(params)``),
+        scored, as a policy batch. With
         ``rollout.dynamic_sampling`` further questions come from the run's data iterator (so a
         resumed run draws the same ones)."""
         s, r = self.settings, self.settings.rollout
-        self.policy.set_params(params)
         return run_rollouts(
             policy=self.policy,
+            weights=weights,
             verifier=self.verifier,
             problems=problems,
             sampling=r.sampling(),
@@ -107,13 +108,13 @@ class Run:
             more_problems=lambda: next(self.data_iter),
         )
 
-    def meta(self, step_num: int, problems, rewards, texts, key):
-        """The meta-experiences of a step (``MetaResult``), or None without MEL. Uses the
-        decode weights set by the step's :meth:`rollout`."""
+    def meta(self, weights, step_num: int, problems, rewards, texts, key):
+        """The meta-experiences of a step (``MetaResult``), or None without MEL; analyses and
+        replays sample with the step's decode ``weights``."""
         if self.pipeline is None:
             return None
         g = self.settings.rollout.group_size
-        return self.pipeline.run(step_num, problems, texts, rewards, g, key)
+        return self.pipeline.run(weights, step_num, problems, texts, rewards, g, key)
 
     def update(self, state, policy_batch, mel_batch):
         """The step's update(s) on one rollout batch; ``(state, metrics of each update)``."""
@@ -216,12 +217,14 @@ def step(
     """
     t_step = time.perf_counter()
     k_rollout, k_meta = jax.random.split(key)
-    ro = run.rollout(state.params, problems, k_rollout)
+    weights = jax.block_until_ready(run.policy.prepare(state.params))  # the decode copy
+    timings = {"time/decode_weights": time.perf_counter() - t_step}
+    ro = run.rollout(weights, problems, k_rollout)
     if stop_requested():
         raise Interrupted
     metrics = ro.metrics()
-    timings = {f"time/{k}": v for k, v in ro.timings.items()}
-    meta = run.meta(step_num, ro.problems, ro.rewards, ro.texts, k_meta)
+    timings.update({f"time/{k}": v for k, v in ro.timings.items()})
+    meta = run.meta(weights, step_num, ro.problems, ro.rewards, ro.texts, k_meta)
     mel_batch, statuses = run.no_mel, []
     if meta is not None:
         mel_batch = meta.batch
@@ -230,6 +233,9 @@ def step(
         metrics["retention_ratio"] = meta.retention_ratio
         timings["time/meta_analysis"] = meta.timings.get("analysis_s", 0.0)
         timings["time/meta_replay"] = meta.timings.get("replay_s", 0.0)
+        timings["time/meta_other"] = meta.timings.get("total_s", 0.0) - sum(
+            meta.timings.get(k, 0.0) for k in ("analysis_s", "replay_s")
+        )
     multihost.check_agreement(
         f"step {step_num}",
         {
@@ -241,12 +247,16 @@ def step(
     )
     if stop_requested():
         raise Interrupted
-    run.policy.clear_params()  # the decode copy of the weights is not needed by the update
+    del weights  # the decode copy is not needed by the update: free it first
     t_update = time.perf_counter()
     state, updates = run.update(state, ro.batch, mel_batch)
     metrics.update(_scalars(updates))
     timings["time/update"] = time.perf_counter() - t_update
     timings["time/step"] = time.perf_counter() - t_step
+    # host work between the timed phases: prompt encoding, advantages and batches, checks
+    timings["time/other"] = timings["time/step"] - sum(
+        v for k, v in timings.items() if k != "time/step"
+    )
     metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(ro.timings["rollout"], 1e-9)
     train_tokens = float(
         np.asarray(ro.batch.seq.kv_mask).sum() + np.asarray(mel_batch.kv_mask).sum()

@@ -206,7 +206,8 @@ def scripted_report(tok, verifier=IN_PROCESS, **kw):
     args = dict(num_samples=4, pass_ks=(1, 2, 4), keep_sample_completions=True)
     args.update(kw)
     policy = scripted_policy(tok, sampler)
-    return evaluate(policy, verifier, BENCHMARKS, EvalConfig(**args), progress=False), sampler
+    report = evaluate(policy, None, verifier, BENCHMARKS, EvalConfig(**args), progress=False)
+    return report, sampler
 
 
 def test_metrics_per_benchmark_and_macro_average(tok):
@@ -358,7 +359,7 @@ def test_custom_verifiers_are_used(tok):
 
 def test_evaluate_rejects_bad_input(tok):
     with pytest.raises(ValueError, match="'empty' has no problems"):
-        evaluate(scripted_policy(tok, None), IN_PROCESS, {"empty": []}, progress=False)
+        evaluate(scripted_policy(tok, None), None, IN_PROCESS, {"empty": []}, progress=False)
     with pytest.raises(ValueError, match="pass_ks"):
         scripted_report(tok, pass_ks=(5,))
     with pytest.raises(ValueError, match="temperature > 0"):
@@ -454,7 +455,7 @@ def test_tiny_model_report_matches_direct_sampling(tok, tiny_model):
     }
     graphdef, params = nnx.split(tiny_model)
     policy = Policy.build(graphdef, tok, PromptConfig(instruction="none"), max_slots=4)
-    policy.set_params(params)
+    weights = policy.prepare(params)
     config = EvalConfig(
         num_samples=2, max_new_tokens=6, temperature=1.0, keep_sample_completions=True
     )
@@ -463,7 +464,9 @@ def test_tiny_model_report_matches_direct_sampling(tok, tiny_model):
         score = staticmethod(even_length_is_right)
 
     def run(seed):
-        return evaluate(policy, EvenLength(), benchmarks, config, seed=seed, progress=False)
+        return evaluate(
+            policy, weights, EvenLength(), benchmarks, config, seed=seed, progress=False
+        )
 
     report = run(3)
     assert [r.benchmark for r in report.records] == ["arith"] * 2 + ["more"] * 3

@@ -462,7 +462,7 @@ def make_pipeline(policy, tmp_path, **cfg):
 def test_step_with_stub_policy(tmp_path):
     policy = StubPolicy(analysis_respond)
     pipe = make_pipeline(policy, tmp_path)
-    res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS.reshape(-1), 4, jax.random.key(0))
+    res = pipe.run(None, 3, PROBLEMS, COMPLETIONS, REWARDS.reshape(-1), 4, jax.random.key(0))
     c = res.counts
     assert (c.questions, c.mixed_groups, c.pairs, c.generated) == (4, 3, 5, 5)
     # GOOD_B has no heuristics section: dropped as malformed before replay
@@ -517,7 +517,7 @@ def test_step_with_stub_policy(tmp_path):
     assert metrics["mel/kept"] == 1.0 and metrics["mel/retention_ratio"] == pytest.approx(0.2)
 
     # same step and seed -> same pairs and records; appended, not overwritten
-    res2 = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
+    res2 = pipe.run(None, 3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
     assert res2.records == res.records
     assert len((tmp_path / "meta_experiences.jsonl").read_text().splitlines()) == 10
 
@@ -525,7 +525,7 @@ def test_step_with_stub_policy(tmp_path):
 def test_quality_filter_switch(tmp_path):
     policy = StubPolicy(analysis_respond)
     pipe = make_pipeline(policy, tmp_path, filter_malformed=False)
-    res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
+    res = pipe.run(None, 3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
     c = res.counts
     # GOOD_B (no heuristics) now reaches the replay, which answers wrongly
     assert (c.empty, c.truncated, c.malformed, c.leak, c.replayed, c.kept) == (1, 1, 0, 1, 2, 1)
@@ -538,10 +538,10 @@ def test_leak_filter_switch(tmp_path):
     policy = StubPolicy(lambda p: ("\\boxed{8}", False) if "<experience>" in p else (LEAKY, False))
     r = np.array([[0, 1]], float)
     prob = [P("q1", "Compute eight.", "8")]
-    on = make_pipeline(policy, tmp_path).run(0, prob, ["a", "b"], r, 2, jax.random.key(0))
+    on = make_pipeline(policy, tmp_path).run(None, 0, prob, ["a", "b"], r, 2, jax.random.key(0))
     assert (on.counts.leak, on.counts.kept) == (1, 0)
     off = make_pipeline(policy, tmp_path, filter_leaks=False).run(
-        0, prob, ["a", "b"], r, 2, jax.random.key(0)
+        None, 0, prob, ["a", "b"], r, 2, jax.random.key(0)
     )
     assert (off.counts.leak, off.counts.kept) == (0, 1)
 
@@ -550,7 +550,7 @@ def test_no_mixed_group_skips_sampling(tmp_path):
     policy = StubPolicy(lambda p: pytest.fail("the sampler must not be called"))
     pipe = make_pipeline(policy, tmp_path)
     r = np.array([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], float)
-    res = pipe.run(0, PROBLEMS, COMPLETIONS, r, 4, jax.random.key(0))
+    res = pipe.run(None, 0, PROBLEMS, COMPLETIONS, r, 4, jax.random.key(0))
     assert policy.calls == []
     assert res.counts.pairs == res.counts.generated == res.counts.kept == 0
     assert res.records == [] and res.retention_ratio == 0.0
@@ -569,10 +569,10 @@ def test_non_chief_writes_nothing_and_input_checks(tmp_path):
         workdir=str(tmp_path),
         is_chief=False,
     )
-    res = pipe.run(0, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
+    res = pipe.run(None, 0, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
     assert res.counts.generated == 5 and not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="completions"):
-        pipe.run(0, PROBLEMS, COMPLETIONS[:-1], REWARDS, 4, jax.random.key(0))
+        pipe.run(None, 0, PROBLEMS, COMPLETIONS[:-1], REWARDS, 4, jax.random.key(0))
 
     class Limited(StubPolicy):
         max_prompt_len = 512
@@ -617,14 +617,14 @@ def test_end_to_end_tiny_model(tmp_path):
         replay_max_new_tokens=8,
     )
     policy = as_policy(sampler)
-    policy.set_params(params)
+    weights = policy.prepare(params)
     pipe = MetaExperiencePipeline(
         policy=policy, verifier=AcceptAll(), config=config, workdir=str(tmp_path)
     )
     comps = [f"answer {g} " + "z" * 200 for g in range(8)]  # long: shortened to fit
     r = np.array([[1, 0, 1, 0], [0, 1, 1, 1]], float)
     probs = [P("a", "first question", "99999"), P("b", "second one", "88888")]
-    res = pipe.run(0, probs, comps, r, 4, jax.random.key(1))
+    res = pipe.run(weights, 0, probs, comps, r, 4, jax.random.key(1))
     c = res.counts
     assert c.pairs == c.generated == 3 and c.shortened == 3
     assert c.empty + c.truncated + c.leak + c.replayed == c.generated and c.malformed == 0
@@ -638,22 +638,22 @@ def test_end_to_end_tiny_model(tmp_path):
         np.testing.assert_array_equal(b.loss_mask[i, n_ctx : n_ctx + n_m], 1)
         assert b.loss_mask[i].sum() == n_m and b.kv_mask[i].sum() == n_ctx + n_m
     assert res.timings["analysis_s"] > 0
-    again = pipe.run(0, probs, comps, r, 4, jax.random.key(1))
+    again = pipe.run(weights, 0, probs, comps, r, 4, jax.random.key(1))
     np.testing.assert_array_equal(again.batch.tokens, b.tokens)
     assert len((tmp_path / "meta_experiences.jsonl").read_text().splitlines()) == 6
 
 
 def test_bucketed_nll_batch(tmp_path):
     fixed = make_pipeline(StubPolicy(analysis_respond), tmp_path).run(
-        3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0)
+        None, 3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0)
     )
     pipe = make_pipeline(StubPolicy(analysis_respond), tmp_path, nll_bucketed=True)
-    res = pipe.run(3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
+    res = pipe.run(None, 3, PROBLEMS, COMPLETIONS, REWARDS, 4, jax.random.key(0))
     row_len = int(fixed.batch.kv_mask[0].sum())
     t = min(b for b in (32, 64, 128, 256, 512, 1024, 2000) if b >= row_len)
     assert res.batch.tokens.shape == (1, t)  # one kept row; T capped at 1600 + 400
     np.testing.assert_array_equal(res.batch.tokens[0], fixed.batch.tokens[0, :t])
     np.testing.assert_array_equal(res.batch.loss_mask[0], fixed.batch.loss_mask[0, :t])
     empty = np.zeros((4, 4))
-    none = pipe.run(0, PROBLEMS, COMPLETIONS, empty, 4, jax.random.key(0))
+    none = pipe.run(None, 0, PROBLEMS, COMPLETIONS, empty, 4, jax.random.key(0))
     assert none.batch.tokens.shape == (1, 32) and none.batch.weight.sum() == 0

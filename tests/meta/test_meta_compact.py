@@ -98,7 +98,7 @@ def run_step(analysis: str, replay: str, workdir=None, filter_copies: bool = Tru
         ),
         workdir=None if workdir is None else str(workdir),
     )
-    meta = pipeline.run(1, [Q], ANSWERS, [1.0, 0.0, 1.0, 0.0], 4, jax.random.key(0))
+    meta = pipeline.run(None, 1, [Q], ANSWERS, [1.0, 0.0, 1.0, 0.0], 4, jax.random.key(0))
     return meta, engine
 
 

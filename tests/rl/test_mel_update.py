@@ -80,7 +80,7 @@ def test_kept_meta_experience_is_trained_into_the_policy():
         ),
     )
     answers = ["It is 8", "It is 7", "It is 8", "It is 9"]
-    meta = pipeline.run(1, [Q], answers, [1.0, 0.0, 1.0, 0.0], 4, jax.random.key(0))
+    meta = pipeline.run(None, 1, [Q], answers, [1.0, 0.0, 1.0, 0.0], 4, jax.random.key(0))
     assert meta.counts.kept == 1 and meta.retention_ratio == 1.0
     nll_rows = np.nonzero(meta.batch.weight)[0]
     target = meta.batch.tokens[nll_rows[0]][meta.batch.loss_mask[nll_rows[0]] > 0]

@@ -34,7 +34,7 @@ class ScriptedPolicy:
         self.by_ids[tuple(ids)] = question
         return ids
 
-    def generate(self, requests, key=None, progress=None):
+    def generate(self, weights, requests, key=None, progress=None):
         out = []
         for r in requests:
             rows = []
@@ -69,6 +69,7 @@ def test_overlong_penalty_shapes_advantages_not_verdicts():
     script = {"q": [("1", 10), ("1", 28), ("1", 32), ("0", 5)]}
     ro = run_rollouts(
         policy=ScriptedPolicy(script),
+        weights=None,
         verifier=ExactMatch(),
         problems=[Problem("a", "q", "1")],
         sampling=_sampling(4),
@@ -99,6 +100,7 @@ def test_dynamic_sampling_replaces_zero_advantage_groups():
     first = [Problem("a", "all right", "1"), Problem("b", "mixed 1", "1")]
     ro = run_rollouts(
         policy=ScriptedPolicy(script),
+        weights=None,
         problems=first,
         shaping=Shaping(dynamic_sampling=True, max_rounds=3),
         more_problems=lambda: next(more),
@@ -116,6 +118,7 @@ def test_dynamic_sampling_replaces_zero_advantage_groups():
     # too few informative groups within max_rounds: topped up with zero-advantage ones
     ro = run_rollouts(
         policy=ScriptedPolicy(script),
+        weights=None,
         problems=[Problem("a", "all right", "1"), Problem("d", "all wrong", "1")],
         shaping=Shaping(dynamic_sampling=True, max_rounds=1),
         more_problems=lambda: pytest.fail("max_rounds=1 draws no further questions"),
@@ -123,7 +126,7 @@ def test_dynamic_sampling_replaces_zero_advantage_groups():
     )
     assert [p.id for p in ro.problems] == ["a", "d"]
     # off: the batch is what was asked, no extra metrics
-    ro = run_rollouts(policy=ScriptedPolicy(script), problems=first, **kwargs)
+    ro = run_rollouts(policy=ScriptedPolicy(script), weights=None, problems=first, **kwargs)
     assert [p.id for p in ro.problems] == ["a", "b"] and "rollout/rounds" not in ro.metrics()
 
 

@@ -86,7 +86,7 @@ def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monk
     graphdef, params = nnx.split(model)
     rec = Recorder(monkeypatch)
     policy = setup.build_policy(settings(cfg), graphdef, tok)
-    policy.set_params(params)
+    weights = policy.prepare(params)
     expected = policy.encode(QUESTION)
     problem = Problem("q", QUESTION, "2")
 
@@ -94,6 +94,7 @@ def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monk
     with Verifier(RewardConfig(num_workers=0, mode="last_number")) as verifier:
         run_rollouts(
             policy=policy,
+            weights=weights,
             verifier=verifier,
             problems=[problem],
             sampling=s.rollout.sampling(),
@@ -104,6 +105,7 @@ def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monk
         # 2. evaluation (what `meljax eval --workdir` runs: the run's PromptConfig)
         evaluate(
             policy,
+            weights,
             verifier,
             {"b": [problem]},
             EvalConfig(num_samples=2, max_new_tokens=4),
@@ -124,7 +126,9 @@ def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monk
 
     def mel(p):
         pipe = MetaExperiencePipeline(policy=p, verifier=AcceptAll(), config=meta)
-        return pipe, pipe.run(1, [problem], ["a 1", "a 2"], [0.0, 1.0], 2, jax.random.key(1))
+        return pipe, pipe.run(
+            weights, 1, [problem], ["a 1", "a 2"], [0.0, 1.0], 2, jax.random.key(1)
+        )
 
     pipe, res = mel(policy)
     mel_policy = policy
@@ -139,7 +143,6 @@ def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monk
         mel_policy = Policy(
             tok, policy.engine, prompt, stop_ids=policy.stop_ids, pad_id=policy.pad_id
         )
-        mel_policy.set_params(params)
         rec.take()
         pipe, res = mel(mel_policy)
     analysis, replay = rec.take()[-2:]
@@ -191,15 +194,14 @@ def test_stop_string_cuts_text_tokens_and_logprobs_consistently():
     raw = PromptConfig(prompt_template="raw", instruction="demo")
     sampling = SamplingParams(max_new_tokens=24, temperature=0.0)
     free = Policy.build(graphdef, tok, raw)
-    free.set_params(params)
+    weights = free.prepare(params)
     ids = free.encode(QUESTION)
     assert tok.decode(ids).startswith("Question: What is 1 plus 1?")
-    (full,) = free.generate([ids], sampling, jax.random.key(0))[0]
+    (full,) = free.generate(weights, [ids], sampling, jax.random.key(0))[0]
     assert full.finish_reason == "length" and len(full.text) > 12
     stop = full.text[8:11]
     stopped = Policy.build(graphdef, tok, dataclasses.replace(raw, stop_strings=(stop,)))
-    stopped.set_params(params)
-    (cut,) = stopped.generate([ids], sampling, jax.random.key(0))[0]
+    (cut,) = stopped.generate(stopped.prepare(params), [ids], sampling, jax.random.key(0))[0]
     assert cut.finish_reason == "stop_string" and not cut.truncated
     assert cut.text == full.text[: full.text.find(stop)] and stop not in cut.text
     n = cut.num_tokens
@@ -238,12 +240,11 @@ def test_slots_are_padded_to_the_data_parallel_size():
     assert eng.pool_shape(12, 10, 4)[0] == 16
     assert eng.pool_shape(3, 10, 4)[0] == 8
     # And the sharded call with unevenly split prompts gives the one-device result.
-    sharded.set_params(jax.device_put(params, shd.param_shardings(params, mesh)))
+    sharded_weights = sharded.prepare(jax.device_put(params, shd.param_shardings(params, mesh)))
     local = Policy.build(graphdef, tok, PromptConfig())
-    local.set_params(params)
     ids = [local.encode("1+1?"), local.encode("2+2?")]
-    a = sharded.generate(ids, g4, jax.random.key(5))
-    b = local.generate(ids, g4, jax.random.key(5))
+    a = sharded.generate(sharded_weights, ids, g4, jax.random.key(5))
+    b = local.generate(local.prepare(params), ids, g4, jax.random.key(5))
     for x, y in zip(sum(a, []), sum(b, []), strict=True):
         np.testing.assert_array_equal(x.tokens, y.tokens)
 
@@ -273,7 +274,7 @@ def test_prompts_longer_than_the_context_are_cut_counted_and_warned_once(monkeyp
     arch = dataclasses.replace(setup.random_model_config(cfg, tok), max_position_embeddings=64)
     graphdef, params = nnx.split(Transformer(arch, rngs=nnx.Rngs(0)))
     policy = Policy.build(graphdef, tok, PromptConfig(prompt_template="raw", max_prompt_tokens=0))
-    policy.set_params(params)
+    weights = policy.prepare(params)
     assert policy.context_len == 64
     question = "Add these numbers. " * 60 + "What is 1 plus 1?"
     full = policy.encode_text(policy.render(question))
@@ -284,6 +285,7 @@ def test_prompts_longer_than_the_context_are_cut_counted_and_warned_once(monkeyp
         with Verifier(RewardConfig(num_workers=0, mode="last_number")) as verifier:
             ro = run_rollouts(
                 policy=policy,
+                weights=weights,
                 verifier=verifier,
                 problems=[Problem("q", question, "2")],
                 sampling=SamplingParams(max_new_tokens=8, temperature=1.0, num_samples=2),
@@ -292,12 +294,15 @@ def test_prompts_longer_than_the_context_are_cut_counted_and_warned_once(monkeyp
             )
             report = evaluate(
                 policy,
+                weights,
                 verifier,
                 {"b": [Problem("q", question, "2")]},
                 EvalConfig(num_samples=0, max_new_tokens=16),
                 progress=False,
             )
-        (out,) = policy.generate([full], SamplingParams(max_new_tokens=32), jax.random.key(0))
+        (out,) = policy.generate(
+            weights, [full], SamplingParams(max_new_tokens=32), jax.random.key(0)
+        )
     assert len(ro.prompt_ids[0]) == 56 and ro.metrics()["data/prompts_cut"] == 1.0
     assert report.counts["prompts_cut"] == 1 and report.records[0].prompt_tokens == 48
     assert report.to_json()["counts"]["prompts_cut"] == 1

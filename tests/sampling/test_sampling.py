@@ -237,9 +237,10 @@ def test_demo_model_greedy_matches_transformers():
         assert result.completion(i) == ref, i
     # and so does the engine with prompts of different lengths, more requests than slots
     policy = Policy.build(nnx.split(model)[0], tok, PromptConfig.plain(chat=True), max_slots=2)
-    policy.set_params(params)
     many = ids + [policy.encode("Count from one to ten, please, in words.")]
-    out = policy.generate(many, SamplingParams(20, temperature=0.0), jax.random.key(0))
+    out = policy.generate(
+        policy.prepare(params), many, SamplingParams(20, temperature=0.0), jax.random.key(0)
+    )
     for i, ref in enumerate(refs):
         assert out[i][0].tokens.tolist() == ref, i
 
