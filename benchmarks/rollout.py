@@ -94,7 +94,7 @@ def load_questions(args) -> list[str]:
 
 def prompt_config(args):
     """The prompt rendering of ``--prompt`` (the same for every engine)."""
-    from meljax.sampling.policy import PromptConfig
+    from meljax.data.prompts import PromptConfig
 
     return PromptConfig() if args.prompt == "instruction" else PromptConfig.plain(chat=True)
 

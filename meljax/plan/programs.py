@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from meljax.config.settings import settings
+from meljax.data.prompts import resolve_instruction
 from meljax.meta import templates
 from meljax.models import ModelConfig, abstract_model
 from meljax.plan.engine_programs import lower_engine_programs
@@ -47,7 +48,6 @@ from meljax.rl.update import train_state_shardings
 from meljax.runtime import sharding as shd
 from meljax.runtime.buckets import bucket
 from meljax.sampling import ContinuousEngine, SamplingParams
-from meljax.sampling.policy import resolve_instruction
 from meljax.trainer import setup
 from meljax.trainer.run import update_programs
 

@@ -2,72 +2,16 @@
 
 A :class:`Request` is a prompt (token ids), its sampling controls and its group size ``G``
 (``sampling.num_samples``); an engine returns, for every request, ``G`` :class:`Generation`
-records (tokens, log-probabilities, truncation flag). :class:`meljax.sampling.policy.Policy` is the only
-caller: it encodes prompts, applies stop strings and decodes text on top of an engine.
-
-:class:`ContinuousEngine` (continuous batching; programs in :mod:`meljax.sampling.slots`):
-
-- a fixed pool of ``S`` decode slots, one sample per slot; requests wait in a host queue;
-- free slots are filled by a batched prefill: each waiting prompt (bucketed length, batch
-  bucketed) is prefilled ONCE and its cache copied into its ``G`` slots inside ``jit``; on
-  one data-parallel device a request whose samples do not all fit takes the free slots
-  there are, and its other samples enter later from the same prompt cache, kept meanwhile
-  (host scheduling in :mod:`meljax.sampling.schedule`). Prompts may then share prefill
-  batches differently, which can round a prompt cache differently (a rare flipped token);
-- decoding runs inside ``jit`` in segments of ``K`` steps (``lax.while_loop``, ends early when
-  every slot is done); between segments the host reads three ``[S]`` arrays (done, step,
-  stopped), fetches the rows of the finished slots only, and refills them;
-- a run ends when the queue is empty and every slot is done;
-- per-slot controls (temperature, top-p, top-k, ``max_new_tokens``) are traced ``[S]`` arrays,
-  so greedy and sampled requests share one pool; stop ids end a sample (the stop token
-  kept); log-probs are ``log_softmax`` of the raw logits (:mod:`meljax.sampling.select`);
-- determinism per request: token ``j`` of sample ``g`` of request ``r`` is drawn with
-  ``fold_in(fold_in(fold_in(key, r), g), j)``: never the slot or the segment, so a request's
-  output does not depend on the pool size, the segment length or its neighbours.
-
-Attention over the filled part: length-bucketed segments. A segment attends to the first
-``kv_len`` cache slots, ``kv_len`` = the smallest bucket (``DEFAULT_LENGTH_BUCKETS``, capped at
-the cache length) holding the longest live slot's position at the segment start: one compiled
-decode program per bucket, each with dense XLA attention over ``[S, kv_len]``. On TPU / GPU
-the segment's own tokens sit in a small segment buffer next to the cache (the cache is
-read-only inside the decode loop and written once after it: ``meljax.models.kv_cache``,
-"Decode segments"), which keeps the cache in place instead of copying it every segment. On
-CPU the defaults differ, each because it measured faster there (figures and commands in
-``docs/performance.md``, "Rollout engine"): no buckets (the longest live slot is near the end
-of the cache most of the time, and each bucket is a program of its own), and the decode loop
-writes each step's keys and values into the cache in place (XLA:CPU fuses one softmax block
-per layer; it cannot fuse the two blocks of cache and buffer).
-
-Weights: :meth:`ContinuousEngine.prepare` casts the policy's parameters to the compute dtype
-and lays them out once per update on the :func:`~meljax.sampling.weights.inference_mesh`
-(``tensor_parallel``-way tensor parallelism inside a replica, data-parallel replicas across
-the other devices; replicated weights when ``tensor_parallel == 1``), so no decode step
-gathers FSDP shards.
-
-Pool size: ``max_slots`` (0: as many slots as the call has samples) and/or ``kv_budget_gib``
-(KV cache bytes per device); a call never allocates more slots than it has samples (rounded
-up to a batch bucket and the data-parallel size). The cache of a slot holds the call's longest
-(bucketed) prompt plus its largest ``max_new_tokens``.
-
-Tail (``shrink_tail``): once the queue is empty, slots only empty out, and a fixed pool would
-run its last segments mostly idle (a step costs what its pool size costs, live or not). So
-when the live slots fit in at most half the pool and one of them may run more than one more
-segment, they move into the smallest of a few pool sizes that holds them (batch buckets from a
-quarter to half of the call's pool: :func:`~meljax.sampling.schedule.tail_sizes`;
-:func:`~meljax.sampling.slots.compact`: each data-parallel device keeps its own live slots,
-so nothing crosses devices). Outputs do not change (a sample's keys do not depend on its
-slot). Each pool size is one more compiled program and the move briefly holds both pools
-(peak KV memory up to 1.5x), so it is on by default only on CPU, where it was measured to pay.
-
-Compiled programs: every program is jitted at module level and keyed by static shapes, so
-engines and policies built later in the process (``generate()`` builds one per call) reuse
-them, the weights program included (:func:`~meljax.sampling.weights.prepare_weights`). The
-shapes come from the call's pool (slots, cache length, output columns), the prompt and batch
-buckets of its prefills, and the tail's sizes, whose programs are all compiled the first time
-a pool shrinks (:func:`~meljax.sampling.warm.warm_tail`): a second call of the same workload
-whose samples all fit the pool (other prompts of the same buckets, other seeds) compiles
-nothing. With more samples than slots, a refill prefills the requests that enter at once, and
-a later call may meet a batch or prompt bucket the earlier ones did not.
+records (tokens, log-probabilities, truncation flag). :class:`meljax.sampling.policy.Policy` is
+the only caller. :class:`ContinuousEngine` batches continuously over a fixed pool of decode slots:
+each prompt is prefilled once and copied into its ``G`` slots, decoding runs inside ``jit`` in
+segments of ``K`` steps, finished slots are refilled between segments, and token ``j`` of sample
+``g`` of request ``r`` is drawn with ``fold_in(fold_in(fold_in(key, r), g), j)`` so a request's
+output does not depend on the pool, the segments or its neighbours. Its platform defaults (KV
+buckets, segment buffer, tail shrink, per-layer weights) come from
+:mod:`meljax.runtime.platform`. The full design (prefill and refill, length buckets, the decode
+weights' layout, pool size, the tail shrink, compiled-program reuse): ``docs/architecture.md``,
+"The rollout engine".
 """
 
 from __future__ import annotations

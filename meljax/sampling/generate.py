@@ -38,7 +38,7 @@ def generate(
       seed: PRNG seed; the same seed gives the same completions.
       chat: without ``prompt``: one user turn of the chat template (``True``) or the bare text
         (``False``); ``None``: the chat template when the tokenizer has one (base models: raw).
-      prompt: a :class:`meljax.sampling.policy.PromptConfig` (e.g. a training run's ``data`` settings),
+      prompt: a :class:`meljax.data.prompts.PromptConfig` (e.g. a training run's ``data`` settings),
         so the prompts, BOS and stops are exactly those of training.
       max_slots: most decode slots (0: one per sample; fewer bound the KV cache, and the
         samples that do not fit wait for free slots).
@@ -47,7 +47,8 @@ def generate(
       One list of ``num_samples`` completion texts per prompt (special tokens stripped, cut
       before any stop string). Generation stops at the policy's stop tokens.
     """
-    from meljax.sampling.policy import Policy, PromptConfig
+    from meljax.data.prompts import PromptConfig
+    from meljax.sampling.policy import Policy
 
     if not prompts:
         return []

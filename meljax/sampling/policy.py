@@ -39,14 +39,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from meljax.config.schema import option, validate_fields
 from meljax.data.prompts import (
-    DEFAULT_INSTRUCTION,
-    DEFAULT_RAW_TEMPLATE,
-    DEMO_INSTRUCTION,
+    PromptConfig,
     cut_prompt,
     format_prompt,
     prompt_limit,
+    resolve_instruction,
 )
 from meljax.sampling.engine import ContinuousEngine, Engine, Request
 from meljax.sampling.select import SamplingParams, config_from_graphdef
@@ -54,11 +52,8 @@ from meljax.sampling.select import SamplingParams, config_from_graphdef
 __all__ = [
     "Completion",
     "Policy",
-    "PromptConfig",
     "Request",
     "pad_token_id",
-    "prompt_limit",
-    "resolve_instruction",
     "stop_token_ids",
 ]
 
@@ -71,60 +66,6 @@ END_OF_TURN_TOKENS = (
     "<|end_of_text|>",
     "<end_of_turn>",
 )
-
-INSTRUCTIONS = {"default": DEFAULT_INSTRUCTION, "demo": DEMO_INSTRUCTION, "none": ""}
-
-
-def resolve_instruction(value: str) -> str:
-    """``default`` / ``demo`` / ``none`` -> the instruction text; anything else is literal."""
-    return INSTRUCTIONS.get(value, value)
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptConfig:
-    """How a question becomes model input, and when a completion ends (config section ``data``)."""
-
-    prompt_template: str = option(
-        "chat", "chat (tokenizer's chat template) | raw (base models)", choices=("chat", "raw")
-    )
-    raw_template: str = option(
-        DEFAULT_RAW_TEMPLATE, "raw prompts: a format string with {question} and {instruction}"
-    )
-    instruction: str = option(
-        "default", '"default" (step by step, \\boxed{}), "demo", "none", or literal text'
-    )
-    system_prompt: str = option("", "optional system message (chat) or first paragraph (raw)")
-    max_prompt_tokens: int = option(
-        512,
-        "longer question prompts are cut from the left, BOS kept, counted (data/prompts_cut); "
-        "0 = only the model's context less max_new_tokens, which always applies",
-        minimum=0,
-    )
-    bos: str = option(
-        "auto",
-        "BOS token: auto (chat: as the template writes it; raw: as the tokenizer adds it) "
-        "| always | never",
-        choices=("auto", "always", "never"),
-    )
-    stop_strings: tuple = option(
-        (), "completions end at the first of these strings, e.g. ('\\nQuestion:',) for raw"
-    )
-
-    def __post_init__(self):
-        validate_fields(self)
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
-
-    @classmethod
-    def plain(cls, chat: bool = True, **kw: Any) -> PromptConfig:
-        """The prompt as given: one user turn (``chat``) or the bare text, no instruction."""
-        return cls(
-            prompt_template="chat" if chat else "raw",
-            raw_template="{question}",
-            instruction="none",
-            max_prompt_tokens=0,
-            **kw,
-        )
 
 
 def _ids(value: Any) -> list[int]:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from meljax.data import Problem
+from meljax.data.prompts import PromptConfig
 from meljax.evaluation import (
     BenchmarkSpec,
     EvalConfig,
@@ -27,7 +28,7 @@ from meljax.evaluation import (
 )
 from meljax.rewards import RewardConfig, Verifier
 from meljax.sampling import SamplingParams
-from meljax.sampling.policy import Policy, PromptConfig, stop_token_ids
+from meljax.sampling.policy import Policy, stop_token_ids
 from tests.reference_sampler import Sampler, SamplerEngine, SampleResult
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "eval")

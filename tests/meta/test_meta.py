@@ -14,11 +14,12 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from meljax.data.prompts import PromptConfig
 from meljax.meta import filters, pairs, parse, templates
 from meljax.meta.pipeline import MetaConfig, MetaExperiencePipeline
 from meljax.rewards import RewardResult, last_boxed
 from meljax.sampling import SamplingParams
-from meljax.sampling.policy import Policy, PromptConfig
+from meljax.sampling.policy import Policy
 from tests.reference_sampler import SamplerEngine, SampleResult
 
 # ----------------------------------------------------------------------------- fixtures

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from meljax.commands.lessons import lessons_text
+from meljax.data.prompts import PromptConfig
 from meljax.meta import (
     META_LOG_FILE,
     MetaConfig,
@@ -29,7 +30,7 @@ from meljax.rl.batch import TrainBatch, build_policy_batch
 from meljax.rl.objective import LossConfig
 from meljax.rl.optim import OptimizerConfig, make_optimizer
 from meljax.rl.update import init_train_state, make_compute_logprobs, make_train_step
-from meljax.sampling.policy import Policy, PromptConfig
+from meljax.sampling.policy import Policy
 from tests.conftest import scripted_result
 from tests.reference_sampler import SamplerEngine
 

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from meljax.data.prompts import PromptConfig
 from meljax.meta import MetaConfig, MetaExperiencePipeline
 from meljax.models import ModelConfig, Transformer
 from meljax.models.tokenizer import make_tiny_tokenizer
@@ -12,7 +13,7 @@ from meljax.rl.batch import TrainBatch, build_policy_batch
 from meljax.rl.objective import LossConfig
 from meljax.rl.optim import OptimizerConfig, make_optimizer
 from meljax.rl.update import init_train_state, make_train_step
-from meljax.sampling.policy import Policy, PromptConfig
+from meljax.sampling.policy import Policy
 from tests.conftest import scripted_result
 from tests.reference_sampler import SamplerEngine
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from meljax.config.settings import base_config, settings
 from meljax.data import Problem
+from meljax.data.prompts import PromptConfig
 from meljax.evaluation import EvalConfig, evaluate
 from meljax.meta import MetaExperiencePipeline
 from meljax.meta.templates import fill_replay_prompt
@@ -19,7 +20,7 @@ from meljax.rewards import RewardConfig, RewardResult, Verifier
 from meljax.rl.rollout import run_rollouts
 from meljax.rl.update import make_compute_logprobs
 from meljax.sampling import ContinuousEngine, SamplingParams, generate
-from meljax.sampling.policy import Policy, PromptConfig
+from meljax.sampling.policy import Policy
 from meljax.trainer import setup
 
 QUESTION = "What is 1 plus 1?"
@@ -250,7 +251,7 @@ def test_slots_are_padded_to_the_data_parallel_size():
 
 
 def test_prompt_limit_is_one_rule():
-    from meljax.sampling.policy import prompt_limit
+    from meljax.data.prompts import prompt_limit
 
     assert prompt_limit(0, 2048, 1024) == 1024  # the model's context less the answer budget
     assert prompt_limit(512, 2048, 256) == 512  # the configured limit when smaller

@@ -204,9 +204,10 @@ def test_demo_model_greedy_matches_transformers():
     """SmolLM2-135M-Instruct: chat prompts, 20 greedy tokens, same as HF generate (torch)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    from meljax.data.prompts import PromptConfig
     from meljax.models import demo_model_dir, from_pretrained, load_tokenizer
     from meljax.sampling import generate
-    from meljax.sampling.policy import Policy, PromptConfig
+    from meljax.sampling.policy import Policy
 
     path = demo_model_dir()
     tok = load_tokenizer(path)
