@@ -103,3 +103,22 @@ def scripted_result(rows: list[list[int]], max_new_tokens: int):
         mask.sum(1).astype(np.int32),
         np.zeros(len(rows), bool),
     )
+
+
+def small_llama_params(vocab_size: int, seed: int = 0):
+    """``(graphdef, params)`` of a random 2-layer llama (hidden 32) over ``vocab_size`` tokens:
+    the model the MEL update tests train a lesson into."""
+    from flax import nnx
+
+    from meljax.models import ModelConfig, Transformer
+
+    cfg = ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
+    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)

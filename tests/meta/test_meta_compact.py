@@ -9,7 +9,6 @@ import json
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from meljax.commands.lessons import lessons_text
 from meljax.data.prompts import PromptConfig
@@ -23,7 +22,6 @@ from meljax.meta import (
     trim,
 )
 from meljax.meta import lessons as meta_lessons
-from meljax.models import ModelConfig, Transformer
 from meljax.models.tokenizer import make_tiny_tokenizer
 from meljax.rewards import RewardResult
 from meljax.rl.batch import TrainBatch, build_policy_batch
@@ -31,7 +29,7 @@ from meljax.rl.objective import LossConfig
 from meljax.rl.optim import OptimizerConfig, make_optimizer
 from meljax.rl.update import init_train_state, make_compute_logprobs, make_train_step
 from meljax.sampling.policy import Policy
-from tests.conftest import scripted_result
+from tests.conftest import scripted_result, small_llama_params
 from tests.reference_sampler import SamplerEngine
 
 TOK = make_tiny_tokenizer()
@@ -219,16 +217,7 @@ def test_leaking_compact_lesson_dropped_before_replay():
 
 def test_kept_compact_lesson_rises_in_likelihood():
     meta, _ = run_step(LESSON, "So 8.")
-    cfg = ModelConfig(
-        vocab_size=len(TOK),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-    )
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    graphdef, params = small_llama_params(len(TOK))
     prompt = TOK.encode(Q.question, add_special_tokens=False)
     comps = [TOK.encode(a, add_special_tokens=False) for a in ANSWERS]
     # Zero advantages: the policy term is 0, so only the NLL term moves the weights.

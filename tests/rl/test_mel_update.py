@@ -2,11 +2,9 @@
 
 import jax
 import numpy as np
-from flax import nnx
 
 from meljax.data.prompts import PromptConfig
 from meljax.meta import MetaConfig, MetaExperiencePipeline
-from meljax.models import ModelConfig, Transformer
 from meljax.models.tokenizer import make_tiny_tokenizer
 from meljax.rewards import RewardResult
 from meljax.rl.batch import TrainBatch, build_policy_batch
@@ -14,7 +12,7 @@ from meljax.rl.objective import LossConfig
 from meljax.rl.optim import OptimizerConfig, make_optimizer
 from meljax.rl.update import init_train_state, make_train_step
 from meljax.sampling.policy import Policy
-from tests.conftest import scripted_result
+from tests.conftest import scripted_result, small_llama_params
 from tests.reference_sampler import SamplerEngine
 
 TOK = make_tiny_tokenizer()
@@ -43,16 +41,7 @@ class Q:
 
 
 def test_kept_meta_experience_is_trained_into_the_policy():
-    cfg = ModelConfig(
-        vocab_size=len(TOK),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-    )
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    graphdef, params = small_llama_params(len(TOK))
 
     class LastWord:
         def score(self, completions, answers):
