@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from meljax.rewards.verify import is_correct
+from meljax.rewards.verify import is_correct, is_mixed
 
 __all__ = [
     "ContrastivePair",
@@ -65,8 +65,7 @@ def mixed_groups(rewards: np.ndarray) -> list[int]:
     Args:
       rewards: float ``[N, G]``; correct means :func:`meljax.rewards.is_correct`.
     """
-    correct = np.atleast_2d(is_correct(rewards))
-    return [int(i) for i in np.nonzero(correct.any(axis=1) & ~correct.all(axis=1))[0]]
+    return [int(i) for i in np.nonzero(is_mixed(rewards))[0]]
 
 
 def pair_rng(seed: int, step: int) -> np.random.Generator:

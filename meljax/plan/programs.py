@@ -44,6 +44,7 @@ from meljax.meta import templates
 from meljax.models import ModelConfig, abstract_model
 from meljax.plan.engine_programs import lower_engine_programs
 from meljax.rl.batch import TrainBatch, build_policy_batch, build_sequence_batch
+from meljax.rl.optim import make_optimizer
 from meljax.rl.update import train_state_shardings
 from meljax.runtime import sharding as shd
 from meljax.runtime.buckets import bucket
@@ -119,7 +120,7 @@ def build_run_model(cfg: ml_collections.ConfigDict, mesh, model_config: ModelCon
 
     graphdef, params = abstract_model(model_config)
     graphdef, params = nnx.split(nnx.merge(graphdef, params), nnx.Param)
-    optimizer = update_programs(settings(cfg), graphdef, mesh).optimizer
+    optimizer, _ = make_optimizer(settings(cfg).optim)
     state = jax.eval_shape(lambda p: setup.init_state(cfg, p, optimizer, mesh), params)
     state = attach_shardings(state, train_state_shardings(state, mesh))
     ref = state.params if cfg.algorithm.kl_beta > 0 else None

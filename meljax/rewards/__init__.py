@@ -7,6 +7,7 @@ Public API:
   score_batch(completions, answers, *, mode=..., timeout_s=..., num_workers=..., config=None)
       -> list[RewardResult]
   is_correct(score) -> bool: the one definition of a correct answer
+  is_mixed(rewards) -> bool [N]: groups with a correct and an incorrect answer
   extract_answer(text, mode) -> str | None;  last_boxed(text) -> str | None
   RewardConfig, RewardResult, REASONS, MODES
 """
@@ -21,6 +22,7 @@ from meljax.rewards.verify import (
     RewardConfig,
     RewardResult,
     is_correct,
+    is_mixed,
     score_one,
 )
 
@@ -35,6 +37,7 @@ __all__ = [
     "close_shared_verifier",
     "extract_answer",
     "is_correct",
+    "is_mixed",
     "last_boxed",
     "last_boxed_span",
     "last_number",

@@ -69,6 +69,15 @@ def is_correct(score: Any) -> Any:
     return bool(out) if out.ndim == 0 else out
 
 
+def is_mixed(rewards: Any) -> Any:
+    """bool ``[N]``: groups (rows of ``rewards [N, G]``) with both a correct and an incorrect
+    answer; the groups MEL draws pairs from and the ones with a non-zero GRPO advantage."""
+    import numpy as np
+
+    correct = np.atleast_2d(is_correct(rewards))
+    return correct.any(axis=1) & ~correct.all(axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardResult:
     """Score of one completion.

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from meljax.data import Problem
-from meljax.rewards import RewardResult, Scorer, is_correct
+from meljax.rewards import RewardResult, Scorer, is_correct, is_mixed
 from meljax.rl.advantages import ADV_EPS, advantages_with_eps
 from meljax.rl.batch import PolicyBatch, build_policy_batch
 from meljax.runtime.buckets import bucket
@@ -124,7 +124,7 @@ class Rollouts:
         lengths = np.asarray([c.num_tokens for c in flat], np.float64)
         reasons = [x.reason for group in self.groups.results for x in group]
         correct = is_correct(r)
-        mixed = np.any(correct, axis=1) & ~np.all(correct, axis=1)
+        mixed = is_mixed(r)
         stats = self.groups.engine
         engine = {}
         if stats is not None:  # useful tokens / slot-steps of the rollout's engine run
@@ -172,12 +172,6 @@ class Shaping:
     overlong_penalty: float = 1.0
     dynamic_sampling: bool = False  # replace zero-advantage groups by further questions
     max_rounds: int = 1  # sampling rounds per step at most (dynamic_sampling)
-
-
-def _informative(rewards: np.ndarray) -> np.ndarray:
-    """``[N]``: groups whose answers are not all right and not all wrong (DAPO's filter)."""
-    correct = is_correct(rewards)
-    return np.any(correct, axis=1) & ~np.all(correct, axis=1)
 
 
 def _take(groups: Sequence[Groups], picks: Sequence[tuple[int, int]]) -> Groups:
@@ -234,7 +228,7 @@ def run_rollouts(
         )
         rounds.append(groups)
         asked += [(p, i) for p, i in zip(batch_problems, ids, strict=True)]
-        informative += [(r, i) for i in np.flatnonzero(_informative(groups.rewards))]
+        informative += [(r, i) for i in np.flatnonzero(is_mixed(groups.rewards))]
     picks = [(0, i) for i in range(n)]
     if shaping.dynamic_sampling:
         rest = [(r, i) for r in range(len(rounds)) for i in range(len(rounds[r].completions))]

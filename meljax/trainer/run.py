@@ -148,7 +148,8 @@ def build_run(
     ``workdir``) and data iterator. ``donate=False`` keeps ``state`` valid after an update
     (benchmarks that update twice from one state)."""
     mesh = setup.build_mesh(cfg)
-    s = settings(cfg, data_parallel=shd.data_parallel_size(mesh))
+    dp = shd.data_parallel_size(mesh)
+    s = settings(cfg, data_parallel=dp)
     model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
     graphdef, params = nnx.split(model, nnx.Param)
     del model
@@ -157,19 +158,18 @@ def build_run(
     del params
     ref_params = jax.tree.map(lambda x: x.copy(), state.params) if s.loss.kl_beta > 0 else None
     policy = setup.build_policy(s, graphdef, tokenizer, mesh)
+    source, skipped_rows = setup.build_problem_source(cfg)  # a bad data file fails here,
+    data_iter = setup.build_data_iterator(cfg, source)  # before any verifier worker starts
     verifier = setup.build_verifier(s)
     pipeline = None
     if s.loss.use_mel:
         pipeline = MetaExperiencePipeline(
             policy=policy, verifier=verifier, config=s.meta, workdir=workdir, is_chief=is_chief
         )
-    dp = shd.data_parallel_size(mesh)
     # Without MEL the update still takes a (tiny, all-padding) NLL batch: one code path.
     no_mel = build_sequence_batch(
         [], [], pad_id=policy.pad_id, min_rows=dp, batch_multiple=dp, max_len=bucket(1)
     )
-    source, skipped_rows = setup.build_problem_source(cfg)
-    data_iter = setup.build_data_iterator(cfg, source)
     return Run(
         cfg,
         s,
