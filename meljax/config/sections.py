@@ -184,6 +184,12 @@ class UpdateConfig:
     num_microbatches: int = option(
         1, "gradient accumulation; exact, not a mean of means", minimum=1
     )
+    share_prompt: bool = option(
+        True,
+        "each prompt's forward and backward once per group of answers (its keys and values "
+        "shared by the group's G answers; same numbers); off: every answer row repeats its "
+        "prompt",
+    )
 
     def __post_init__(self):
         validate_fields(self)

@@ -4,7 +4,8 @@
 ``num_minibatches`` mini-batches of policy and MEL rows (optionally shuffled per pass), one
 ``train_step`` (``meljax.rl.update.make_train_step``) per mini-batch. With
 ``old_logprobs="recompute"`` the policy rows' old log-probabilities are recomputed under the
-current parameters before the first update.
+current parameters before the first update. A ``GroupedPolicyBatch`` (shared prompts,
+``meljax.rl.shared_prompt``) is split by whole groups: its rows are groups.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 
 from meljax.rl.batch import TrainBatch
+from meljax.rl.shared_prompt import GroupedPolicyBatch
 from meljax.rl.state import TrainState
 
 __all__ = ["OLD_LOGPROBS", "train_on_batch"]
@@ -58,9 +60,13 @@ def train_on_batch(
     if old_logprobs == "recompute":
         if compute_logprobs is None:
             raise ValueError("old_logprobs='recompute' needs compute_logprobs")
-        old = compute_logprobs(state, batch.policy.seq)
-        batch = batch.replace(policy=batch.policy.replace(old_logprobs=old))
-    n_pol = np.shape(batch.policy.seq.tokens)[0]
+        pol = batch.policy
+        if isinstance(pol, GroupedPolicyBatch):
+            pol = pol.with_answers(old_logprobs=compute_logprobs(state, pol))
+        else:
+            pol = pol.replace(old_logprobs=compute_logprobs(state, pol.seq))
+        batch = batch.replace(policy=pol)
+    n_pol = np.shape(jax.tree.leaves(batch.policy)[0])[0]
     n_mel = np.shape(batch.mel.tokens)[0]
     for name, rows in (("policy", n_pol), ("mel", n_mel)):
         if rows % num_minibatches:

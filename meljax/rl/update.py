@@ -35,6 +35,7 @@ from meljax.rl import objective as losses
 from meljax.rl.batch import PolicyBatch, SequenceBatch, TrainBatch
 from meljax.rl.objective import LossConfig
 from meljax.rl.passes import OLD_LOGPROBS, train_on_batch
+from meljax.rl.shared_prompt import GroupedPolicyBatch, shared_logprobs
 from meljax.rl.state import TrainState, init_train_state, split_params, train_state_shardings
 from meljax.runtime import sharding as shd
 
@@ -111,6 +112,9 @@ def _objective_fn(graphdef, cfg: LossConfig, kind: str) -> Callable:
     """``(params, part, den) -> (loss, metrics)`` for the policy rows or the MEL rows."""
 
     def fn(params, part, den):
+        if isinstance(part, GroupedPolicyBatch):  # shared prompts (meljax.rl.shared_prompt)
+            logp, ent = shared_logprobs((graphdef, params), part, chunk_size=cfg.logprob_chunk)
+            return losses.policy_objective(logp, ent, part.flat_answers(), cfg, den)
         seq = part.seq if kind == "policy" else part
         logp, ent = logprobs.sequence_logprobs(
             (graphdef, params),
@@ -176,7 +180,10 @@ def _train_step_body(state, batch, graphdef, optimizer, loss_cfg, num_microbatch
     grad_shardings = None
     if mesh is not None:
         grad_shardings = train_state_shardings(state.params, mesh)
-    den = losses.compute_denominators(batch, loss_cfg)
+    flat = batch.policy
+    if isinstance(flat, GroupedPolicyBatch):
+        flat = flat.flat_answers()
+    den = losses.compute_denominators(batch.replace(policy=flat), loss_cfg)
 
     loss, metrics, grads = _accumulate(
         _objective_fn(graphdef, loss_cfg, "policy"),
@@ -249,7 +256,8 @@ def _jit_for_state(impl: Callable, mesh: Mesh | None, *, donate: bool, out_batch
         if key not in cache:
             s_first = train_state_shardings(first, mesh)
             s_batch = batch_shardings(batch, mesh)
-            out = shd.batch_sharding(mesh, 2) if out_batch else (s_first, shd.replicated(mesh))
+            rank = 3 if isinstance(batch, GroupedPolicyBatch) else 2  # [P, G, La] or [B, T]
+            out = shd.batch_sharding(mesh, rank) if out_batch else (s_first, shd.replicated(mesh))
             fn = jax.jit(
                 impl,
                 in_shardings=(s_first, s_batch),
@@ -319,11 +327,18 @@ def make_compute_logprobs(
 ) -> Callable[[Any, SequenceBatch], jax.Array]:
     """Jitted ``compute_logprobs(state_or_params, seq) -> [B, T]`` float32: log-probs of
     ``seq.tokens`` under the given params, 0 off ``seq.loss_mask`` (the layout of
-    ``PolicyBatch.old_logprobs`` / ``ref_logprobs``). Accepts a ``TrainState`` (its params are
+    ``PolicyBatch.old_logprobs`` / ``ref_logprobs``); for a ``GroupedPolicyBatch``, the answer
+    tokens' ``[P, G, La]`` (each prompt's forward once, ``meljax.rl.shared_prompt``). Accepts a ``TrainState`` (its params are
     used) or a params state (e.g. a frozen reference); rows are processed in
     ``num_microbatches`` sequential chunks to bound memory."""
 
     def one(params, s):
+        if isinstance(s, GroupedPolicyBatch):
+            logp, _ = shared_logprobs(
+                (graphdef, params), s, chunk_size=chunk_size, with_entropy=False
+            )
+            mask = jnp.asarray(s.answers.seq.loss_mask) > 0
+            return jnp.where(mask, logp.reshape(mask.shape), 0.0)
         logp, _ = logprobs.sequence_logprobs(
             (graphdef, params), s, chunk_size=chunk_size, with_entropy=False
         )
@@ -352,7 +367,7 @@ def make_compute_logprobs(
             state_or_params.params if isinstance(state_or_params, TrainState) else state_or_params
         )
 
-    def compute_logprobs(state_or_params, seq: SequenceBatch) -> jax.Array:
+    def compute_logprobs(state_or_params, seq: SequenceBatch | GroupedPolicyBatch) -> jax.Array:
         return jitted(params_of(state_or_params), seq)
 
     compute_logprobs.lower = lambda first, seq: jitted.lower(params_of(first), seq)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from meljax.config.settings import Settings, settings
 from meljax.meta import MetaExperiencePipeline
+from meljax.rl import shared_prompt
 from meljax.rl.batch import SequenceBatch, TrainBatch, build_sequence_batch
 from meljax.rl.optim import make_optimizer
 from meljax.rl.rollout import Rollouts, Shaping, run_rollouts
@@ -119,11 +120,17 @@ class Run:
     def update(self, state, policy_batch, mel_batch):
         """The step's update(s) on one rollout batch; ``(state, metrics of each update)``."""
         s = self.settings
+        policy_batch, shared = shared_prompt.maybe_group(
+            policy_batch,
+            s.update.share_prompt,
+            s.rollout.group_size,
+            batch_multiple=self.data_parallel * s.update.num_microbatches,
+        )
         if self.ref_params is not None:
-            policy_batch = policy_batch.replace(
-                ref_logprobs=self.fns.compute_logprobs(self.ref_params, policy_batch.seq)
+            policy_batch = shared_prompt.with_ref_logprobs(
+                policy_batch, self.fns.compute_logprobs, self.ref_params
             )
-        return train_on_batch(
+        state, metrics = train_on_batch(
             state,
             TrainBatch(policy=policy_batch, mel=mel_batch),
             self.fns.train_step,
@@ -131,6 +138,9 @@ class Run:
             old_logprobs=s.update.old_logprobs,
             compute_logprobs=self.fns.compute_logprobs,
         )
+        if s.update.share_prompt:  # train/shared_prompt: 0 when the batch fell back to flat
+            metrics[-1] = {**metrics[-1], "shared_prompt": np.float32(shared)}
+        return state, metrics
 
     def close(self) -> None:
         self.verifier.close()
