@@ -99,7 +99,7 @@ def config_and_provenance() -> tuple[Any, dict[str, Any]]:
     return cfg, {"config": source, "config_overrides": overrides, "workdir": workdir}
 
 
-def load_model(cfg, mesh, workdir: str | None) -> tuple[Any, Any, dict[str, Any]]:
+def load_model(s, mesh, workdir: str | None) -> tuple[Any, Any, dict[str, Any]]:
     """``(model, tokenizer, provenance)``: the config's model, or ``workdir``'s checkpoint
     (``--step``, default the latest).
 
@@ -109,11 +109,11 @@ def load_model(cfg, mesh, workdir: str | None) -> tuple[Any, Any, dict[str, Any]
     from meljax.models import load_tokenizer, resolve_model_path
     from meljax.trainer import setup
 
-    m = cfg.model
+    m = s.model
     if workdir is None:
         # resolved first: a missing model is one line naming it, before anything loads
         where = "random (model.random)" if m.random_init else resolve_model_path(m.path)
-        model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
+        model, tokenizer = setup.build_model_and_tokenizer(m, s.random, s.run.seed, mesh=mesh)
         return model, tokenizer, {"model": where}
     from meljax.trainer.checkpointing import load_policy_from_workdir
 
@@ -151,9 +151,9 @@ def run():
 
     from meljax.trainer import setup
 
-    mesh = setup.build_mesh(cfg)
+    mesh = setup.build_mesh(s.mesh)
     workdir = meta.get("workdir")
-    model, tokenizer, where = load_model(cfg, mesh, workdir)
+    model, tokenizer, where = load_model(s, mesh, workdir)
     meta.update(where)
     graphdef, params = nnx.split(model)
     # the run's policy and verifier: prompts, stops, engine and verdicts as in training

@@ -83,7 +83,7 @@ class Settings:
     rollout: RolloutConfig
     loss: LossConfig
     update: UpdateConfig
-    meta: MetaConfig
+    mel: MetaConfig
     optim: OptimizerConfig
     mesh: MeshConfig
     checkpoint: CheckpointConfig

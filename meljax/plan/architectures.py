@@ -11,6 +11,8 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+from meljax.config.schema import from_section
+from meljax.config.sections import ModelSettings, RandomModelSettings
 from meljax.models.config import ModelConfig
 from meljax.models.sources import DEMO_ALIASES
 
@@ -111,7 +113,11 @@ def resolve_model_config(
         from meljax.models.tokenizer import make_tiny_tokenizer
 
         tokenizer = load_tokenizer(m.tokenizer) if m.tokenizer else make_tiny_tokenizer()
-        return setup.random_model_config(cfg, tokenizer), "model.random (random_init)"
+        model = from_section(ModelSettings, "model", cfg)
+        arch = setup.random_model_config(
+            model, from_section(RandomModelSettings, "model.random", cfg), tokenizer
+        )
+        return arch, "model.random (random_init)"
     file = os.path.join(os.path.expanduser(m.path), "config.json")
     if os.path.isfile(file):
         with open(file) as f:

@@ -45,7 +45,7 @@ from meljax.models import ModelConfig, abstract_model
 from meljax.plan.engine_programs import lower_engine_programs
 from meljax.rl.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.rl.optim import make_optimizer
-from meljax.rl.update import train_state_shardings
+from meljax.rl.state import init_train_state, train_state_shardings
 from meljax.runtime import sharding as shd
 from meljax.runtime.buckets import bucket
 from meljax.sampling import ContinuousEngine, SamplingParams
@@ -115,13 +115,16 @@ def bytes_per_device(tree) -> int:
 
 
 def build_run_model(cfg: ml_collections.ConfigDict, mesh, model_config: ModelConfig, source: str):
-    """Abstract graphdef, train state (``setup.init_state``, so the master dtype is the run's)
+    """Abstract graphdef, train state (``init_train_state``, in the run's master dtype)
     and reference params on ``mesh``."""
 
     graphdef, params = abstract_model(model_config)
     graphdef, params = nnx.split(nnx.merge(graphdef, params), nnx.Param)
-    optimizer, _ = make_optimizer(settings(cfg).optim)
-    state = jax.eval_shape(lambda p: setup.init_state(cfg, p, optimizer, mesh), params)
+    optim = settings(cfg).optim
+    optimizer, _ = make_optimizer(optim)
+    state = jax.eval_shape(
+        lambda p: init_train_state(p, optimizer, mesh, master_dtype=optim.master_dtype), params
+    )
     state = attach_shardings(state, train_state_shardings(state, mesh))
     ref = state.params if cfg.algorithm.kl_beta > 0 else None
     resident = {
@@ -203,7 +206,7 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
             fix="rollout.tensor_parallel > 1 (weights split within a replica), or more devices",
         ),
     )
-    meta = s.meta
+    meta = s.mel
     pairs = meta.max_pairs_per_query * r.num_questions
     if cfg.mel.enabled:
         engine_programs(

@@ -105,8 +105,8 @@ def sample_model(
     s = validate(cfg, jax.device_count())  # the typed settings, once: one line per bad value
     sampling = dataclasses.replace(s.rollout.sampling(), num_samples=num_samples)
     sampling.validate()
-    mesh = setup.build_mesh(cfg)
-    model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
+    mesh = setup.build_mesh(s.mesh)
+    model, tokenizer = setup.build_model_and_tokenizer(s.model, s.random, s.run.seed, mesh=mesh)
     graphdef, params = nnx.split(model)
     policy = setup.build_policy(s, graphdef, tokenizer, mesh)
     prompt_ids = [policy.encode(p, sampling.max_new_tokens) for p in prompts]

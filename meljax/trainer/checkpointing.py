@@ -234,7 +234,7 @@ def load_policy_from_workdir(workdir: str, step: int | None = None, *, mesh=None
     """
     from flax import nnx
 
-    from meljax.config.settings import config_from_json
+    from meljax.config.settings import config_from_json, settings
     from meljax.trainer import setup
 
     cfg_file = files.path(workdir, CONFIG_FILE)
@@ -247,7 +247,8 @@ def load_policy_from_workdir(workdir: str, step: int | None = None, *, mesh=None
     ckpt = Checkpointer(where, create=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint under {where}")
-    model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
+    s = settings(cfg)
+    model, tokenizer = setup.build_model_and_tokenizer(s.model, s.random, s.run.seed, mesh=mesh)
     graphdef, params = nnx.split(model, nnx.Param)
     flat = _restore_readonly(ckpt, step)
     prefix = "params."

@@ -21,12 +21,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from meljax.config.schema import from_section
+from meljax.config.sections import MeshConfig
 from meljax.config.settings import Settings, settings
 from meljax.meta import MetaExperiencePipeline
 from meljax.rl import shared_prompt
 from meljax.rl.batch import SequenceBatch, TrainBatch, build_sequence_batch
 from meljax.rl.optim import make_optimizer
 from meljax.rl.rollout import Rollouts, Shaping, run_rollouts
+from meljax.rl.state import init_train_state
 from meljax.rl.update import make_compute_logprobs, make_train_step, train_on_batch
 from meljax.runtime import multihost
 from meljax.runtime import sharding as shd
@@ -157,24 +160,24 @@ def build_run(
     update, policy (the rollout engine), verifier, MEL pipeline (writing its log under
     ``workdir``) and data iterator. ``donate=False`` keeps ``state`` valid after an update
     (benchmarks that update twice from one state)."""
-    mesh = setup.build_mesh(cfg)
+    mesh = setup.build_mesh(from_section(MeshConfig, "mesh", cfg))
     dp = shd.data_parallel_size(mesh)
-    s = settings(cfg, data_parallel=dp)
-    model, tokenizer = setup.build_model_and_tokenizer(cfg, mesh=mesh)
+    s = settings(cfg, data_parallel=dp)  # the typed sections, once; each piece takes its own
+    model, tokenizer = setup.build_model_and_tokenizer(s.model, s.random, s.run.seed, mesh=mesh)
     graphdef, params = nnx.split(model, nnx.Param)
     del model
     fns = update_programs(s, graphdef, mesh, donate=donate)
-    state = setup.init_state(cfg, params, fns.optimizer, mesh)
+    state = init_train_state(params, fns.optimizer, mesh, master_dtype=s.optim.master_dtype)
     del params
     ref_params = jax.tree.map(lambda x: x.copy(), state.params) if s.loss.kl_beta > 0 else None
     policy = setup.build_policy(s, graphdef, tokenizer, mesh)
-    source, skipped_rows = setup.build_problem_source(cfg)  # a bad data file fails here,
-    data_iter = setup.build_data_iterator(cfg, source)  # before any verifier worker starts
+    source, skipped_rows = setup.build_problem_source(s.data, s.run.seed)  # a bad data file
+    data_iter = setup.build_data_iterator(s.data, s.rollout, s.run.seed, source)  # fails first
     verifier = setup.build_verifier(s)
     pipeline = None
     if s.loss.use_mel:
         pipeline = MetaExperiencePipeline(
-            policy=policy, verifier=verifier, config=s.meta, workdir=workdir, is_chief=is_chief
+            policy=policy, verifier=verifier, config=s.mel, workdir=workdir, is_chief=is_chief
         )
     # Without MEL the update still takes a (tiny, all-padding) NLL batch: one code path.
     no_mel = build_sequence_batch(

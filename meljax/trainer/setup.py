@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import jax
-import ml_collections
 from flax import nnx
 
+from meljax.config.sections import (
+    DataConfig,
+    MeshConfig,
+    ModelSettings,
+    RandomModelSettings,
+    RolloutConfig,
+)
 from meljax.data import PRESETS, ArithmeticProblems, load_problems, make_problem_iterator
 from meljax.data.tfds_builder import ArrayRecordProblems
 from meljax.models import (
@@ -18,21 +24,21 @@ from meljax.models import (
 )
 from meljax.models.tokenizer import make_tiny_tokenizer
 from meljax.rewards import Verifier
-from meljax.rl.update import init_train_state
 from meljax.runtime import sharding as shd
 from meljax.sampling.policy import Policy
 
 
-def build_mesh(cfg: ml_collections.ConfigDict):
-    return shd.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor})
+def build_mesh(m: MeshConfig):
+    """The device mesh of the ``mesh`` section."""
+    return shd.make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
 
 
-def build_model_and_tokenizer(cfg: ml_collections.ConfigDict, *, mesh=None):
-    """The policy model (sharded over ``mesh`` when given) and its tokenizer."""
-    m = cfg.model
+def build_model_and_tokenizer(m: ModelSettings, r: RandomModelSettings, seed: int, *, mesh=None):
+    """The policy model of the ``model`` section (random weights from ``model.random`` drawn
+    with ``seed`` when ``random_init``; sharded over ``mesh`` when given) and its tokenizer."""
     if m.random_init:
         tokenizer = load_tokenizer(m.tokenizer) if m.tokenizer else make_tiny_tokenizer()
-        model = Transformer(random_model_config(cfg, tokenizer), rngs=nnx.Rngs(cfg.seed))
+        model = Transformer(random_model_config(m, r, tokenizer), rngs=nnx.Rngs(seed))
         if mesh is not None:
             graphdef, state = nnx.split(model)
             state = jax.device_put(state, shd.param_shardings(state, mesh))
@@ -44,9 +50,8 @@ def build_model_and_tokenizer(cfg: ml_collections.ConfigDict, *, mesh=None):
     return model, tokenizer
 
 
-def random_model_config(cfg: ml_collections.ConfigDict, tokenizer) -> ModelConfig:
+def random_model_config(m: ModelSettings, r: RandomModelSettings, tokenizer) -> ModelConfig:
     """The architecture of ``model.random_init`` runs (``model.random``, the tokenizer's size)."""
-    m, r = cfg.model, cfg.model.random
     return ModelConfig(
         model_type=r.model_type,
         vocab_size=len(tokenizer),
@@ -64,15 +69,7 @@ def random_model_config(cfg: ml_collections.ConfigDict, tokenizer) -> ModelConfi
     )
 
 
-def init_state(cfg: ml_collections.ConfigDict, params, optimizer, mesh):
-    """The run's ``TrainState``: master weights and Adam moments in ``optim.master_dtype``
-    (float32 unless asked otherwise, whatever ``model.param_dtype`` stores the weights in)."""
-
-    return init_train_state(params, optimizer, mesh, master_dtype=cfg.optim.master_dtype)
-
-
 def _dt(name: str):
-
     return resolve_dtype(name)
 
 
@@ -83,7 +80,7 @@ def engine_options(s) -> dict:
     r = s.rollout
     return {
         "cache_dtype": r.cache_dtype or None,
-        "max_prompt_len": max(s.prompt.max_prompt_tokens, s.meta.analysis_max_prompt_tokens),
+        "max_prompt_len": max(s.prompt.max_prompt_tokens, s.mel.analysis_max_prompt_tokens),
         "max_slots": r.max_slots or r.num_questions * r.group_size,
         "kv_budget_gib": r.kv_budget_gib,
         "segment_steps": r.segment_steps,
@@ -100,13 +97,13 @@ def build_policy(s, graphdef, tokenizer, mesh=None):
     return Policy.build(graphdef, tokenizer, s.prompt, mesh=mesh, **engine_options(s))
 
 
-def build_problem_source(cfg: ml_collections.ConfigDict):
-    """A random-access source of ``Problem`` records and how many rows were skipped."""
-    d = cfg.data
+def build_problem_source(d: DataConfig, seed: int):
+    """A random-access source of the ``data`` section's ``Problem`` records and how many rows
+    were skipped (``seed`` draws the arithmetic problems)."""
     if d.source == "arithmetic":
         return (
             ArithmeticProblems(
-                seed=cfg.seed,
+                seed=seed,
                 min_value=d.arithmetic_min,
                 max_value=d.arithmetic_max,
                 ops=tuple(d.arithmetic_ops),
@@ -115,7 +112,7 @@ def build_problem_source(cfg: ml_collections.ConfigDict):
             0,
         )
     if d.source == "tfds":
-        return _tfds_source(cfg), 0
+        return _tfds_source(d), 0
     result = load_problems(d.path, d.preset or None, on_bad_row=d.on_bad_row, limit=d.limit or None)
     if len(result) == 0:
         raise ValueError(f"data.path={d.path!r}: no usable problems")
@@ -132,10 +129,8 @@ def _excluded_questions(path: str, on_bad_row: str) -> frozenset[str]:
     return frozenset(p.question for p in result)
 
 
-def _tfds_source(cfg: ml_collections.ConfigDict):
+def _tfds_source(d: DataConfig):
     """``data.source=tfds``: array_record records read lazily (bad records are errors)."""
-
-    d = cfg.data
     if d.preset and d.preset not in PRESETS:
         raise ValueError(f"data.preset={d.preset!r} is not one of {sorted(PRESETS)}")
     return ArrayRecordProblems(
@@ -147,8 +142,9 @@ def _tfds_source(cfg: ml_collections.ConfigDict):
     )
 
 
-def build_data_iterator(cfg: ml_collections.ConfigDict, source):
-    """Batches of ``rollout.num_questions`` questions.
+def build_data_iterator(d: DataConfig, r: RolloutConfig, seed: int, source):
+    """Batches of ``rollout.num_questions`` questions of ``source``, in the order ``seed`` and
+    ``data.shuffle`` give.
 
     Every process reads the same global batch: the host-side work of a step (rewards, pairs,
     prompt filling) is then identical on all hosts, and each jitted call receives the same
@@ -157,9 +153,9 @@ def build_data_iterator(cfg: ml_collections.ConfigDict, source):
     """
     return make_problem_iterator(
         source,
-        batch_size=cfg.rollout.num_questions,
-        seed=cfg.seed,
-        shuffle=cfg.data.shuffle,
+        batch_size=r.num_questions,
+        seed=seed,
+        shuffle=d.shuffle,
         drop_remainder=True,
     )
 

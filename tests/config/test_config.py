@@ -80,7 +80,7 @@ def test_settings_round_trip_and_derived_fields():
     cfg.data.instruction = "demo"
     s = settings(cfg, data_parallel=4)
     assert s.loss == losses.LossConfig(eps_high=0.28, use_mel=False, max_len=77)
-    assert s.meta.nll_batch_multiple == 4 and s.meta.replay_instruction.startswith("Answer")
+    assert s.mel.nll_batch_multiple == 4 and s.mel.replay_instruction.startswith("Answer")
     with pytest.raises(ValueError, match="max_len is derived"):
         from_section(losses.LossConfig, "algorithm", cfg)
     with pytest.raises(ValueError, match="config: rollout.group_size=1 must be at least 2"):
@@ -188,6 +188,6 @@ def test_demo_heldout_set_is_fixed_large_and_never_trained_on():
         a, b = (int(x) for x in p.question.removeprefix("What is ").rstrip("?").split(" plus "))
         assert cfg.data.arithmetic_min <= min(a, b) <= max(a, b) <= cfg.data.arithmetic_max
         assert p.answer == str(a + b)
-    source, _ = setup.build_problem_source(cfg)
+    source, _ = setup.build_problem_source(settings(cfg).data, cfg.seed)
     drawn = {source[i].question for i in range(4 * cfg.total_steps * cfg.rollout.num_questions)}
     assert drawn and not drawn & questions

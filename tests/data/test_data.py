@@ -769,7 +769,7 @@ def test_presets_all_have_default_files():
 
 
 def test_data_arithmetic_exclude_file_reaches_the_training_source(tmp_path):
-    from meljax.config.settings import base_config
+    from meljax.config.settings import base_config, settings
     from meljax.trainer import setup
 
     held = [f"What is {a} plus {b}?" for a in range(10) for b in range(10) if a < b]
@@ -777,9 +777,9 @@ def test_data_arithmetic_exclude_file_reaches_the_training_source(tmp_path):
     path.write_text("".join(json.dumps({"question": q, "answer": "0"}) + "\n" for q in held))
     cfg = base_config()
     cfg.data.arithmetic_exclude = str(path)
-    source, _ = setup.build_problem_source(cfg)
+    source, _ = setup.build_problem_source(settings(cfg).data, cfg.seed)
     drawn = {source[i].question for i in range(500)}
     assert drawn and not drawn & set(held)
     path.write_text("")
     with pytest.raises(ValueError, match="arithmetic_exclude"):
-        setup.build_problem_source(cfg)
+        setup.build_problem_source(settings(cfg).data, cfg.seed)

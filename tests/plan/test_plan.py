@@ -193,20 +193,22 @@ def test_plan_reports_a_tpu_program_that_does_not_fit():
 def test_master_weights_stay_float32_with_bfloat16_storage():
     """model.param_dtype=bfloat16 stores weights in bf16, the trained copy and Adam's moments
     stay f32 unless optim.master_dtype asks for bf16."""
+    from meljax.config.settings import settings
     from meljax.rl.optim import OptimizerConfig, make_optimizer
+    from meljax.rl.state import init_train_state
     from meljax.trainer import setup
 
     cfg = _tiny()
     cfg.model.param_dtype = "bfloat16"
-    model, _ = setup.build_model_and_tokenizer(cfg)
+    s = settings(cfg)
+    model, _ = setup.build_model_and_tokenizer(s.model, s.random, s.run.seed)
     from flax import nnx
 
     _, params = nnx.split(model, nnx.Param)
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("bfloat16")}
     optimizer, _ = make_optimizer(OptimizerConfig(learning_rate=1e-3))
     for master, want in (("float32", np.float32), ("bfloat16", "bfloat16")):
-        cfg.optim.master_dtype = master
-        state = setup.init_state(cfg, params, optimizer, None)
+        state = init_train_state(params, optimizer, None, master_dtype=master)
         floats = [
             x.dtype
             for x in jax.tree.leaves((state.params, state.opt_state))

@@ -26,6 +26,12 @@ from meljax.trainer import setup
 QUESTION = "What is 1 plus 1?"
 
 
+def _model_sections(cfg):
+    """``(model, model.random, seed)`` of ``cfg``: what ``setup.build_model_and_tokenizer`` takes."""
+    s = settings(cfg)
+    return s.model, s.random, s.run.seed
+
+
 def tiny_cfg(model_type: str, template: str):
     cfg = base_config()
     cfg.unlock()
@@ -83,7 +89,7 @@ class AcceptAll:
 def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monkeypatch):
     cfg = tiny_cfg(model_type, template)
     s = settings(cfg)
-    model, tok = setup.build_model_and_tokenizer(cfg)
+    model, tok = setup.build_model_and_tokenizer(*_model_sections(cfg))
     graphdef, params = nnx.split(model)
     rec = Recorder(monkeypatch)
     policy = setup.build_policy(settings(cfg), graphdef, tok)
@@ -119,7 +125,7 @@ def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monk
     # 4. the MEL analysis and replay. A greedy analysis of a random model rarely ends by
     # itself, so a stop string taken from its own text ends it (and it is replayed).
     meta = dataclasses.replace(
-        s.meta,
+        s.mel,
         analysis_temperature=0.0,
         analysis_max_new_tokens=12,
         filter_malformed=False,  # a random model writes no sections; the replay is under test
@@ -171,7 +177,7 @@ def test_every_caller_sends_the_same_prompt_and_stops(model_type, template, monk
 
 def test_bos_policy_always_and_never():
     cfg = tiny_cfg("llama", "raw")
-    model, tok = setup.build_model_and_tokenizer(cfg)
+    model, tok = setup.build_model_and_tokenizer(*_model_sections(cfg))
     graphdef = nnx.split(model)[0]
     base = settings(cfg).prompt
     ids = {
@@ -190,7 +196,7 @@ def test_stop_string_cuts_text_tokens_and_logprobs_consistently():
     from meljax.rl.batch import build_policy_batch
 
     cfg = tiny_cfg("qwen3", "raw")
-    model, tok = setup.build_model_and_tokenizer(cfg)
+    model, tok = setup.build_model_and_tokenizer(*_model_sections(cfg))
     graphdef, params = nnx.split(model)
     raw = PromptConfig(prompt_template="raw", instruction="demo")
     sampling = SamplingParams(max_new_tokens=24, temperature=0.0)
@@ -229,7 +235,7 @@ def test_slots_are_padded_to_the_data_parallel_size():
     from meljax.runtime import sharding as shd
 
     cfg = tiny_cfg("llama", "chat")
-    model, tok = setup.build_model_and_tokenizer(cfg)
+    model, tok = setup.build_model_and_tokenizer(*_model_sections(cfg))
     graphdef, params = nnx.split(model)
     mesh = shd.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
     sharded = Policy.build(graphdef, tok, PromptConfig(), mesh=mesh)
@@ -271,8 +277,10 @@ def test_prompts_longer_than_the_context_are_cut_counted_and_warned_once(monkeyp
 
     monkeypatch.setattr(policy_module, "_warned_cut", False)
     cfg = tiny_cfg("llama", "raw")
-    _, tok = setup.build_model_and_tokenizer(cfg)
-    arch = dataclasses.replace(setup.random_model_config(cfg, tok), max_position_embeddings=64)
+    _, tok = setup.build_model_and_tokenizer(*_model_sections(cfg))
+    arch = dataclasses.replace(
+        setup.random_model_config(*_model_sections(cfg)[:2], tok), max_position_embeddings=64
+    )
     graphdef, params = nnx.split(Transformer(arch, rngs=nnx.Rngs(0)))
     policy = Policy.build(graphdef, tok, PromptConfig(prompt_template="raw", max_prompt_tokens=0))
     weights = policy.prepare(params)

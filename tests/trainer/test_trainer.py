@@ -248,10 +248,11 @@ def test_eval_of_a_run_uses_the_run_s_prompts_stops_and_verifier(full_run, tmp_p
     with open(out) as f:
         report = json.load(f)
     cfg = load_config_from_workdir(full_run)
-    model, tok = setup.build_model_and_tokenizer(cfg)
-    policy = setup.build_policy(settings(cfg), nnx.split(model)[0], tok)
+    s = settings(cfg)
+    model, tok = setup.build_model_and_tokenizer(s.model, s.random, s.run.seed)
+    policy = setup.build_policy(s, nnx.split(model)[0], tok)
     meta = report["meta"]
-    assert meta["answer_mode"] == settings(cfg).reward.mode == "last_number"
+    assert meta["answer_mode"] == s.reward.mode == "last_number"
     assert meta["instruction"] == policy.instruction and meta["stop_token_ids"] == list(
         policy.stop_ids
     )
