@@ -9,7 +9,9 @@ ended in kept lessons; writes every record to ``--out`` (JSONL, one line per ana
     .venv/bin/python experiments/mel_yield.py --steps 4 \\
         --variant paper,96 --variant compact,64 --out /tmp/mel_yield.jsonl
 
-A variant is ``FORMAT,MAX_NEW_TOKENS[,TEMPLATE_FILE[,REPLY_PREFIX]]``. The weights are never updated, so this
+A variant is ``FORMAT,MAX_NEW_TOKENS[,TEMPLATE_FILE[,REPLY_PREFIX]]``, optionally followed by
+``;FIELD=VALUE`` pairs of other ``mel`` settings (``compact,40;replay_temperature=0``). The
+weights are never updated, so this
 measures what the starting policy writes; a training run's later steps sample from updated
 weights.
 """
@@ -28,7 +30,7 @@ import time
 import jax
 
 import meljax
-from meljax.meta import MetaExperiencePipeline
+from meljax.meta import MetaConfig, MetaExperiencePipeline
 from meljax.meta.filters import FILTER_REASONS
 from meljax.trainer.run import build_run
 
@@ -43,13 +45,20 @@ def demo_config():
 
 
 def parse_variant(spec: str) -> tuple[str, dict, str | None]:
-    """``FORMAT,MAX_NEW_TOKENS[,TEMPLATE_FILE[,REPLY_PREFIX]]`` -> (name, overrides, prefix)."""
-    parts = spec.split(",")
+    """``FORMAT,MAX_NEW_TOKENS[,TEMPLATE_FILE[,REPLY_PREFIX]][;FIELD=VALUE...]`` -> (name,
+    overrides, prefix); a VALUE takes the type of the field's default."""
+    head, *extra = spec.split(";")
+    parts = head.split(",")
     overrides = {"analysis_format": parts[0], "analysis_max_new_tokens": int(parts[1])}
     if len(parts) > 2 and parts[2]:
         with open(parts[2], encoding="utf-8") as f:
             overrides["analysis_template"] = f.read()
     prefix = parts[3] if len(parts) > 3 else None
+    defaults = {f.name: f.default for f in dataclasses.fields(MetaConfig)}
+    for item in extra:
+        field, value = item.split("=", 1)
+        kind = type(defaults[field])
+        overrides[field] = value.lower() in ("1", "true") if kind is bool else kind(value)
     return spec, overrides, prefix
 
 
@@ -70,7 +79,7 @@ def main() -> None:
         pipeline = MetaExperiencePipeline(
             policy=policy,
             verifier=verifier,
-            config=dataclasses.replace(s.meta, **over),
+            config=dataclasses.replace(s.mel, **over),
         )
         if prefix is not None:
             pipeline.format = dataclasses.replace(pipeline.format, reply_prefix=prefix)
@@ -99,7 +108,7 @@ def main() -> None:
                 out.flush()
                 print(f"step {step} {name}: {dict(c.__dict__)}", flush=True)
     print(
-        "\nvariant | generated | kept | yield | empty/truncated/malformed/leak/replay_failed"
+        "\nvariant | generated | kept | yield | empty/truncated/malformed/leak/copied/replay_failed"
         " | kept token share | steps with kept | s/step"
     )
     for name, t in totals.items():

@@ -13,7 +13,10 @@ limit as the rollouts; ``meljax report`` prints both with 95% intervals and the 
 Training never draws those questions (``data.arithmetic_exclude``).
 
 MEL writes its lessons in the compact format (``mel.analysis_format=compact``: one "When ...,
-I ..." rule and a short contrast); the paper's four-section analysis is beyond this model.
+I ..." rule and a short contrast); the paper's four-section analysis is beyond this model. Two
+candidate lessons per pair (``mel.analyses_per_pair``, each counted as generated) and a greedy
+replay (``mel.replay_temperature=0``: the spec's one replay answer, the policy's most likely)
+keep lessons in most steps; docs/performance.md, "2026-12-08: MEL yield on the demo".
 ``meljax lessons WORKDIR`` lists them, kept and dropped.
 
 ``meljax train`` (no flags) or ``make demo``.
@@ -49,8 +52,9 @@ def get_config():
     c.mel.analysis_max_prompt_tokens = 640
     c.mel.analysis_max_new_tokens = 64  # two short lines; what follows them is trimmed
     c.mel.analysis_temperature = 0.6
+    c.mel.analyses_per_pair = 2  # two candidate lessons per pair, both counted as generated
     c.mel.replay_max_new_tokens = 32
-    c.mel.replay_temperature = 0.6
+    c.mel.replay_temperature = 0.0  # the one replay answer is the greedy one (docs/mel.md)
     c.mel.nll_bucketed = True  # NLL rows sized to what was kept: bounds the update's memory
     c.algorithm.num_microbatches = 4  # 4 answers per micro-batch keep the update in a few GB
     c.optim.learning_rate = 2e-6

@@ -4,8 +4,9 @@
 
 1. draws contrastive pairs from the mixed groups (:mod:`meljax.meta.pairs`);
 2. fills the analysis instruction for every pair (incorrect answer first, answers shortened in
-   the middle to fit ``analysis_max_prompt_tokens``) and samples ONE analysis per pair from the
-   current policy, in one batched sampler call (the "analysis pass");
+   the middle to fit ``analysis_max_prompt_tokens``) and samples ``analyses_per_pair``
+   analyses per pair (the paper: one) from the current policy, in one batched sampler call
+   (the "analysis pass"); each is an analysis of its own from here on;
 3. parses each analysis into its sections with the parser of ``mel.analysis_format``
    (:mod:`meljax.meta.formats`; for the log and the quality filter);
 4. drops empty, truncated, malformed (a section or the rule missing) and answer-leaking
@@ -148,7 +149,8 @@ class MetaExperiencePipeline:
         """Minimum rows of the NLL batch for a step of ``num_questions`` questions."""
         if self.config.nll_rows:
             return self.config.nll_rows
-        return max(1, self.config.max_pairs_per_query * num_questions)
+        cfg = self.config
+        return max(1, cfg.max_pairs_per_query * cfg.analyses_per_pair * num_questions)
 
     def empty_batch(self, num_questions: int) -> SequenceBatch:
         """The all-padding NLL batch (weight 0) a step without kept analyses returns."""
@@ -239,7 +241,6 @@ class MetaExperiencePipeline:
             if prompt is not None:
                 filled.append((pair, prompt))
         counts["too_long"] = len(chosen) - len(filled)
-        counts["generated"] = len(filled)
         counts["shortened"] = sum(1 for _, p in filled if any(p.omitted))
         key_analysis, key_replay = jax.random.split(key)
         analyses: list[trim.Analysis] = []
@@ -247,7 +248,10 @@ class MetaExperiencePipeline:
             out = self.policy.generate(
                 weights, [p.ids for _, p in filled], cfg.analysis_sampling(), key_analysis
             )
-            analyses = [self._analysis(c) for (c,) in out]
+            analyses = [self._analysis(c) for group in out for c in group]
+            # one entry per analysis: a pair's candidates share its prompt
+            filled = [f for f, group in zip(filled, out, strict=True) for _ in group]
+        counts["generated"] = len(filled)
         analysis_s = time.perf_counter() - t0
 
         # Parse for the log, then filter (docs/mel.md, "Filters") (the record's "malformed" is

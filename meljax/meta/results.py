@@ -25,7 +25,8 @@ class MetaCounts:
     Attributes:
       questions: questions in the step; mixed_groups: those with a mixed group.
       pairs: contrastive pairs drawn; too_long: pairs skipped because the question alone
-        overflows the analysis prompt limit; generated: analyses sampled (pairs - too_long).
+        overflows the analysis prompt limit; generated: analyses sampled ((pairs - too_long) x
+        ``analyses_per_pair``).
       empty, truncated, malformed, leak, copied: dropped by that filter (each analysis counts
         once, first reason in this order; malformed: a section missing or no heuristic, counted
         only when ``filter_malformed`` is on; copied: the lesson copies the instruction).

@@ -26,6 +26,12 @@ class MetaConfig:
     enabled: bool = option(True, "False = the plain algorithm (the paper's baseline)")
     lambda_mel: float = option(1.0, "weight of the meta-experience NLL term", minimum=0)
     max_pairs_per_query: int = option(2, "contrastive pairs per mixed question", minimum=1)
+    analyses_per_pair: int = option(
+        1,
+        "analyses sampled per contrastive pair (the paper: 1); each is counted as generated, "
+        "filtered and replayed on its own",
+        minimum=1,
+    )
     analysis_format: str = option(
         "paper",
         "paper (the paper's four-section analysis, docs/mel.md) | compact (one "
@@ -63,7 +69,11 @@ class MetaConfig:
     analysis_top_p: float = option(1.0, "nucleus sampling of the analysis pass", minimum=1e-9)
     analysis_top_k: int = option(0, "top-k sampling of the analysis pass (0 = off)", minimum=0)
     replay_max_new_tokens: int = option(256, "replay answer length limit", minimum=1)
-    replay_temperature: float = option(1.0, "sampling temperature of the replay pass", minimum=0)
+    replay_temperature: float = option(
+        1.0,
+        "sampling temperature of the replay pass (0 = greedy: one deterministic answer)",
+        minimum=0,
+    )
     replay_top_p: float = option(1.0, "nucleus sampling of the replay pass", minimum=1e-9)
     replay_top_k: int = option(0, "top-k sampling of the replay pass (0 = off)", minimum=0)
     filter_leaks: bool = option(True, "drop meta-experiences that contain the ground-truth answer")
@@ -117,7 +127,7 @@ class MetaConfig:
             temperature=self.analysis_temperature,
             top_p=self.analysis_top_p,
             top_k=self.analysis_top_k,
-            num_samples=1,
+            num_samples=self.analyses_per_pair,
         )
 
     def replay_sampling(self) -> SamplingParams:
