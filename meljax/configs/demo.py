@@ -15,7 +15,7 @@ Training never draws those questions (``data.arithmetic_exclude``).
 MEL writes its lessons in the compact format (``mel.analysis_format=compact``: one "When ...,
 I ..." rule and a short contrast); the paper's four-section analysis is beyond this model. Two
 candidate lessons per pair (``mel.analyses_per_pair``, each counted as generated) and a greedy
-replay (``mel.replay_temperature=0``: the spec's one replay answer, the policy's most likely)
+replay (``mel.replay_temperature=0``: the spec's one replay answer, decoded greedily)
 keep lessons in most steps; docs/performance.md, "2026-12-08: MEL yield on the demo".
 ``meljax lessons WORKDIR`` lists them, kept and dropped.
 
