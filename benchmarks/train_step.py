@@ -21,12 +21,20 @@ of them alike: a variant is a remat policy (``none``, ``full``, ``dots``, ``dots
 the backward pass: a custom VJP in ``meljax.rl.logprobs``), optionally with ``+einsum``: the layers'
 weight matmuls as plain einsums, without the CPU matmul path of ``meljax.models.layers.dense``
 (how the update ran before it), and/or ``+unrolled``: the layers unrolled instead of scanned
-(``scan_layers=False``). ``--with_ref`` also times the
+(``scan_layers=False``), and/or ``+shared``: the shared-prompt update
+(``algorithm.share_prompt``, ``meljax.rl.shared_prompt``): each group of ``--group`` rows
+shares one prompt of ``--prompt`` tokens, whose forward then runs once per group (the flat
+variants run the same rows, each repeating its prompt). ``--with_ref`` also times the
 forward-only log-prob pass (``make_compute_logprobs``: the KL reference or recomputed old
 log-probs). ``--profile DIR`` writes a ``jax.profiler`` trace of the timed steps.
 
+Rows: ``--batch`` answers in groups of ``--group`` to one prompt of ``--prompt`` tokens,
+each answer ``--seq`` less the bucketed prompt length (a rollout batch's layout: rows of the
+bucketed longest prompt plus ``max_new_tokens``).
+
 Usage: ``python benchmarks/train_step.py [--batch 16] [--seq 256] [--steps 3]
-[--microbatches 4] [--variants full,none,dots] [--chunk 128] [--with_ref] [--random]``.
+[--microbatches 4] [--variants full,none,dots,default+shared] [--group 8] [--chunk 128]
+[--with_ref] [--random]``.
 """
 
 from __future__ import annotations
@@ -51,20 +59,28 @@ from meljax.rl import objective as losses
 from meljax.rl import optim
 from meljax.rl import update as ts
 from meljax.rl.batch import TrainBatch, build_policy_batch, build_sequence_batch
+from meljax.rl.shared_prompt import group_policy_batch
 from meljax.runtime import hostmem
+from meljax.runtime.buckets import bucket
 
 
-def make_batch(batch: int, seq: int, prompt: int, vocab: int, mel_rows: int) -> TrainBatch:
+def make_batch(
+    batch: int, seq: int, prompt: int, vocab: int, mel_rows: int, group: int
+) -> TrainBatch:
     rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(1, vocab, prompt)) for _ in range(batch)]
-    comps = [list(rng.integers(1, vocab, seq - prompt)) for _ in range(batch)]
+    answer = seq - bucket(prompt)
+    if answer < 1:
+        raise SystemExit(f"--seq {seq} leaves no answer tokens after a {prompt}-token prompt")
+    per_group = [list(rng.integers(1, vocab, prompt)) for _ in range(-(-batch // group))]
+    prompts = [per_group[i // group] for i in range(batch)]
+    comps = [list(rng.integers(1, vocab, answer)) for _ in range(batch)]
     pol = build_policy_batch(
         prompts,
         comps,
         advantages=rng.normal(size=batch),
         rewards=rng.integers(0, 2, batch),
-        group_index=np.arange(batch) // 8,
-        old_logprobs=[list(rng.normal(-2.0, 0.5, seq - prompt)) for _ in range(batch)],
+        group_index=np.arange(batch) // group,
+        old_logprobs=[list(rng.normal(-2.0, 0.5, answer)) for _ in range(batch)],
         max_len=seq,
         batch_buckets=(batch,),
     )
@@ -86,9 +102,9 @@ def remat_policy(cfg: ModelConfig, policy: str):
     (``meljax.models.layers.dense``), i.e. the update as it was before that path; ``+unrolled``
     unrolls the layers (``scan_layers=False``)."""
     policy, *suffixes = policy.split("+")
-    unknown = set(suffixes) - {"einsum", "unrolled"}
+    unknown = set(suffixes) - {"einsum", "unrolled", "shared"}
     if unknown:
-        raise SystemExit(f"unknown variant suffix {sorted(unknown)}: +einsum or +unrolled")
+        raise SystemExit(f"unknown variant suffix {sorted(unknown)}: +einsum, +unrolled, +shared")
     before = layers.CPU_MATMUL_VJP
     layers.CPU_MATMUL_VJP = "einsum" not in suffixes
     if policy != "default":
@@ -110,20 +126,26 @@ class Variant:
     state: object
     times: list
     rates: list  # matmul FLOP/s around each timed call
+    batch: object  # the flat TrainBatch, or its shared-prompt form (+shared)
 
 
-def build_variant(name, base_cfg, params, opt, sched, loss_cfg, batch, micro) -> Variant:
+def build_variant(name, base_cfg, params, opt, sched, loss_cfg, batch, micro, group) -> Variant:
     if name.partition("+")[0] not in ("default",) + REMAT_POLICIES:
         raise SystemExit(f"unknown variant {name!r}: one of default, {', '.join(REMAT_POLICIES)}")
     with remat_policy(base_cfg, name) as cfg:
         graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
         step = ts.make_train_step(graphdef, opt, loss_cfg, num_microbatches=micro, schedule=sched)
         state = ts.init_train_state(params, opt)
+        if "shared" in name.split("+")[1:]:
+            grouped = group_policy_batch(batch.policy, group, batch_multiple=micro)
+            if grouped is None:
+                raise SystemExit(f"--batch {len(batch.policy.advantages)}: not whole groups")
+            batch = jax.device_put(batch.replace(policy=grouped))
         t = time.perf_counter()
         compiled = step.lower(state, batch).compile()  # the program the trainer runs
         compile_s = time.perf_counter() - t
     executed = hlo_cost.program_cost(compiled.as_text()).flops  # matmul FLOPs the step really runs
-    return Variant(name, compiled, compile_s, executed, state, [], [])
+    return Variant(name, compiled, compile_s, executed, state, [], [], batch)
 
 
 def main() -> None:
@@ -131,6 +153,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--prompt", type=int, default=64, help="context tokens per row (no loss)")
+    p.add_argument("--group", type=int, default=8, help="answers per prompt (rows per group)")
     p.add_argument("--steps", type=int, default=3, help="timed rounds (after one warm-up step)")
     p.add_argument("--chunk", type=int, default=128, help="log-prob chunk size (tokens)")
     p.add_argument("--microbatches", type=int, default=4)
@@ -166,21 +189,27 @@ def main() -> None:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     opt, sched = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-6))
     loss_cfg = losses.LossConfig(use_mel=args.mel_rows > 0, logprob_chunk=args.chunk)
-    batch = make_batch(args.batch, args.seq, args.prompt, cfg.vocab_size, args.mel_rows)
-    batch = jax.device_put(batch)
+    batch = make_batch(args.batch, args.seq, args.prompt, cfg.vocab_size, args.mel_rows, args.group)
     variants = [
-        build_variant(v, cfg, params, opt, sched, loss_cfg, batch, args.microbatches)
+        build_variant(v, cfg, params, opt, sched, loss_cfg, batch, args.microbatches, args.group)
         for v in args.variants.split(",")
     ]
+    batch = jax.device_put(batch)
     for v in variants:  # warm-up step (first-run allocations)
-        v.state, m = v.compiled(v.state, batch)
+        v.state, m = v.compiled(v.state, v.batch)
         jax.block_until_ready(m)
-    ref_fn = ref_times = None
-    if args.with_ref:
+    ref_fn, ref_inputs = None, {}
+    if args.with_ref:  # the flat pass, and the shared-prompt one when a variant is +shared
         graphdef = ts.split_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
         ref_fn = ts.make_compute_logprobs(graphdef, chunk_size=args.chunk)
-        jax.block_until_ready(ref_fn(params, batch.policy.seq))
-        ref_times, ref_rates = [], []
+        ref_inputs = {"flat": batch.policy.seq}
+        shared = [v for v in variants if "shared" in v.name.split("+")[1:]]
+        if shared:
+            ref_inputs["shared"] = shared[0].batch.policy
+        for x in ref_inputs.values():
+            jax.block_until_ready(ref_fn(params, x))
+    ref_times = {k: [] for k in ref_inputs}
+    ref_rates = {k: [] for k in ref_inputs}
     if args.profile:
         jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
     # A matmul timing before and after every timed call: on a shared machine the load drifts,
@@ -189,17 +218,17 @@ def main() -> None:
     for _ in range(args.steps):
         for v in variants:
             t = time.perf_counter()
-            v.state, m = v.compiled(v.state, batch)
+            v.state, m = v.compiled(v.state, v.batch)
             jax.block_until_ready((v.state, m))
             v.times.append(time.perf_counter() - t)
             rates.append(matmul_flops_per_s(dtype))
             v.rates.append((rates[-2] + rates[-1]) / 2)
-        if ref_fn is not None:
+        for k, x in ref_inputs.items():
             t = time.perf_counter()
-            jax.block_until_ready(ref_fn(params, batch.policy.seq))
-            ref_times.append(time.perf_counter() - t)
+            jax.block_until_ready(ref_fn(params, x))
+            ref_times[k].append(time.perf_counter() - t)
             rates.append(matmul_flops_per_s(dtype))
-            ref_rates.append((rates[-2] + rates[-1]) / 2)
+            ref_rates[k].append((rates[-2] + rates[-1]) / 2)
     if args.profile:
         jax.profiler.stop_trace()
     rate = statistics.median(rates)
@@ -237,12 +266,14 @@ def main() -> None:
             f"matmul FLOPs {v.executed_flops / flops:.2f}x the model FLOPs, run at "
             f"{100 * busy:.1f}% of the matmul rate"
         )
-    if ref_times:
+    for k, times in ref_times.items():
         fwd = args.batch * args.seq * (2 * n_params)
-        eff = statistics.median(fwd / t / r for t, r in zip(ref_times, ref_rates, strict=True))
+        eff = statistics.median(fwd / t / r for t, r in zip(times, ref_rates[k], strict=True))
         print(
-            f"forward-only log-probs (reference / old): median {statistics.median(ref_times):.2f}"
-            f" s = {100 * eff:.1f}% of the matmul rate (2N FLOPs per token)"
+            f"forward-only log-probs (reference / old), {k}: steps (s): "
+            + ", ".join(f"{x:.2f}" for x in times)
+            + f"; median {statistics.median(times):.2f} s = {100 * eff:.1f}% of the matmul "
+            "rate (2N FLOPs per flat token)"
         )
     print(f"peak RSS: {rss_gib:.2f} GiB")
 

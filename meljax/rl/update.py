@@ -9,7 +9,8 @@ L_NLL`` (``meljax.rl.objective``). Inside the jitted step:
    micro-batch is split evenly across devices without any data movement) and gradients are
    summed over a ``lax.scan``; the meta-experience rows follow in the same way. Because every
    loss is a sum of per-row contributions over global denominators, the summed gradient equals
-   the full-batch gradient (up to float rounding);
+   the full-batch gradient (up to float rounding). A shared-prompt batch
+   (``meljax.rl.shared_prompt.GroupedPolicyBatch``) is split the same way by whole groups;
 3. if the loss or the gradient norm is not finite, the update is dropped (params and optimizer
    state unchanged) and ``skipped_steps`` is incremented.
 
