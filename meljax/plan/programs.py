@@ -50,7 +50,7 @@ from meljax.runtime import sharding as shd
 from meljax.runtime.buckets import bucket
 from meljax.sampling import ContinuousEngine, SamplingParams
 from meljax.trainer import setup
-from meljax.trainer.run import update_programs
+from meljax.trainer.run import update_batch, update_programs
 
 
 @dataclasses.dataclass
@@ -227,20 +227,21 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
             f"lower mel.replay_max_new_tokens or mel.max_pairs_per_query, {slots}, or {kv}",
         )
 
-    # the update's batches, built by the trainer's own builders (worst case: longest prompts)
-    rows = r.num_questions * r.group_size
+    # the update's batches, built by the trainer's own builders (worst case: longest prompts
+    # and answers), in the layout the update consumes (update_batch: shared prompts or flat)
+    rows, g = r.num_questions * r.group_size, r.group_size
     seq_len = bucket(cfg.data.max_prompt_tokens) + r.max_new_tokens
-    ones = [[1]] * rows
     policy = build_policy_batch(
-        ones,
-        ones,
+        [[1] * cfg.data.max_prompt_tokens] * rows,
+        [[1] * r.max_new_tokens] * rows,
         advantages=np.zeros(rows),
         rewards=np.zeros(rows),
-        group_index=np.arange(rows),
+        group_index=np.arange(rows) // g,
         old_logprobs=None,
         batch_multiple=dp,
         max_len=seq_len,
     )
+    policy, shared = update_batch(s, policy, dp)
     if cfg.mel.enabled:
         nll = build_sequence_batch(
             [], [], min_rows=pairs, batch_multiple=dp, max_len=meta.nll_length
@@ -249,8 +250,17 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
         nll = build_sequence_batch([], [], min_rows=dp, batch_multiple=dp, max_len=bucket(1))
     batch = _abstract(TrainBatch(policy=policy, mel=nll))
     fns = update_programs(s, graphdef, mesh)
-    policy_rows, t = batch.policy.seq.tokens.shape
     micro = cfg.algorithm.num_microbatches
+    if shared:  # prompts [P, Lp] once, answers [P, G, La]
+        groups, lp = batch.policy.prompt_tokens.shape
+        la = batch.policy.answers.seq.tokens.shape[-1]
+        policy_rows = groups * g
+        layout = f"[{groups}, {lp}] prompts + [{groups}, {g}, {la}] answers"
+        logprob_input = batch.policy
+    else:
+        policy_rows, t = batch.policy.seq.tokens.shape
+        layout = f"[{policy_rows}, {t}]"
+        logprob_input = batch.policy.seq
 
     if cfg.algorithm.kl_beta > 0 or cfg.algorithm.old_logprobs == "recompute":
         logprobs = fns.compute_logprobs
@@ -259,8 +269,8 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
         programs.append(
             Program(
                 name="logprobs",
-                shapes=f"[{policy_rows}, {t}] {uses} log-probs",
-                lower=lambda: logprobs.lower(first, batch.policy.seq),
+                shapes=f"{layout} {uses} log-probs",
+                lower=lambda: logprobs.lower(first, logprob_input),
                 resident_extra=tuple(k for k in all_resident if k != "ref_params")
                 if run.ref_params is not None
                 else not_params,
@@ -275,8 +285,8 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
         Program(
             name="update",
             shapes=(
-                f"policy [{policy_rows}, {t}] in {micro} micro-batches of "
-                f"{policy_rows // micro} rows, NLL [{nll_rows}, {nll_t}]"
+                f"policy {layout} in {micro} micro-batches of {policy_rows // micro} "
+                f"rows, NLL [{nll_rows}, {nll_t}]"
             ),
             lower=lambda: train_step.lower(run.state, batch),
             resident_extra=tuple(k for k in all_resident if k == "ref_params"),
