@@ -199,6 +199,7 @@ def test_a_training_step_with_share_prompt_equals_without(tmp_path):
     cfg = importlib.import_module("meljax.configs.tiny").get_config()
     cfg.unlock()
     cfg.mel.enabled = False
+    cfg.rollout.num_questions = 8  # one group per device of the 8: grouping pads no rows
     cfg.algorithm.kl_beta = 0.05
     cfg.algorithm.old_logprobs = "recompute"
     cfg.lock()
