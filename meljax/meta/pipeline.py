@@ -145,13 +145,6 @@ class MetaExperiencePipeline:
             stop_id=stops[0],
         )
 
-    def nll_rows(self, num_questions: int) -> int:
-        """Minimum rows of the NLL batch for a step of ``num_questions`` questions."""
-        if self.config.nll_rows:
-            return self.config.nll_rows
-        cfg = self.config
-        return max(1, cfg.max_pairs_per_query * cfg.analyses_per_pair * num_questions)
-
     def empty_batch(self, num_questions: int) -> SequenceBatch:
         """The all-padding NLL batch (weight 0) a step without kept analyses returns."""
         return self._batch([], [], num_questions)
@@ -174,7 +167,7 @@ class MetaExperiencePipeline:
             contexts,
             targets,
             pad_id=self.pad_id,
-            min_rows=self.nll_rows(num_questions),
+            min_rows=cfg.nll_min_rows(num_questions),
             batch_multiple=cfg.nll_batch_multiple,
             max_len=cfg.nll_length,
         )

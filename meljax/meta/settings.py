@@ -121,6 +121,15 @@ class MetaConfig:
         """T of the NLL batch."""
         return self.nll_max_len or self.max_nll_row
 
+    def max_analyses(self, num_questions: int) -> int:
+        """Most analyses (and so replays) a step of ``num_questions`` questions writes: every
+        question mixed, ``max_pairs_per_query`` pairs each, ``analyses_per_pair`` per pair."""
+        return self.max_pairs_per_query * self.analyses_per_pair * num_questions
+
+    def nll_min_rows(self, num_questions: int) -> int:
+        """Rows of the (unbucketed) NLL batch: ``nll_rows``, else room for every analysis."""
+        return self.nll_rows or max(1, self.max_analyses(num_questions))
+
     def analysis_sampling(self) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=self.analysis_max_new_tokens,

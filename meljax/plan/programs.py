@@ -15,11 +15,12 @@ Worst cases (the shapes the run may reach, not the typical ones):
 
 - rollout: ``num_questions`` prompts of up to ``data.max_prompt_tokens`` tokens, ``G`` answers
   of ``rollout.max_new_tokens``;
-- MEL analysis: every question mixed, ``max_pairs_per_query`` analyses each, prompts of
-  ``mel.analysis_max_prompt_tokens``;
-- MEL replay: as many replays as analyses, each prompt holding a full analysis and a full
-  question plus the replay template;
-- update: the policy batch ``[N*G, bucket(max_prompt) + max_new_tokens]`` and the NLL batch
+- MEL analysis: every question mixed, ``max_pairs_per_query`` pairs each, prompts of
+  ``mel.analysis_max_prompt_tokens``, ``analyses_per_pair`` analyses per pair;
+- MEL replay: one replay per analysis (``MetaConfig.max_analyses``), each prompt holding a full
+  analysis and a full question plus the replay template;
+- update: the policy batch in the layout ``run.update_batch`` gives the update (shared
+  prompts or flat rows ``[N*G, bucket(max_prompt) + max_new_tokens]``) and the NLL batch
   with every analysis kept (``nll_bucketed`` gives smaller batches on typical steps, never a
   larger one);
 - periodic evaluation: prompts assumed no longer than ``data.max_prompt_tokens``.
@@ -220,7 +221,7 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
         )
         engine_programs(
             "replay",
-            pairs,
+            meta.max_analyses(r.num_questions),
             replay_prompt_bound(cfg),
             meta.replay_sampling(),
             "MEL replay pass, every analysis replayed",
@@ -244,7 +245,11 @@ def run_programs(cfg: ml_collections.ConfigDict, mesh, run: RunModel) -> list[Pr
     policy, shared = update_batch(s, policy, dp)
     if cfg.mel.enabled:
         nll = build_sequence_batch(
-            [], [], min_rows=pairs, batch_multiple=dp, max_len=meta.nll_length
+            [],
+            [],
+            min_rows=meta.nll_min_rows(r.num_questions),
+            batch_multiple=dp,
+            max_len=meta.nll_length,
         )
     else:  # the all-padding NLL batch the loop passes without MEL
         nll = build_sequence_batch([], [], min_rows=dp, batch_multiple=dp, max_len=bucket(1))

@@ -303,3 +303,18 @@ def test_decode_segment_uses_the_cache_in_place(tmp_path):
     cache = 2 * 2 * (1024 // 32) * 8 * 5120 * 128 * 2  # k and v, 2 layers, one chip's rows
     assert decode.fits and decode.aliased >= cache
     assert decode.temporaries < 0.2 * cache
+
+
+def test_replays_and_nll_rows_count_every_analysis_of_a_pair():
+    """``mel.analyses_per_pair`` analyses per pair are each replayed and may each be kept."""
+    cfg = _tiny()
+    shapes = {}
+    for per_pair in (1, 2):
+        cfg.mel.analyses_per_pair = per_pair
+        report = plan(cfg, "cpu:8", programs=["replay", "update"])
+        shapes[per_pair] = {p.name: p.shapes for p in report.programs}
+    analyses = cfg.mel.max_pairs_per_query * cfg.rollout.num_questions
+    assert shapes[1]["replay_prefill"].startswith(f"{analyses} prompts")
+    assert shapes[2]["replay_prefill"].startswith(f"{2 * analyses} prompts")
+    nll_rows = [int(s["update"].split("NLL [")[1].split(",")[0]) for s in shapes.values()]
+    assert nll_rows[0] >= analyses and nll_rows[1] >= 2 * analyses
