@@ -41,7 +41,7 @@ from meljax.models.kv_cache import cache_bytes, init_cache
 from meljax.models.transformer import default_positions, prefer_split_layers
 from meljax.runtime import sharding as shd
 from meljax.runtime.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
-from meljax.sampling.protocol import Generation, Request, checked_prompts
+from meljax.sampling.protocol import Completion, Request, checked_prompts
 from meljax.sampling.select import (
     SamplingParams,
     config_from_graphdef,
@@ -530,8 +530,8 @@ class SamplerEngine:
         requests: Sequence[Request],
         key: jax.Array,
         progress: Callable[[int], None] | None = None,
-    ) -> list[list[Generation]]:
-        out: list[list[Generation] | None] = [None] * len(requests)
+    ) -> list[list[Completion]]:
+        out: list[list[Completion] | None] = [None] * len(requests)
         calls = self._calls(requests)
         for c, (sampling, members) in enumerate(calls):
             call_key = key if len(calls) == 1 else jax.random.fold_in(key, c)
@@ -546,12 +546,12 @@ class SamplerEngine:
             for j, i in enumerate(members):
                 rows = range(j * g, (j + 1) * g)
                 out[i] = [
-                    Generation(
+                    Completion(
                         tokens=np.asarray(result.completion(r), np.int32),
                         logprobs=np.asarray(
                             result.logprobs[r, : int(result.lengths[r])], np.float32
                         ),
-                        truncated=bool(result.truncated[r]),
+                        finish_reason="length" if result.truncated[r] else "stop",
                     )
                     for r in rows
                 ]

@@ -5,10 +5,10 @@ The static-batch reference sampler the engine is tested and benchmarked against 
 """
 
 from meljax.sampling.engine import (
+    Completion,
     ContinuousEngine,
     Engine,
     EngineStats,
-    Generation,
     InferenceWeights,
     Request,
 )
@@ -24,8 +24,8 @@ from meljax.sampling.select import (
 __all__ = [
     "ContinuousEngine",
     "Engine",
+    "Completion",
     "EngineStats",
-    "Generation",
     "InferenceWeights",
     "Request",
     "SamplingParams",

@@ -1,8 +1,8 @@
 """The sampling engine: requests in, per-request generations out, on a pool of decode slots.
 
 A :class:`Request` is a prompt (token ids), its sampling controls and its group size ``G``
-(``sampling.num_samples``); an engine returns, for every request, ``G`` :class:`Generation`
-records (tokens, log-probabilities, truncation flag). :class:`meljax.sampling.policy.Policy` is
+(``sampling.num_samples``); an engine returns, for every request, ``G`` :class:`Completion`
+records (tokens, log-probabilities, finish reason). :class:`meljax.sampling.policy.Policy` is
 the only caller. :class:`ContinuousEngine` batches continuously over a fixed pool of decode slots:
 each prompt is prefilled once and copied into its ``G`` slots, decoding runs inside ``jit`` in
 segments of ``K`` steps, finished slots are refilled between segments, and token ``j`` of sample
@@ -30,7 +30,7 @@ from meljax.runtime import sharding as shd
 from meljax.runtime.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_LENGTH_BUCKETS, bucket
 from meljax.runtime.platform import profile
 from meljax.sampling import schedule, slots, warm
-from meljax.sampling.protocol import Engine, EngineStats, Generation, Request, checked_prompts
+from meljax.sampling.protocol import Completion, Engine, EngineStats, Request, checked_prompts
 from meljax.sampling.select import config_from_graphdef, format_bytes
 from meljax.sampling.weights import InferenceWeights, inference_mesh, prepare_weights
 
@@ -203,7 +203,7 @@ class ContinuousEngine:
         requests: Sequence[Request],
         key: jax.Array,
         progress: Callable[[int], None] | None = None,
-    ) -> list[list[Generation]]:
+    ) -> list[list[Completion]]:
         if not requests:
             return []
         weights = self.prepare(params)
@@ -224,7 +224,7 @@ class ContinuousEngine:
             for i, r in enumerate(requests)
             for lo in range(0, r.sampling.num_samples, n_slots)
         ]
-        out: list[list[Generation | None]] = [[None] * r.sampling.num_samples for r in requests]
+        out: list[list[Completion | None]] = [[None] * r.sampling.num_samples for r in requests]
         pending = [r.sampling.num_samples for r in requests]
         occupant: list[tuple[int, int] | None] = [None] * n_slots
         sizes = schedule.tail_sizes(n_slots, self._dp(), self.batch_buckets)
@@ -295,10 +295,10 @@ class ContinuousEngine:
             for row, s in enumerate(finished):
                 r, g = occupant[s]
                 n = int(steps_done[s])
-                out[r][g] = Generation(
+                out[r][g] = Completion(
                     tokens=np.asarray(tokens[row, :n], np.int32),
                     logprobs=np.asarray(logprobs[row, :n], np.float32),
-                    truncated=not bool(stopped[s]),
+                    finish_reason="stop" if stopped[s] else "length",
                 )
                 stats.useful_tokens += n
                 occupant[s] = None
@@ -379,7 +379,7 @@ __all__ = [
     "ContinuousEngine",
     "Engine",
     "EngineStats",
-    "Generation",
+    "Completion",
     "InferenceWeights",
     "Request",
 ]

@@ -36,7 +36,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 
 from meljax.data.prompts import (
@@ -46,7 +45,7 @@ from meljax.data.prompts import (
     prompt_limit,
     resolve_instruction,
 )
-from meljax.sampling.engine import ContinuousEngine, Engine, Request
+from meljax.sampling.engine import Completion, ContinuousEngine, Engine, Request
 from meljax.sampling.select import SamplingParams, config_from_graphdef
 
 __all__ = [
@@ -117,33 +116,6 @@ def pad_token_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
     """The tokenizer's pad id, else the first stop id, else 0."""
     pad = getattr(tokenizer, "pad_token_id", None)
     return int(pad) if pad is not None else int(stop_ids[0]) if stop_ids else 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-    """One completion of a request.
-
-    Attributes:
-      tokens: int32 ``[L]``: what the model generated and what is trained on: the stop token
-        included; when a stop string ended it, up to the token that completed the string.
-      logprobs: float32 ``[L]``: log-probabilities of ``tokens`` (raw logits, see the sampler).
-      text: the decoded answer (special tokens skipped), ending before any stop string.
-      finish_reason: ``stop`` (a stop token), ``stop_string`` or ``length`` (cut by
-        ``max_new_tokens``).
-    """
-
-    tokens: np.ndarray
-    logprobs: np.ndarray
-    text: str
-    finish_reason: str
-
-    @property
-    def truncated(self) -> bool:
-        return self.finish_reason == "length"
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.shape[0])
 
 
 class Policy:
@@ -339,7 +311,7 @@ class Policy:
         text = self.decode(tokens)
         stops = self.prompt.stop_strings
         if not stops or not any(s in text for s in stops):
-            return Completion(tokens, logprobs, text, "length" if gen.truncated else "stop")
+            return dataclasses.replace(gen, text=text)
 
         def hit(n: int) -> bool:
             prefix = self.decode(tokens[:n])

@@ -2,7 +2,8 @@
 
 A :class:`Request` is a prompt (token ids), its sampling controls and its group size ``G``
 (``sampling.num_samples``); an :class:`Engine` returns, for every request, ``G``
-:class:`Generation` records (tokens, log-probabilities, truncation flag).
+:class:`Completion` records (tokens, log-probabilities, finish reason; the
+:class:`~meljax.sampling.policy.Policy` adds the text).
 """
 
 from __future__ import annotations
@@ -55,19 +56,32 @@ class Request:
 
 
 @dataclasses.dataclass(frozen=True)
-class Generation:
-    """One sample of a request, as the engine produced it.
+class Completion:
+    """One sample of a request: what the engine generated, then (``Policy``) its text.
 
     Attributes:
-      tokens: int32 ``[L]`` generated ids, the stop token included when one came.
-      logprobs: float32 ``[L]`` ``log_softmax`` of the raw logits at each token (before
+      tokens: int32 ``[L]``: what the model generated and what is trained on: the stop token
+        included; when a stop string ended it, up to the token that completed the string.
+      logprobs: float32 ``[L]``: ``log_softmax`` of the raw logits at each token (before
         temperature / top-p / top-k), what a training forward pass recomputes.
-      truncated: no stop token within ``max_new_tokens``.
+      text: the decoded answer (special tokens skipped), ending before any stop string;
+        ``""`` as the engine returns it (engines see token ids only).
+      finish_reason: ``stop`` (a stop token), ``stop_string`` or ``length`` (cut by
+        ``max_new_tokens``).
     """
 
     tokens: np.ndarray
     logprobs: np.ndarray
-    truncated: bool
+    text: str = ""
+    finish_reason: str = "stop"
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
 
 
 class Engine(Protocol):
@@ -81,7 +95,7 @@ class Engine(Protocol):
         requests: Sequence[Request],
         key: jax.Array,
         progress: Callable[[int], None] | None = None,
-    ) -> list[list[Generation]]:
+    ) -> list[list[Completion]]:
         """``G`` generations per request, in request order; deterministic in ``key``.
 
         ``progress(n)`` is called as ``n`` more requests are finished.
