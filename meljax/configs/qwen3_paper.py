@@ -29,7 +29,7 @@ BENCHMARKS = ",".join(
 # (32 chips); override --config.mesh.* for other slices
 SIZES = {
     "4b": ("Qwen3-4B-Base", (1, -1, 1), 4),
-    "8b": ("Qwen3-8B-Base", (1, -1, 1), 8),
+    "8b": ("Qwen3-8B-Base", (1, -1, 1), 4),  # 4: one prompt group per chip (shared prompts)
     "14b": ("Qwen3-14B-Base", (1, -1, 4), 16),
 }
 ARMS = ("mel", "grpo")
@@ -91,6 +91,8 @@ def get_config(arg: str = "8b,mel"):
     c.eval.max_new_tokens = 4096
     c.export.dtype = "bfloat16"
     if slice_ == "v6e":
+        if size == "8b":  # 64 chips x 4 cannot split 128 groups: flat rows, 8 micro-batches
+            c.algorithm.num_microbatches = 8
         c.rollout.tensor_parallel = 4  # decode weights split over 4 chips, 16 replicas
         c.rollout.max_slots = 512  # the 1,024 answers of a step decode in two waves
     return c
