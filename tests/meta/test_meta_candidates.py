@@ -4,15 +4,11 @@ NLL term (the denominator of the retention ratio counts them all)."""
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from meljax.data.prompts import PromptConfig
-from meljax.meta import MetaConfig, MetaExperiencePipeline, formats
-from meljax.sampling.policy import Policy
+from meljax.meta import MetaConfig, formats
 from tests.conftest import scripted_result
-from tests.meta.test_meta_compact import ANSWERS, LEAKY, LESSON, TOK, LastWord, Q
-from tests.reference_sampler import SamplerEngine
+from tests.meta.test_meta_compact import LEAKY, LESSON, TOK, compact_step
 
 OTHER = (
     "Rule: When I add two numbers, I write the sum and then stop.\n"
@@ -49,27 +45,9 @@ class Candidates:
 
 
 def run_step(engine: Candidates, analyses_per_pair: int, replay_temperature: float = 1.0):
-    policy = Policy(
-        TOK,
-        SamplerEngine(engine),
-        PromptConfig(instruction="none"),
-        stop_ids=[TOK.eos_token_id],
-        pad_id=TOK.pad_token_id,
+    return compact_step(
+        engine, analyses_per_pair=analyses_per_pair, replay_temperature=replay_temperature
     )
-    pipeline = MetaExperiencePipeline(
-        policy=policy,
-        verifier=LastWord(),
-        config=MetaConfig(
-            analysis_format="compact",
-            analysis_max_prompt_tokens=1600,
-            analysis_max_new_tokens=160,
-            replay_max_new_tokens=16,
-            max_pairs_per_query=1,
-            analyses_per_pair=analyses_per_pair,
-            replay_temperature=replay_temperature,
-        ),
-    )
-    return pipeline.run(None, 1, [Q], ANSWERS, [1.0, 0.0, 1.0, 0.0], 4, jax.random.key(0))
 
 
 def test_each_candidate_is_counted_replayed_and_kept_on_its_own():

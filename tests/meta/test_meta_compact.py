@@ -75,8 +75,10 @@ class LastWord:
 ANSWERS = ["It is 8", "It is 7", "It is 8", "It is 9"]
 
 
-def run_step(analysis: str, replay: str, workdir=None, filter_copies: bool = True):
-    engine = Scripted(analysis.removeprefix(formats.COMPACT_PREFIX), replay)  # prompt has it
+def compact_step(engine, workdir=None, **meta):
+    """One MEL step of the compact format over the sampler double ``engine``: the question
+    ``Q`` with answers ``ANSWERS`` (two right, two wrong), one pair, tiny budgets; ``meta``
+    overrides ``MetaConfig`` fields."""
     policy = Policy(
         TOK,
         SamplerEngine(engine),
@@ -93,12 +95,16 @@ def run_step(analysis: str, replay: str, workdir=None, filter_copies: bool = Tru
             analysis_max_new_tokens=160,  # characters: the compact lesson and its stop token
             replay_max_new_tokens=16,
             max_pairs_per_query=1,
-            filter_copies=filter_copies,
+            **meta,
         ),
         workdir=None if workdir is None else str(workdir),
     )
-    meta = pipeline.run(None, 1, [Q], ANSWERS, [1.0, 0.0, 1.0, 0.0], 4, jax.random.key(0))
-    return meta, engine
+    return pipeline.run(None, 1, [Q], ANSWERS, [1.0, 0.0, 1.0, 0.0], 4, jax.random.key(0))
+
+
+def run_step(analysis: str, replay: str, workdir=None, filter_copies: bool = True):
+    engine = Scripted(analysis.removeprefix(formats.COMPACT_PREFIX), replay)  # prompt has it
+    return compact_step(engine, workdir, filter_copies=filter_copies), engine
 
 
 # ----------------------------------------------------------------------------- parsing
