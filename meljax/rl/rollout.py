@@ -1,7 +1,7 @@
 """Rollouts: prompts -> G completions each (the policy) -> rewards (the verifier) -> a batch.
 
-:func:`sample_and_score` is the one rollout, shared by training (G = ``rollout.group_size``)
-and evaluation (G = 1 greedy, G = k sampled): the same prompts, stops and verdicts.
+:func:`run_rollouts` samples through the run's :class:`~meljax.sampling.policy.Policy` and
+scores with :func:`score_groups`, which the held-out evaluation shares (the same verdicts).
 """
 
 from __future__ import annotations
@@ -24,28 +24,6 @@ from meljax.sampling.engine import Request
 from meljax.sampling.policy import Completion, Policy
 
 
-@dataclasses.dataclass
-class Groups:
-    """``N`` prompts x ``G`` completions and their verdicts.
-
-    Attributes:
-      completions: ``[N][G]`` :class:`~meljax.sampling.policy.Completion`.
-      results: ``[N][G]`` verifier results.
-      rewards: float32 ``[N, G]``.
-      seconds: ``{"rollout": sampling time, "reward": scoring time}``.
-      engine: the engine's counters of the sampling run (``EngineStats``), when it has them.
-    """
-
-    completions: list[list[Completion]]
-    results: list[list[RewardResult]]
-    rewards: np.ndarray
-    seconds: dict[str, float]
-    engine: Any = None
-
-    def flat(self) -> list[Completion]:
-        return [c for group in self.completions for c in group]
-
-
 def score_groups(
     verifier: Scorer, out: Sequence[Sequence[Completion]], answers: Sequence[str]
 ) -> tuple[list[list[RewardResult]], np.ndarray]:
@@ -61,38 +39,22 @@ def score_groups(
     return results, rewards
 
 
-def sample_and_score(
-    policy: Policy,
-    weights: Any,
-    verifier: Scorer,
-    prompt_ids: Sequence[Sequence[int]],
-    answers: Sequence[str],
-    sampling: SamplingParams,
-    key: jax.Array,
-    progress: Callable[[int], None] | None = None,
-) -> Groups:
-    """``sampling.num_samples`` completions per prompt from ``policy`` with ``weights``
-    (:meth:`Policy.prepare`), scored by ``verifier``."""
-    t0 = time.perf_counter()
-    out = policy.generate(
-        weights, [Request(tuple(p), sampling) for p in prompt_ids], key=key, progress=progress
-    )
-    t1 = time.perf_counter()
-    results, rewards = score_groups(verifier, out, answers)
-    seconds = {"rollout": t1 - t0, "reward": time.perf_counter() - t1}
-    return Groups(out, results, rewards, seconds, getattr(policy.engine, "last_stats", None))
-
-
 @dataclasses.dataclass
 class Rollouts:
-    """Host-side record of a step's rollouts.
+    """Host-side record of a step's rollouts: ``N`` questions x ``G`` answers, their verdicts,
+    advantages and the policy-gradient batch (row ``i*G + g`` is answer ``g`` to question
+    ``i``).
 
     Attributes:
       problems: the N questions of the step.
       prompt_ids: N prompt token lists (as the policy saw them).
-      groups: the completions and their verdicts (rows ``i*G + g`` in :meth:`Groups.flat`).
+      completions: ``[N][G]`` :class:`~meljax.sampling.Completion`.
+      results: ``[N][G]`` verifier results.
+      rewards: float32 ``[N, G]`` verdict rewards (unshaped: MEL's pairs and the metrics).
       advantages: float32 ``[N, G]``.
       batch: the policy-gradient batch built from all of the above.
+      timings: ``{"rollout": sampling s, "reward": scoring s}`` over every sampling round.
+      engine: the engine's counters of the (first) sampling run (``EngineStats``), or None.
       prompts_cut: prompts the policy cut to its limit (``meljax.sampling.policy.prompt_limit``).
       shaping_metrics: dynamic-sampling rounds and groups, the mean overlong penalty (only
         when either is on, so a plain run logs what it always logged).
@@ -100,32 +62,31 @@ class Rollouts:
 
     problems: list[Problem]
     prompt_ids: list[list[int]]
-    groups: Groups
+    completions: list[list[Completion]]
+    results: list[list[RewardResult]]
+    rewards: np.ndarray
     advantages: np.ndarray
     batch: PolicyBatch
+    timings: dict[str, float]
+    engine: Any = None
     prompts_cut: int = 0
     shaping_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    @property
-    def rewards(self) -> np.ndarray:
-        return self.groups.rewards
+    def flat(self) -> list[Completion]:
+        return [c for group in self.completions for c in group]
 
     @property
     def texts(self) -> list[str]:
-        return [c.text for c in self.groups.flat()]
-
-    @property
-    def timings(self) -> dict[str, float]:
-        return self.groups.seconds
+        return [c.text for c in self.flat()]
 
     def metrics(self) -> dict[str, float]:
         r = self.rewards
-        flat = self.groups.flat()
+        flat = self.flat()
         lengths = np.asarray([c.num_tokens for c in flat], np.float64)
-        reasons = [x.reason for group in self.groups.results for x in group]
+        reasons = [x.reason for group in self.results for x in group]
         correct = is_correct(r)
         mixed = is_mixed(r)
-        stats = self.groups.engine
+        stats = self.engine
         engine = {}
         if stats is not None:  # useful tokens / slot-steps of the rollout's engine run
             engine = {"slot_utilisation": float(stats.slot_utilisation)}
@@ -174,18 +135,6 @@ class Shaping:
     max_rounds: int = 1  # sampling rounds per step at most (dynamic_sampling)
 
 
-def _take(groups: Sequence[Groups], picks: Sequence[tuple[int, int]]) -> Groups:
-    """The groups ``picks`` (round, index) of several sampling rounds, as one ``Groups``."""
-    seconds = {k: sum(g.seconds[k] for g in groups) for k in groups[0].seconds}
-    return Groups(
-        [groups[r].completions[i] for r, i in picks],
-        [groups[r].results[i] for r, i in picks],
-        np.stack([groups[r].rewards[i] for r, i in picks]).astype(np.float32),
-        seconds,
-        groups[0].engine,
-    )
-
-
 def run_rollouts(
     *,
     policy: Policy,
@@ -212,7 +161,9 @@ def run_rollouts(
     """
     n, g = len(problems), sampling.num_samples
     cut_before = policy.prompts_cut
-    rounds: list[Groups] = []
+    seconds = {"rollout": 0.0, "reward": 0.0}
+    engine = None
+    rounds: list[tuple[list[list[Completion]], list[list[RewardResult]], np.ndarray]] = []
     asked: list[tuple[Problem, list[int]]] = []
     informative: list[tuple[int, int]] = []
     batch_problems = list(problems)
@@ -223,35 +174,41 @@ def run_rollouts(
             batch_problems = list(more_problems())
         ids = [policy.encode(p.question, sampling.max_new_tokens) for p in batch_problems]
         k = key if r == 0 else jax.random.fold_in(key, r)
-        groups = sample_and_score(
-            policy, weights, verifier, ids, [p.answer for p in batch_problems], sampling, k
-        )
-        rounds.append(groups)
+        t0 = time.perf_counter()
+        out = policy.generate(weights, [Request(tuple(p), sampling) for p in ids], key=k)
+        t1 = time.perf_counter()
+        results, rewards = score_groups(verifier, out, [p.answer for p in batch_problems])
+        seconds["rollout"] += t1 - t0
+        seconds["reward"] += time.perf_counter() - t1
+        engine = engine or getattr(policy.engine, "last_stats", None)
+        rounds.append((out, results, rewards))
         asked += [(p, i) for p, i in zip(batch_problems, ids, strict=True)]
-        informative += [(r, i) for i in np.flatnonzero(is_mixed(groups.rewards))]
+        informative += [(r, i) for i in np.flatnonzero(is_mixed(rewards))]
     picks = [(0, i) for i in range(n)]
     if shaping.dynamic_sampling:
-        rest = [(r, i) for r in range(len(rounds)) for i in range(len(rounds[r].completions))]
+        rest = [(r, i) for r in range(len(rounds)) for i in range(len(rounds[r][0]))]
         taken = set(informative)
         rest = [x for x in rest if x not in taken]
         picks = (informative + rest)[:n]
-    groups = _take(rounds, picks)
-    offsets = np.cumsum([0] + [len(x.completions) for x in rounds])
+    completions = [rounds[r][0][i] for r, i in picks]
+    results = [rounds[r][1][i] for r, i in picks]
+    rewards = np.stack([rounds[r][2][i] for r, i in picks]).astype(np.float32)
+    offsets = np.cumsum([0] + [len(x[0]) for x in rounds])
     chosen = [asked[offsets[r] + i] for r, i in picks]
     prompt_ids = [ids for _, ids in chosen]
-    lengths = np.asarray([[c.num_tokens for c in row] for row in groups.completions], np.float32)
+    lengths = np.asarray([[c.num_tokens for c in row] for row in completions], np.float32)
     penalty = overlong_penalty(
         lengths, sampling.max_new_tokens, shaping.overlong_buffer, shaping.overlong_penalty
     )
-    adv = np.asarray(advantages_with_eps(advantage, groups.rewards - penalty, adv_eps), np.float32)
-    flat = groups.flat()
+    adv = np.asarray(advantages_with_eps(advantage, rewards - penalty, adv_eps), np.float32)
+    flat = [c for row in completions for c in row]
     # Fixed T per (prompt bucket, max_new_tokens): the update step then compiles rarely.
     max_len = bucket(max(len(p) for p in prompt_ids)) + sampling.max_new_tokens
     batch = build_policy_batch(
         [prompt_ids[i // g] for i in range(len(flat))],
         [c.tokens.tolist() for c in flat],
         advantages=adv.reshape(-1),
-        rewards=groups.rewards.reshape(-1),
+        rewards=rewards.reshape(-1),
         group_index=[i // g for i in range(len(flat))],
         old_logprobs=[c.logprobs for c in flat],
         pad_id=policy.pad_id,
@@ -265,11 +222,15 @@ def run_rollouts(
         "rollout/overlong_penalty_mean": float(penalty.mean()),
     }
     return Rollouts(
-        [p for p, _ in chosen],
-        prompt_ids,
-        groups,
-        adv,
-        batch,
-        policy.prompts_cut - cut_before,
-        sampled if (shaping.dynamic_sampling or shaping.overlong_buffer) else {},
+        problems=[p for p, _ in chosen],
+        prompt_ids=prompt_ids,
+        completions=completions,
+        results=results,
+        rewards=rewards,
+        advantages=adv,
+        batch=batch,
+        timings=seconds,
+        engine=engine,
+        prompts_cut=policy.prompts_cut - cut_before,
+        shaping_metrics=sampled if (shaping.dynamic_sampling or shaping.overlong_buffer) else {},
     )
