@@ -105,14 +105,13 @@ def scripted_result(rows: list[list[int]], max_new_tokens: int):
     )
 
 
-def small_llama_params(vocab_size: int, seed: int = 0):
-    """``(graphdef, params)`` of a random 2-layer llama (hidden 32) over ``vocab_size`` tokens:
-    the model the MEL update tests train a lesson into."""
-    from flax import nnx
+def small_model_config(vocab_size: int, model_type: str = "llama"):
+    """A random 2-layer decoder (hidden 32, 4 heads over 2 KV heads) of ``model_type`` with its
+    family's switches (Qwen2: q/k/v bias and tied embeddings; Qwen3: q/k norm)."""
+    from meljax.models import ModelConfig
 
-    from meljax.models import ModelConfig, Transformer
-
-    cfg = ModelConfig(
+    return ModelConfig(
+        model_type=model_type,
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -120,5 +119,18 @@ def small_llama_params(vocab_size: int, seed: int = 0):
         num_heads=4,
         num_kv_heads=2,
         head_dim=8,
+        attention_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        tie_word_embeddings=model_type == "qwen2",
     )
-    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+
+
+def small_llama_params(vocab_size: int, seed: int = 0):
+    """``(graphdef, params)`` of a random :func:`small_model_config` llama over ``vocab_size``
+    tokens: the model the MEL update tests train a lesson into."""
+    from flax import nnx
+
+    from meljax.models import Transformer
+
+    model = Transformer(small_model_config(vocab_size), rngs=nnx.Rngs(seed))
+    return nnx.split(model, nnx.Param)

@@ -13,17 +13,10 @@ from meljax.rl import objective as losses
 from meljax.rl import update as ts
 from meljax.rl.batch import TrainBatch, build_policy_batch, build_sequence_batch
 from meljax.runtime import sharding as shd
+from tests.conftest import small_model_config
 
 VOCAB = 16
-CFG = ModelConfig(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+CFG = small_model_config(VOCAB)
 
 
 LR = 0.05

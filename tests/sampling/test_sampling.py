@@ -28,6 +28,7 @@ from meljax.models import (
 from meljax.runtime import sharding as shd
 from meljax.sampling import SamplingParams, filter_logits
 from meljax.sampling.select import argmax_last, categorical, config_from_graphdef
+from tests.conftest import small_model_config
 from tests.reference_sampler import Sampler
 
 VOCAB = 200  # > 128: the inverse-CDF sampler sees two blocks, the second one padded
@@ -38,19 +39,7 @@ PROMPTS = [[5, 6, 10, 11], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [20]]
 
 
 def tiny_config(model_type: str = "llama") -> ModelConfig:
-    return ModelConfig(
-        model_type=model_type,
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        attention_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
-        tie_word_embeddings=model_type == "qwen2",
-    )
+    return small_model_config(VOCAB, model_type)
 
 
 def tiny_model(model_type: str = "llama", seed: int = 1) -> Transformer:
