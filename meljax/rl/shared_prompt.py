@@ -312,8 +312,31 @@ def maybe_group(
 ) -> tuple[PolicyBatch | GroupedPolicyBatch, bool]:
     """``(batch for the update, shared)``: the grouped batch when ``enabled`` and the rows are
     whole groups, else the flat batch (a warning is logged when ``enabled``; the caller
-    reports ``shared``)."""
+    reports ``shared``).
+
+    Groups are split whole over ``batch_multiple`` (data-parallel devices x micro-batches),
+    so their count is padded to a multiple of it; where that pads more answer rows than the
+    flat batch has (e.g. 128 groups over 32 devices x 8 micro-batches), the flat batch is
+    cheaper and is kept, without building the grouped one.
+    """
     if not enabled:
+        return batch, False
+    flat_rows = int(np.shape(batch.group_index)[0])
+    groups = int((np.asarray(batch.group_index) >= 0).sum()) // max(group_size, 1)
+    padded = bucket(groups, DEFAULT_BATCH_BUCKETS, multiple=batch_multiple)
+    if padded * group_size > flat_rows:
+        logging.log_first_n(
+            logging.INFO,
+            "algorithm.share_prompt: %d groups padded to %d (a multiple of %d data-parallel "
+            "devices x micro-batches) would hold %d answer rows against %d flat rows; the "
+            "update runs on the flat batch",
+            1,
+            groups,
+            padded,
+            batch_multiple,
+            padded * group_size,
+            flat_rows,
+        )
         return batch, False
     grouped = group_policy_batch(batch, group_size, batch_multiple=batch_multiple)
     if grouped is None:

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from meljax.config.schema import from_section
@@ -147,41 +146,15 @@ class Run:
 
 def update_batch(s: Settings, policy_batch, data_parallel: int):
     """``(batch, shared)``: the rollout batch as the update consumes it (``meljax plan``
-    lowers the same): grouped, each prompt once (``algorithm.share_prompt``), when its rows
-    are whole groups of ``rollout.group_size`` answers and grouping adds no answer rows; else
-    the flat batch.
-
-    Groups are split whole over the data-parallel devices and micro-batches, so their count
-    is padded to a multiple of both; where that pads more answer rows than the flat batch
-    has (e.g. 128 groups over 32 devices x 8 micro-batches), the flat batch is cheaper.
-    """
-    grouped, shared = shared_prompt.maybe_group(
+    lowers the same): grouped, each prompt once (``algorithm.share_prompt``), where
+    :func:`~meljax.rl.shared_prompt.maybe_group` finds whole groups that split over the
+    data-parallel devices and micro-batches without adding answer rows; else flat."""
+    return shared_prompt.maybe_group(
         policy_batch,
         s.update.share_prompt,
         s.rollout.group_size,
         batch_multiple=data_parallel * s.update.num_microbatches,
     )
-    if shared:
-        flat_rows = np.shape(policy_batch.seq.tokens)[0]
-        grouped_rows = np.shape(grouped.answers.seq.tokens)[0] * s.rollout.group_size
-        if grouped_rows > flat_rows:
-            _log_once(
-                f"algorithm.share_prompt: {grouped_rows // s.rollout.group_size} groups "
-                f"(padded to a multiple of {data_parallel} data-parallel devices x "
-                f"{s.update.num_microbatches} micro-batches) would hold {grouped_rows} answer "
-                f"rows against {flat_rows} flat rows; the update runs on the flat batch"
-            )
-            return policy_batch, False
-    return grouped, shared
-
-
-_LOGGED: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        logging.info(message)
 
 
 def build_run(
